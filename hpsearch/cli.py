@@ -1,0 +1,184 @@
+"""The `hpsearch` command line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import optuna
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hpsearch.data import load_dataset
+from hpsearch.embedded import Progress as StudyProgress
+from hpsearch.embedded import resolve_devices, run_workers
+from hpsearch.errors import HpsearchError, SpecError
+from hpsearch.spec import StudySpec, load_spec
+from hpsearch.study import LeaderboardRow, create_or_load_study, leaderboard
+from storage import StorageError, default_url, optuna_storage, safe_url
+
+app = typer.Typer(
+    help="Hyperparameter search for BP networks (multi-layer perceptrons).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+# Tables wider than 80 columns stay whole when the output is a file or a pipe (CI logs).
+console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+F = TypeVar("F", bound=Callable[..., Any])
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db", help="Database URL [default: $HPSEARCH_DATABASE_URL or sqlite:///hpsearch.db]"
+    ),
+]
+
+
+def user_errors(command: F) -> F:
+    """Print an error a user can act on as one clear line (no traceback) and exit 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SpecError as exc:
+            errors.print("[red]error:[/] invalid study spec")
+            for path, reason in exc.errors:
+                errors.print(f"  {path or '(spec)'}: {reason}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        except (HpsearchError, StorageError) as exc:
+            errors.print(f"[red]error:[/] {escape(str(exc))}")
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main() -> None:
+    """Describe a study in YAML, run it, read the leaderboard."""
+
+
+@app.command()
+@user_errors
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML or JSON)")],
+    db: DbOption = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Local worker processes")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    top: Annotated[int, typer.Option(min=1, help="Rows of the leaderboard")] = 10,
+) -> None:
+    """Run a study here until its budget is spent; running it again resumes it."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = db or default_url()
+    spec = load_spec(spec_path)
+    devices = resolve_devices(device, jobs)
+    spec = spec.with_task(load_dataset(spec).task)  # fails early, naming the column or file
+    study = create_or_load_study(spec, optuna_storage(url))
+    console.print(
+        f"study [bold]{spec.name}[/] on {escape(safe_url(url))}: {jobs} worker(s) on {devices[0]}"
+    )
+    try:
+        with _progress_bar(spec) as update:
+            codes = run_workers(spec, url, jobs, devices, update)
+    except KeyboardInterrupt:
+        _print_leaderboard(study, spec, top)
+        errors.print("interrupted: run the same command again to resume")
+        raise typer.Exit(130) from None
+    _print_leaderboard(study, spec, top)
+    if any(code != 0 for code in codes):
+        errors.print(
+            f"[red]error:[/] {sum(c != 0 for c in codes)} worker(s) stopped early: "
+            f"{_last_failure(study)}"
+        )
+        raise typer.Exit(1)
+
+
+class _progress_bar:
+    """A Rich progress bar: finished / budget, running, best so far."""
+
+    def __init__(self, spec: StudySpec) -> None:
+        self.spec = spec
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("running {task.fields[running]}"),
+            TextColumn("best {task.fields[best]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+
+    def __enter__(self) -> Callable[[StudyProgress], None]:
+        self.bar.start()
+        task = self.bar.add_task(
+            self.spec.name, total=self.spec.budget.n_trials, running=0, best="-"
+        )
+
+        def update(progress: StudyProgress) -> None:
+            best = "-" if progress.best is None else f"{progress.best:.4g}"
+            self.bar.update(task, completed=progress.finished, running=progress.running, best=best)
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
+def _print_leaderboard(study: optuna.Study, spec: StudySpec, top: int) -> None:
+    rows = leaderboard(study, top)
+    if not rows:
+        console.print("no completed trials yet")
+        return
+    console.print(leaderboard_table(rows, spec))
+
+
+def leaderboard_table(rows: list[LeaderboardRow], spec: StudySpec) -> Table:
+    metric = spec.objective.metric
+    param_names = list(spec.search_space.dimensions())
+    test_metric = "test_" + metric.removeprefix("val_")
+    table = Table(
+        title=f"{spec.name}: best {len(rows)} by {metric} ({spec.objective.direction})",
+        box=box.SIMPLE_HEAD,
+    )
+    headers = ["#", "trial", metric, test_metric, *param_names, "epochs", "seconds", "diagnosis"]
+    for header in headers:
+        table.add_column(header, justify="left" if header == "diagnosis" else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            str(row.rank),
+            str(row.number),
+            f"{row.value:.4f}",
+            _fmt(row.metrics.get(test_metric)),
+            *(_fmt(row.params.get(name)) for name in param_names),
+            _fmt(row.epochs),
+            _fmt(row.seconds),
+            row.diagnosis or "",
+        )
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _last_failure(study: optuna.Study) -> str:
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    return (
+        failed[-1].user_attrs.get("error", "unknown error") if failed else "see the messages above"
+    )
+
+
+if __name__ == "__main__":
+    app()

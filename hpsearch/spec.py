@@ -1,0 +1,449 @@
+"""The study spec: one pydantic model that the CLI, the API and the workers all read.
+
+Every invalid spec is rejected with the path of the offending field and the reason, so a
+user can fix a YAML file or a 422 response without reading our code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hpsearch.errors import SpecError
+
+Task = Literal["classification", "regression", "multilabel"]
+Activation = Literal["relu", "leaky_relu", "elu", "gelu", "tanh", "sigmoid"]
+Init = Literal["he", "xavier", "orthogonal", "default"]
+OptimizerName = Literal["adam", "adamw", "sgd", "rmsprop"]
+SchedulerName = Literal["none", "plateau", "cosine", "step", "exponential"]
+Metric = Literal["val_loss", "val_accuracy", "val_f1", "val_rmse", "val_mae", "val_r2"]
+Direction = Literal["minimize", "maximize"]
+BuiltinName = Literal["digits", "breast_cancer", "wine", "iris", "diabetes", "mnist_5k"]
+
+BUILTIN_TASKS: dict[str, Task] = {
+    "digits": "classification",
+    "breast_cancer": "classification",
+    "wine": "classification",
+    "iris": "classification",
+    "diabetes": "regression",
+    "mnist_5k": "classification",
+}
+METRICS_BY_TASK: dict[str, tuple[str, ...]] = {
+    "classification": ("val_loss", "val_accuracy", "val_f1"),
+    "multilabel": ("val_loss", "val_accuracy", "val_f1"),
+    "regression": ("val_loss", "val_rmse", "val_mae", "val_r2"),
+}
+MAXIMIZED_METRICS = frozenset({"val_accuracy", "val_f1", "val_r2"})
+DEFAULT_METRIC: dict[str, str] = {
+    "classification": "val_accuracy",
+    "multilabel": "val_f1",
+    "regression": "val_rmse",
+}
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    """Base for every spec section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- dataset ---------------------------------------------------------------------------
+
+
+class BuiltinDataset(_Strict):
+    source: Literal["builtin"]
+    name: BuiltinName
+
+
+class SyntheticDataset(_Strict):
+    source: Literal["synthetic"]
+    task: Task = "classification"
+    n_samples: int = Field(1000, ge=20, le=50_000_000)
+    n_features: int = Field(20, ge=1, le=100_000)
+    n_classes: int = Field(2, ge=2, le=1000)
+    seed: int = 0
+
+
+class FileDataset(_Strict):
+    source: Literal["file"]
+    path: str = Field(min_length=1)
+    target: str | list[str] = Field(
+        description="the label column; a list of columns makes the task multilabel"
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _known_format(cls, path: str) -> str:
+        if Path(path).suffix.lower() not in (".csv", ".parquet", ".pq", ".npz"):
+            raise ValueError(f"'{path}' is not a .csv, .parquet or .npz file")
+        return path
+
+    @field_validator("target")
+    @classmethod
+    def _non_empty_target(cls, target: str | list[str]) -> str | list[str]:
+        if isinstance(target, list) and not target:
+            raise ValueError("give at least one target column")
+        return target
+
+
+DatasetSpec = Annotated[
+    BuiltinDataset | SyntheticDataset | FileDataset, Field(discriminator="source")
+]
+
+
+class SplitSpec(_Strict):
+    val: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+    seed: int = 0
+    standardize: bool = True
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> SplitSpec:
+        if self.val + self.test >= 0.9:
+            raise ValueError(f"val + test = {self.val + self.test:g} leaves under 10% to train on")
+        return self
+
+
+# --- network and training --------------------------------------------------------------
+
+
+class ModelSpec(_Strict):
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [128])
+    activation: Activation = "relu"
+    init: Init = "he"
+    batch_norm: bool = False
+
+
+class TrainingSpec(_Strict):
+    """Defaults for every hyperparameter that the search space does not search."""
+
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    max_epochs: int = Field(50, ge=1, le=100_000)
+    optimizer: OptimizerName = "adam"
+    scheduler: SchedulerName = "plateau"
+    early_stopping_patience: int | None = Field(5, ge=1)
+    grad_clip_norm: float | None = Field(5.0, gt=0)
+    checkpoint_every_s: float = Field(30, ge=0)
+    seed: int = 0
+
+
+# --- search space ----------------------------------------------------------------------
+
+
+class Dimension(_Strict):
+    """One searched hyperparameter: a range `{low, high, log, step}` or `{choices: [...]}`."""
+
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    step: int | float | None = None
+    choices: list[bool | int | float | str] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Dimension:
+        if self.choices is not None:
+            if any(v is not None for v in (self.low, self.high, self.step)) or self.log:
+                raise ValueError("give either choices or a range (low, high), not both")
+            if not self.choices:
+                raise ValueError("choices must not be empty")
+            if len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError("choices must not repeat a value")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high (or give choices)")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite numbers")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low:g}) must be < high ({self.high:g})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got low = {self.low:g}")
+        if self.step is not None and (self.step <= 0 or self.log):
+            raise ValueError("step must be > 0 and cannot be combined with log")
+        return self
+
+    @property
+    def is_range(self) -> bool:
+        return self.choices is None
+
+    def values(self) -> list[Any]:
+        """Every value of a finite dimension (choices, or a stepped/integer range)."""
+        if self.choices is not None:
+            return list(self.choices)
+        step = self.step or 1
+        count = math.floor((self.high - self.low) / step + 1e-9) + 1
+        return [self.low + i * step for i in range(count)]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What a searchable key accepts: numbers within bounds, or one of some names."""
+
+    integer: bool = False
+    minimum: float | None = None  # inclusive
+    above: float | None = None  # exclusive lower bound
+    below: float | None = None  # exclusive upper bound
+    names: tuple[Any, ...] | None = None
+
+    def check(self, key: str, dim: Dimension) -> None:
+        if self.names is not None:
+            if dim.is_range:
+                raise ValueError(f"{key} is categorical: give {{choices: {list(self.names)}}}")
+            unknown = [c for c in dim.choices if c not in self.names]
+            if unknown:
+                raise ValueError(f"unknown {key} {unknown}; allowed: {list(self.names)}")
+            return
+        values = [dim.low, dim.high] if dim.is_range else list(dim.choices)
+        if dim.is_range and dim.step is not None:
+            values.append(dim.step)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{key} takes numbers, got {v!r}")
+            if self.integer and not float(v).is_integer():
+                raise ValueError(f"{key} takes whole numbers, got {v:g}")
+            if self.minimum is not None and v < self.minimum:
+                raise ValueError(f"{key} must be >= {self.minimum:g}, got {v:g}")
+            if self.above is not None and v <= self.above:
+                raise ValueError(f"{key} must be > {self.above:g}, got {v:g}")
+            if self.below is not None and v >= self.below:
+                raise ValueError(f"{key} must be < {self.below:g}, got {v:g}")
+
+
+SEARCH_RULES: dict[str, _Rule] = {
+    "learning_rate": _Rule(above=0),
+    "batch_size": _Rule(integer=True, minimum=1),
+    "dropout": _Rule(minimum=0, below=1),
+    "weight_decay": _Rule(minimum=0),
+    "momentum": _Rule(minimum=0, below=1),
+    "grad_clip_norm": _Rule(above=0),
+    "n_layers": _Rule(integer=True, minimum=1),
+    "hidden_units": _Rule(integer=True, minimum=1),
+    "optimizer": _Rule(names=OptimizerName.__args__),
+    "scheduler": _Rule(names=SchedulerName.__args__),
+    "activation": _Rule(names=Activation.__args__),
+    "init": _Rule(names=Init.__args__),
+    "batch_norm": _Rule(names=(True, False)),
+}
+INTEGER_KEYS = frozenset(k for k, r in SEARCH_RULES.items() if r.integer)
+
+
+class SearchSpace(_Strict):
+    learning_rate: Dimension | None = None
+    batch_size: Dimension | None = None
+    dropout: Dimension | None = None
+    weight_decay: Dimension | None = None
+    momentum: Dimension | None = None
+    grad_clip_norm: Dimension | None = None
+    n_layers: Dimension | None = None
+    hidden_units: Dimension | None = None
+    optimizer: Dimension | None = None
+    scheduler: Dimension | None = None
+    activation: Dimension | None = None
+    init: Dimension | None = None
+    batch_norm: Dimension | None = None
+
+    @field_validator("*")
+    @classmethod
+    def _fits_key(cls, dim: Dimension | None, info: Any) -> Dimension | None:
+        if dim is not None:
+            SEARCH_RULES[info.field_name].check(info.field_name, dim)
+        return dim
+
+    def dimensions(self) -> dict[str, Dimension]:
+        """The searched keys in a stable order (the order of the fields above)."""
+        return {
+            k: getattr(self, k) for k in type(self).model_fields if getattr(self, k) is not None
+        }
+
+
+# --- objective, sampler, pruner, budget ------------------------------------------------
+
+
+class ObjectiveSpec(_Strict):
+    metric: Metric
+    direction: Direction | None = None
+
+    @model_validator(mode="after")
+    def _direction_fits_metric(self) -> ObjectiveSpec:
+        natural = "maximize" if self.metric in MAXIMIZED_METRICS else "minimize"
+        if self.direction is None:
+            object.__setattr__(self, "direction", natural)
+        elif self.direction != natural:
+            raise ValueError(f"{self.metric} is to {natural}, not {self.direction}")
+        return self
+
+
+class SamplerSpec(_Strict):
+    name: Literal["tpe", "bayes", "gp", "random", "cmaes", "grid"] = "tpe"
+    seed: int | None = 0
+    n_startup_trials: int = Field(10, ge=0)
+
+
+class PrunerSpec(_Strict):
+    name: Literal["none", "median", "percentile", "sha", "hyperband"] = "none"
+    n_startup_trials: int = Field(5, ge=0, description="median/percentile: trials before pruning")
+    n_warmup_steps: int = Field(2, ge=0, description="median/percentile: epochs before pruning")
+    percentile: float = Field(25.0, gt=0, lt=100)
+    min_resource: int = Field(1, ge=1, description="sha/hyperband: epochs of the first rung")
+    reduction_factor: int = Field(3, ge=2)
+
+
+class BudgetSpec(_Strict):
+    n_trials: int = Field(ge=1, le=1_000_000)
+    timeout_s: float | None = Field(None, gt=0)
+
+
+# --- the study -------------------------------------------------------------------------
+
+
+class StudySpec(_Strict):
+    name: str
+    dataset: DatasetSpec
+    task: Task | None = None
+    split: SplitSpec = SplitSpec()
+    model: ModelSpec = ModelSpec()
+    search_space: SearchSpace = SearchSpace()
+    training: TrainingSpec = TrainingSpec()
+    objective: ObjectiveSpec | None = None
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    budget: BudgetSpec
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        if not NAME_PATTERN.match(name):
+            raise ValueError(
+                "must start with a lower-case letter and use only a-z, 0-9, '_' and '-' "
+                "(at most 64 characters)"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StudySpec:
+        task = self.task or _implied_task(self)
+        if task is not None:
+            _check_task_fits_dataset(task, self.dataset)
+            object.__setattr__(self, "task", task)
+        if self.objective is None and task is not None:
+            object.__setattr__(self, "objective", ObjectiveSpec(metric=DEFAULT_METRIC[task]))
+        if self.objective is not None and task is not None:
+            allowed = METRICS_BY_TASK[task]
+            if self.objective.metric not in allowed:
+                raise _FieldError(
+                    ("objective", "metric"),
+                    f"{self.objective.metric} does not fit a {task} task; "
+                    f"use one of {', '.join(allowed)}",
+                )
+        if self.sampler.name == "grid":
+            for key, dim in self.search_space.dimensions().items():
+                if dim.is_range and dim.step is None and key not in INTEGER_KEYS:
+                    raise _FieldError(
+                        ("search_space", key),
+                        "the grid sampler needs a finite set: give choices or a step",
+                    )
+        return self
+
+    def with_task(self, task: Task) -> StudySpec:
+        """This spec with the task that loading the data revealed (for file datasets)."""
+        data = self.model_dump(mode="json")
+        data["task"] = task
+        return StudySpec.model_validate(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+class _FieldError(ValueError):
+    """A cross-field error that belongs to one field, so the message can name its path."""
+
+    def __init__(self, loc: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+def _implied_task(spec: StudySpec) -> Task | None:
+    dataset = spec.dataset
+    if isinstance(dataset, BuiltinDataset):
+        return BUILTIN_TASKS[dataset.name]
+    if isinstance(dataset, SyntheticDataset):
+        return dataset.task
+    if isinstance(dataset.target, list):
+        return "multilabel"
+    if spec.objective is not None:
+        if spec.objective.metric in METRICS_BY_TASK["regression"][2:]:
+            return "regression"
+        if spec.objective.metric in ("val_accuracy", "val_f1"):
+            return "classification"
+    return None  # decided from the target column when the file is loaded
+
+
+def _check_task_fits_dataset(task: str, dataset: Any) -> None:
+    if isinstance(dataset, BuiltinDataset) and BUILTIN_TASKS[dataset.name] != task:
+        raise _FieldError(
+            ("task",), f"{dataset.name} is a {BUILTIN_TASKS[dataset.name]} data set, not {task}"
+        )
+    if isinstance(dataset, SyntheticDataset) and dataset.task != task:
+        raise _FieldError(("task",), f"the synthetic data set is {dataset.task}, not {task}")
+    if isinstance(dataset, FileDataset) and isinstance(dataset.target, list) != (
+        task == "multilabel"
+    ):
+        raise _FieldError(("task",), "a list of target columns means multilabel, and only then")
+
+
+# --- loading ---------------------------------------------------------------------------
+
+
+def parse_spec(data: Any) -> StudySpec:
+    """Validate a parsed document; raise SpecError listing every field and reason."""
+    if not isinstance(data, dict):
+        raise SpecError([("", f"a study spec is a mapping of keys, got {type(data).__name__}")])
+    try:
+        return StudySpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_field_errors(exc)) from None
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read a YAML or JSON spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError([("", f"cannot read {path}: {exc.strerror}")]) from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(
+            [("", f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}")]
+        ) from None
+    return parse_spec(data)
+
+
+_UNION_TAGS = {"builtin", "synthetic", "file"}
+
+
+def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    errors = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        message = err["msg"]
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, _FieldError):
+            loc, message = loc + ctx_error.loc, str(ctx_error)
+        message = message.removeprefix("Value error, ")
+        if len(loc) >= 2 and loc[0] == "dataset" and loc[1] in _UNION_TAGS:
+            loc = loc[:1] + loc[2:]
+        errors.append((".".join(loc), message))
+    return errors

@@ -1,0 +1,131 @@
+"""Database URLs and connections.
+
+SQLite is the embedded default; PostgreSQL (through psycopg 3) serves many workers and nodes.
+Trials live in Optuna's own schema (`RDBStorage`), so `optuna.load_study` and
+`optuna-dashboard` work on an hpsearch database as they are.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+DEFAULT_URL = "sqlite:///hpsearch.db"
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
+class StorageError(Exception):
+    """A database that cannot be reached or used; the message names the URL (password hidden)."""
+
+
+def default_url() -> str:
+    return os.environ.get("HPSEARCH_DATABASE_URL") or DEFAULT_URL
+
+
+def parse_url(url: str) -> URL:
+    """The URL with PostgreSQL pointed at psycopg 3, whatever driver the user wrote."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StorageError(f"not a database URL: {url!r} (e.g. {DEFAULT_URL})") from None
+    if parsed.get_backend_name() == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    elif parsed.get_backend_name() != "sqlite":
+        raise StorageError(f"unsupported database {parsed.drivername!r}: use sqlite or postgresql")
+    return parsed
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL as it may be shown to users: the password is masked."""
+    try:
+        return (make_url(url) if isinstance(url, str) else url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return str(url)
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The database file of a SQLite URL (None for an in-memory database)."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
+
+
+def optuna_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on `url`, tuned for several local processes or many remote ones."""
+    parsed = parse_url(url)
+    path = sqlite_path(parsed)
+    if path is not None:
+        _prepare_sqlite(path)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4}
+    try:
+        return optuna.storages.RDBStorage(
+            parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs
+        )
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+        raise StorageError(
+            f"cannot use the database at {safe_url(parsed)}: {_reason(exc)}"
+        ) from None
+
+
+def _prepare_sqlite(path: Path) -> None:
+    """Create the file's folder and switch it to WAL, so readers never block the writer."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S) as connection:
+            connection.execute("PRAGMA journal_mode=WAL")
+    except (OSError, sqlite3.Error) as exc:
+        raise StorageError(f"cannot open the SQLite database {path}: {exc}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the driver's own message, without SQLAlchemy's boilerplate."""
+    original = getattr(exc, "orig", None) or exc.__cause__ or exc
+    return str(original).strip().splitlines()[0] if str(original).strip() else type(exc).__name__
+
+
+@contextmanager
+def claim_lock(url: str, key: str) -> Iterator[None]:
+    """Serialise claims of one study across processes: counting the budget and creating the
+    trial happen under this lock, so running plus finished trials never exceed the budget.
+
+    PostgreSQL: a session advisory lock (any node). SQLite: an exclusive lock on a file
+    beside the database (SQLite serves one host only).
+    """
+    parsed = parse_url(url)
+    path = sqlite_path(parsed)
+    if parsed.get_backend_name() == "sqlite" and path is None:
+        yield  # an in-memory database lives in one process only
+        return
+    if path is not None:
+        with open(f"{path}.claim-lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+    with _lock_engine(parsed.render_as_string(hide_password=False)).connect() as connection:
+        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:id)"), {"id": lock_id})
+        try:
+            yield
+        finally:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:id)"), {"id": lock_id})
+
+
+@functools.cache
+def _lock_engine(url: str) -> sqlalchemy.Engine:
+    return sqlalchemy.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)

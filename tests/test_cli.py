@@ -1,0 +1,201 @@
+"""`hpsearch run` end to end: real processes, a real database, real training."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import REPO, hpsearch_command, run_cli, write_spec
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def quick_spec(name: str, n_trials: int, **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": name,
+        "dataset": {"source": "builtin", "name": "iris"},
+        "model": {"hidden": [16]},
+        "search_space": {
+            "learning_rate": {"low": 1e-3, "high": 1e-1, "log": True},
+            "batch_size": {"choices": [8, 16, 32]},
+        },
+        "training": {"max_epochs": 8},
+        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 3},
+        "budget": {"n_trials": n_trials},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+def test_run_prints_the_leaderboard_and_a_second_run_adds_nothing(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "iris.yaml", **quick_spec("iris-quick", 4))
+    first = run_cli("run", str(spec), "--jobs", "2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "iris-quick: best 4 by val_accuracy" in first.stdout
+    assert "Traceback" not in first.stdout + first.stderr
+    url = f"sqlite:///{tmp_path / 'hpsearch.db'}"  # the embedded default, in the working dir
+    done = trials(url, "iris-quick")
+    assert [t.state for t in done].count(TrialState.COMPLETE) == 4
+    assert len(done) == 4
+    best = max(t.value for t in done)
+    assert f"{best:.4f}" in first.stdout
+    assert all(t.user_attrs["test_accuracy"] > 0 and t.user_attrs["epochs"] >= 1 for t in done)
+
+    second = run_cli("run", str(spec), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert [t.number for t in trials(url, "iris-quick")] == [t.number for t in done]
+
+
+def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> None:
+    name, budget = "digits-resume", 6
+    spec = write_spec(
+        tmp_path / "digits.yaml",
+        **quick_spec(
+            name,
+            budget,
+            dataset={"source": "builtin", "name": "digits"},
+            training={"max_epochs": 25, "early_stopping_patience": None},
+            sampler={"name": "random", "seed": 0},
+        ),
+    )
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    env = os.environ | {"HPSEARCH_DATA_DIR": str(tmp_path)}
+    process = subprocess.Popen(
+        hpsearch_command("run", str(spec), "--db", url, "--jobs", "2"),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if (tmp_path / "study.db").exists():
+            states = [t.state for t in trials(url, name)] if _study_exists(url, name) else []
+            if sum(s in FINISHED for s in states) >= 2 and TrialState.RUNNING in states:
+                break
+    else:
+        process.kill()
+        pytest.fail("the first run never had two finished trials and one running")
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+
+    before = trials(url, name)
+    finished_before = {t.number: t.params for t in before if t.state in FINISHED}
+    assert 2 <= len(finished_before) < budget
+    assert not [t for t in before if t.state == TrialState.RUNNING]  # interrupted ones failed
+
+    again = run_cli("run", str(spec), "--db", url, "--jobs", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    after = trials(url, name)
+    finished_after = {t.number: t.params for t in after if t.state in FINISHED}
+    assert len(finished_after) == budget  # exact: no trial lost, none extra
+    assert all(finished_after[n] == p for n, p in finished_before.items())  # kept as they were
+    new = [t for t in after if t.number > max(t.number for t in before)]
+    assert len(new) == budget - len(finished_before)  # nothing repeated
+
+
+def _study_exists(url: str, name: str) -> bool:
+    storage = optuna.storages.RDBStorage(url)
+    return name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+
+
+@pytest.mark.postgres
+def test_parallel_workers_on_postgres_spend_the_budget_exactly(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    spec = write_spec(tmp_path / "pg.yaml", **quick_spec("iris-pg", 7))
+    result = run_cli("run", str(spec), "--db", postgres_url, "--jobs", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    done = trials(postgres_url, "iris-pg")
+    assert len(done) == 7
+    assert sorted(t.number for t in done) == list(range(7))
+    assert {t.user_attrs["worker"] for t in done}.__len__() >= 2  # the work was shared
+
+
+def test_invalid_spec_lists_each_field_without_a_traceback(tmp_path: Path) -> None:
+    spec = write_spec(
+        tmp_path / "bad.yaml",
+        **quick_spec(
+            "Bad Name",
+            3,
+            search_space={"learning_rate": {"low": 0.1, "high": 0.01}},
+        ),
+    )
+    result = run_cli("run", str(spec), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "search_space.learning_rate: low (0.1) must be < high (0.01)" in result.stderr
+    assert "name: must start with a lower-case letter" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "hpsearch.db").exists()  # nothing was written
+
+
+def test_missing_target_column_is_named(tmp_path: Path) -> None:
+    (tmp_path / "plants.csv").write_text("height,colour,kind\n1.0,red,a\n2.0,blue,b\n" * 10)
+    spec = write_spec(
+        tmp_path / "csv.yaml",
+        **quick_spec(
+            "plants", 2, dataset={"source": "file", "path": "plants.csv", "target": "species"}
+        ),
+    )
+    result = run_cli("run", str(spec), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "target column 'species' not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_database_names_the_url(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path / "iris.yaml", **quick_spec("iris-nodb", 2))
+    url = "postgresql://hpsearch:secret@127.0.0.1:9/nowhere"
+    result = run_cli("run", str(spec), "--db", url, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "postgresql+psycopg://hpsearch:***@127.0.0.1:9/nowhere" in result.stderr
+    assert "secret" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_same_name_with_another_spec_is_a_conflict(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    first = write_spec(tmp_path / "a.yaml", **quick_spec("shared-name", 1))
+    assert run_cli("run", str(first), "--db", url, cwd=tmp_path).returncode == 0
+    other = write_spec(
+        tmp_path / "b.yaml", **quick_spec("shared-name", 1, model={"hidden": [64, 64]})
+    )
+    result = run_cli("run", str(other), "--db", url, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "already exists with a different spec" in result.stderr
+    assert len(trials(url, "shared-name")) == 1
+
+
+def test_the_examples_run_from_the_repository_root(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ex.db'}"
+    spec = REPO / "examples" / "flowers-csv.yaml"
+    result = subprocess.run(
+        hpsearch_command("run", str(spec), "--db", url, "--jobs", "2"),
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "HPSEARCH_DATA_DIR"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    done = trials(url, "flowers-csv")
+    assert sum(t.state == TrialState.COMPLETE for t in done) == 12
+    assert max(t.value for t in done) > 0.9
