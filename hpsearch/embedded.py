@@ -135,6 +135,9 @@ def _worker_main(
     except (HpsearchError, StorageError) as exc:
         print(f"error: worker {stream}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as exc:  # a user reads one line, not a traceback from a child process
+        print(f"error: worker {stream}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _interrupt_once() -> None:

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 DEFAULT_URL = "sqlite:///hpsearch.db"
 SQLITE_BUSY_TIMEOUT_S = 60
+SCHEMA_RACE_RETRIES = 3
 
 
 class StorageError(Exception):
@@ -70,14 +72,27 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
         engine_kwargs = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     else:
         engine_kwargs = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 4}
-    try:
-        return optuna.storages.RDBStorage(
-            parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs
-        )
-    except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-        raise StorageError(
-            f"cannot use the database at {safe_url(parsed)}: {_reason(exc)}"
-        ) from None
+    attempt = 0
+    while True:
+        try:
+            return optuna.storages.RDBStorage(
+                parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs
+            )
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            # Processes that start together on a new database race to create Optuna's
+            # tables; the loser finds them made and succeeds on its next try.
+            if attempt == SCHEMA_RACE_RETRIES or not _lost_schema_race(exc):
+                reason = _reason(exc)
+                raise StorageError(
+                    f"cannot use the database at {safe_url(parsed)}: {reason}"
+                ) from None
+            attempt += 1
+            time.sleep(0.2 * attempt)
+
+
+def _lost_schema_race(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "already exists" in text or "duplicate" in text
 
 
 def _prepare_sqlite(path: Path) -> None:

@@ -90,7 +90,8 @@ def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> Non
                 break
     else:
         process.kill()
-        pytest.fail("the first run never had two finished trials and one running")
+        _, stderr = process.communicate()
+        pytest.fail(f"the first run never had two finished trials and one running: {stderr}")
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr

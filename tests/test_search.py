@@ -1,0 +1,210 @@
+"""From spec to Optuna: distributions, every sampler and pruner, claims within the budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpsearch.data import load_dataset
+from hpsearch.search import distributions, make_pruner, make_sampler, suggest_params
+from hpsearch.spec import StudySpec, parse_spec
+from hpsearch.study import (
+    StudyConflict,
+    claim_trial,
+    create_or_load_study,
+    leaderboard,
+    open_study,
+    run_trial,
+)
+from storage import optuna_storage
+
+SPACE = {
+    "learning_rate": {"low": 1e-4, "high": 1e-1, "log": True},
+    "dropout": {"low": 0.0, "high": 0.5},
+    "batch_size": {"low": 16, "high": 256, "log": True},
+    "n_layers": {"low": 1, "high": 3},
+    "optimizer": {"choices": ["adam", "sgd", "rmsprop"]},
+}
+
+
+def make_spec(sampler: str = "tpe", **overrides: Any) -> StudySpec:
+    spec: dict[str, Any] = {
+        "name": "search-test",
+        "dataset": {"source": "builtin", "name": "iris"},
+        "model": {"hidden": [8]},
+        "search_space": SPACE,
+        "training": {"max_epochs": 3},
+        "sampler": {"name": sampler, "seed": 0, "n_startup_trials": 4},
+        "budget": {"n_trials": 6},
+    }
+    spec.update(overrides)
+    return parse_spec(spec)
+
+
+def bowl(params: dict[str, Any]) -> float:
+    """A smooth function of every dimension type, best at lr=1e-2, dropout=0.1, 64, 2, adam."""
+    return (
+        (math.log10(params["learning_rate"]) + 2) ** 2
+        + (params["dropout"] - 0.1) ** 2
+        + (math.log2(params["batch_size"]) - 6) ** 2 / 4
+        + (params["n_layers"] - 2) ** 2
+        + (params["optimizer"] != "adam")
+    )
+
+
+def test_distributions_follow_the_spec() -> None:
+    dists = distributions(make_spec())
+    assert set(dists) == set(SPACE)
+    assert isinstance(dists["learning_rate"], optuna.distributions.FloatDistribution)
+    assert dists["learning_rate"].log
+    assert isinstance(dists["batch_size"], optuna.distributions.IntDistribution)
+    assert (dists["batch_size"].low, dists["batch_size"].high) == (16, 256)
+    assert dists["optimizer"].choices == ("adam", "sgd", "rmsprop")
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "bayes", "gp", "random", "cmaes"])
+def test_every_sampler_stays_in_the_space_and_improves(sampler: str) -> None:
+    spec = make_spec(sampler)
+    study = optuna.create_study(sampler=make_sampler(spec))
+    study.optimize(lambda trial: bowl(suggest_params(trial, spec)), n_trials=10)
+    dists = distributions(spec)
+    for trial in study.trials:
+        assert trial.params.keys() == dists.keys()
+        for key, value in trial.params.items():
+            assert dists[key]._contains(dists[key].to_internal_repr(value)), (key, value)
+    first_four = min(t.value for t in study.trials[:4])
+    assert study.best_value <= first_four
+
+
+def test_grid_visits_every_point_once() -> None:
+    spec = make_spec(
+        "grid",
+        search_space={
+            "batch_size": {"low": 32, "high": 96, "step": 32},
+            "optimizer": {"choices": ["adam", "sgd"]},
+        },
+    )
+    study = optuna.create_study(sampler=make_sampler(spec))
+    study.optimize(lambda trial: bowl_lite(suggest_params(trial, spec)), n_trials=6)
+    seen = {(t.params["batch_size"], t.params["optimizer"]) for t in study.trials}
+    assert seen == set(itertools.product([32, 64, 96], ["adam", "sgd"]))
+
+
+def bowl_lite(params: dict[str, Any]) -> float:
+    return abs(params["batch_size"] - 64) + (params["optimizer"] == "sgd")
+
+
+def test_parallel_streams_draw_different_start_points() -> None:
+    spec = make_spec("tpe")
+    firsts = []
+    for stream in (0, 1):
+        study = optuna.create_study(sampler=make_sampler(spec, stream))
+        firsts.append(suggest_params(study.ask(), spec))
+    assert firsts[0] != firsts[1]
+    again = optuna.create_study(sampler=make_sampler(spec, 0))
+    assert suggest_params(again.ask(), spec) == firsts[0]  # a seed repeats
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("none", optuna.pruners.NopPruner),
+        ("median", optuna.pruners.MedianPruner),
+        ("percentile", optuna.pruners.PercentilePruner),
+        ("sha", optuna.pruners.SuccessiveHalvingPruner),
+        ("hyperband", optuna.pruners.HyperbandPruner),
+    ],
+)
+def test_pruner_factory(name: str, kind: type) -> None:
+    pruner = make_pruner(make_spec(pruner={"name": name}, training={"max_epochs": 27}))
+    assert isinstance(pruner, kind)
+    if name == "hyperband":
+        assert pruner._max_resource == 27  # the resource is the epoch
+
+
+def test_median_pruner_prunes_a_trial_that_falls_behind() -> None:
+    spec = make_spec(pruner={"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0})
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(spec))
+    for curve in ([0.5, 0.6, 0.7], [0.6, 0.7, 0.8]):
+        trial = study.ask()
+        for epoch, value in enumerate(curve, start=1):
+            trial.report(value, epoch)
+        study.tell(trial, curve[-1])
+    laggard = study.ask()
+    laggard.report(0.1, 1)
+    assert laggard.should_prune()
+
+
+# --- studies on a database -------------------------------------------------------------
+
+
+def test_claims_stop_at_the_budget_and_trials_run(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = make_spec("random", budget={"n_trials": 3})
+    create_or_load_study(spec, optuna_storage(url))
+    study = open_study(spec, optuna_storage(url))
+    data = load_dataset(spec)
+    claimed = [claim_trial(study, spec, url) for _ in range(3)]
+    assert claim_trial(study, spec, url) is None  # three running trials use the whole budget
+    states = [run_trial(study, trial, spec, data) for trial in claimed]
+    assert states == [TrialState.COMPLETE] * 3
+    assert claim_trial(study, spec, url) is None
+    for trial in study.trials:
+        assert trial.params.keys() == SPACE.keys()
+        recorded = {"val_accuracy", "test_accuracy", "epochs", "history", "diagnosis"}
+        assert recorded <= trial.user_attrs.keys()
+        assert len(trial.user_attrs["history"]) == trial.user_attrs["epochs"]
+
+
+def test_failed_trials_use_no_budget(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    spec = make_spec("random", budget={"n_trials": 1})
+    study = create_or_load_study(spec, optuna_storage(url))
+    trial = claim_trial(study, spec, url)
+    study.tell(trial, state=TrialState.FAIL)
+    assert claim_trial(study, spec, url) is not None
+
+
+def test_a_failing_trial_records_its_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    spec = make_spec("random", budget={"n_trials": 1})
+    study = create_or_load_study(spec, optuna_storage(url))
+    trial = claim_trial(study, spec, url)
+    data = load_dataset(spec)
+    broken = dataclasses.replace(data, x_val=data.x_val[:, :2])  # too few features to evaluate
+    assert run_trial(study, trial, spec, broken) == TrialState.FAIL
+    assert study.trials[0].user_attrs["error"].startswith("RuntimeError: ")
+    assert study.trials[0].state == TrialState.FAIL
+
+
+def test_budget_changes_are_a_resume_other_changes_a_conflict(tmp_path: Path) -> None:
+    storage = optuna_storage(f"sqlite:///{tmp_path / 'c.db'}")
+    create_or_load_study(make_spec(budget={"n_trials": 3}), storage)
+    extended = create_or_load_study(make_spec(budget={"n_trials": 9}), storage)
+    assert extended.user_attrs["spec"]["budget"]["n_trials"] == 9
+    with pytest.raises(StudyConflict, match="different spec"):
+        create_or_load_study(make_spec(training={"max_epochs": 4}), storage)
+
+
+@pytest.mark.parametrize(("metric", "best"), [("val_accuracy", 0.9), ("val_loss", 0.1)])
+def test_leaderboard_ranks_by_the_objective_direction(metric: str, best: float) -> None:
+    spec = make_spec(objective={"metric": metric})
+    study = optuna.create_study(direction=spec.objective.direction)
+    for value in (0.5, best, 0.3):
+        trial = study.ask()
+        trial.set_user_attr("epochs", 3)
+        study.tell(trial, value)
+    pruned = study.ask()
+    study.tell(pruned, state=TrialState.PRUNED)
+    rows = leaderboard(study, top=2)
+    assert [r.rank for r in rows] == [1, 2]
+    assert rows[0].value == best and rows[0].number == 1
+    assert rows[1].value == (0.5 if metric == "val_accuracy" else 0.3)
+    assert rows[0].epochs == 3
