@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -17,8 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hpsearch.data import load_dataset
-from hpsearch.embedded import Progress as StudyProgress
-from hpsearch.embedded import resolve_devices, run_workers
+from hpsearch.embedded import StudyProgress, resolve_devices, run_workers
 from hpsearch.errors import HpsearchError, SpecError
 from hpsearch.spec import StudySpec, load_spec
 from hpsearch.study import LeaderboardRow, create_or_load_study, leaderboard
@@ -86,7 +86,7 @@ def run(
         f"study [bold]{spec.name}[/] on {escape(safe_url(url))}: {jobs} worker(s) on {devices[0]}"
     )
     try:
-        with _progress_bar(spec) as update:
+        with progress_bar(spec) as update:
             codes = run_workers(spec, url, jobs, devices, update)
     except KeyboardInterrupt:
         _print_leaderboard(study, spec, top)
@@ -101,35 +101,25 @@ def run(
         raise typer.Exit(1)
 
 
-class _progress_bar:
-    """A Rich progress bar: finished / budget, running, best so far."""
-
-    def __init__(self, spec: StudySpec) -> None:
-        self.spec = spec
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("running {task.fields[running]}"),
-            TextColumn("best {task.fields[best]}"),
-            TimeElapsedColumn(),
-            console=console,
-        )
-
-    def __enter__(self) -> Callable[[StudyProgress], None]:
-        self.bar.start()
-        task = self.bar.add_task(
-            self.spec.name, total=self.spec.budget.n_trials, running=0, best="-"
-        )
+@contextmanager
+def progress_bar(spec: StudySpec) -> Iterator[Callable[[StudyProgress], None]]:
+    """A Rich progress bar (finished / budget, running, best so far) and its update function."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("running {task.fields[running]}"),
+        TextColumn("best {task.fields[best]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task(spec.name, total=spec.budget.n_trials, running=0, best="-")
 
         def update(progress: StudyProgress) -> None:
             best = "-" if progress.best is None else f"{progress.best:.4g}"
-            self.bar.update(task, completed=progress.finished, running=progress.running, best=best)
+            bar.update(task, completed=progress.finished, running=progress.running, best=best)
 
-        return update
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+        yield update
 
 
 def _print_leaderboard(study: optuna.Study, spec: StudySpec, top: int) -> None:

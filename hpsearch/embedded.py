@@ -28,7 +28,7 @@ MAX_CONSECUTIVE_FAILURES = 3
 
 
 @dataclass(frozen=True)
-class Progress:
+class StudyProgress:
     finished: int
     running: int
     failed: int
@@ -59,7 +59,7 @@ def run_workers(
     url: str,
     jobs: int,
     devices: list[str],
-    on_progress: Callable[[Progress], None],
+    on_progress: Callable[[StudyProgress], None],
     poll_s: float = 0.5,
 ) -> list[int]:
     """Start `jobs` worker processes on the study and poll its progress until they exit.
@@ -97,12 +97,12 @@ def run_workers(
     return [w.exitcode if w.exitcode is not None else 1 for w in workers]
 
 
-def read_progress(study: optuna.Study) -> Progress:
+def read_progress(study: optuna.Study) -> StudyProgress:
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in FINISHED_STATES]
     completed = [t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    return Progress(
+    return StudyProgress(
         finished=len(finished),
         running=sum(t.state == optuna.trial.TrialState.RUNNING for t in trials),
         failed=sum(t.state == optuna.trial.TrialState.FAIL for t in trials),

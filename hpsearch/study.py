@@ -15,7 +15,7 @@ from hpsearch.data import TensorData
 from hpsearch.errors import HpsearchError
 from hpsearch.search import make_pruner, make_sampler, suggest_params
 from hpsearch.spec import StudySpec
-from hpsearch.train import TrainResult, TrialConfig, train
+from hpsearch.train import EpochRecord, TrainResult, TrialConfig, train
 from storage import claim_lock
 
 SPEC_ATTR = "spec"
@@ -103,7 +103,7 @@ def objective(trial: optuna.Trial, spec: StudySpec, data: TensorData) -> float:
     """
     config = TrialConfig.from_spec(spec, suggest_params(trial, spec))
 
-    def report(record: Any) -> bool:
+    def report(record: EpochRecord) -> bool:
         trial.report(record.value, record.epoch)
         return trial.should_prune()
 
@@ -177,7 +177,7 @@ class LeaderboardRow:
 
 def leaderboard(study: optuna.Study, top: int = 10) -> list[LeaderboardRow]:
     """The best completed trials, best first."""
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     trials.sort(key=lambda t: (-t.value if maximize else t.value, t.number))
     return [

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from storage import optuna_storage
 from tests.conftest import REPO, hpsearch_command, run_cli, write_spec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -36,7 +39,8 @@ def quick_spec(name: str, n_trials: int, **overrides: Any) -> dict[str, Any]:
 
 
 def trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    # Through our storage factory: it survives racing the CLI to create a new database.
+    return optuna.load_study(study_name=name, storage=optuna_storage(url)).get_trials()
 
 
 def test_run_prints_the_leaderboard_and_a_second_run_adds_nothing(tmp_path: Path) -> None:
@@ -84,10 +88,9 @@ def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> Non
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        if (tmp_path / "study.db").exists():
-            states = [t.state for t in trials(url, name)] if _study_exists(url, name) else []
-            if sum(s in FINISHED for s in states) >= 2 and TrialState.RUNNING in states:
-                break
+        states = _trial_states(tmp_path / "study.db")
+        if states.count("COMPLETE") + states.count("PRUNED") >= 2 and "RUNNING" in states:
+            break
     else:
         process.kill()
         _, stderr = process.communicate()
@@ -113,9 +116,14 @@ def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> Non
     assert len(new) == budget - len(finished_before)  # nothing repeated
 
 
-def _study_exists(url: str, name: str) -> bool:
-    storage = optuna.storages.RDBStorage(url)
-    return name in {s.study_name for s in optuna.get_all_study_summaries(storage)}
+def _trial_states(path: Path) -> list[str]:
+    """Trial states read with plain SQL, so that watching never races the CLI to create
+    Optuna's tables in a new database."""
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+            return [state for (state,) in connection.execute("SELECT state FROM trials")]
+    except sqlite3.OperationalError:  # not created yet
+        return []
 
 
 @pytest.mark.postgres
