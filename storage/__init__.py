@@ -1,5 +1,14 @@
-"""The SQL store: database URLs, Optuna's trial storage, and the locks that keep budgets exact."""
+"""The SQL store: database URLs, Optuna's trial storage, the service's own tables (migrated
+with Alembic), sessions, retries, and the locks that keep budgets exact."""
 
+from storage.db import (
+    lock_study,
+    make_engine,
+    save_checkpoint,
+    session_scope,
+    upgrade,
+    with_retries,
+)
 from storage.engine import (
     StorageError,
     claim_lock,
@@ -7,5 +16,33 @@ from storage.engine import (
     optuna_storage,
     safe_url,
 )
+from storage.models import (
+    ApiTokenRecord,
+    Base,
+    CheckpointRecord,
+    DatasetRecord,
+    ModelRecord,
+    StudyRecord,
+    WorkerRecord,
+)
 
-__all__ = ["StorageError", "claim_lock", "default_url", "optuna_storage", "safe_url"]
+__all__ = [
+    "ApiTokenRecord",
+    "Base",
+    "CheckpointRecord",
+    "DatasetRecord",
+    "ModelRecord",
+    "StorageError",
+    "StudyRecord",
+    "WorkerRecord",
+    "claim_lock",
+    "default_url",
+    "lock_study",
+    "make_engine",
+    "optuna_storage",
+    "safe_url",
+    "save_checkpoint",
+    "session_scope",
+    "upgrade",
+    "with_retries",
+]

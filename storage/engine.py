@@ -82,7 +82,7 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
             # Processes that start together on a new database race to create Optuna's
             # tables; the loser finds them made and succeeds on its next try.
             if attempt == SCHEMA_RACE_RETRIES or not _lost_schema_race(exc):
-                reason = _reason(exc)
+                reason = driver_reason(exc)
                 raise StorageError(
                     f"cannot use the database at {safe_url(parsed)}: {reason}"
                 ) from None
@@ -105,7 +105,7 @@ def _prepare_sqlite(path: Path) -> None:
         raise StorageError(f"cannot open the SQLite database {path}: {exc}") from None
 
 
-def _reason(exc: BaseException) -> str:
+def driver_reason(exc: BaseException) -> str:
     """The first line of the driver's own message, without SQLAlchemy's boilerplate."""
     original = getattr(exc, "orig", None) or exc.__cause__ or exc
     return str(original).strip().splitlines()[0] if str(original).strip() else type(exc).__name__

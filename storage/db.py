@@ -1,0 +1,306 @@
+"""Engines, sessions, migrations, retries and row locks for the service's own tables.
+
+Every process (CLI command, worker, API server) calls `upgrade(url)` at start, then works
+through `session_scope(url)`. Optuna's tables are managed by Optuna (`storage.engine`);
+the tables here are managed by the Alembic migrations in `storage/migrations`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import event, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from storage.engine import (
+    SQLITE_BUSY_TIMEOUT_S,
+    StorageError,
+    driver_reason,
+    parse_url,
+    safe_url,
+    sqlite_path,
+)
+from storage.models import CheckpointRecord, StudyRecord
+
+T = TypeVar("T")
+
+MIGRATIONS = Path(__file__).resolve().with_name("migrations")
+# Optuna keeps its own schema version in `alembic_version`, in the same database.
+VERSION_TABLE = "hps_alembic_version"
+# The key of the PostgreSQL advisory lock held while migrating.
+MIGRATION_LOCK_KEY = int.from_bytes(b"hpsmigr", "big")
+POOL_RECYCLE_S = 1800
+RETRY_WAIT_S = 45.0
+# An execution option of SQLite connections: how their transactions BEGIN.
+SQLITE_BEGIN = "hpsearch_sqlite_begin"
+
+# Lower-case fragments of driver messages for errors that a later attempt may not meet.
+_TRANSIENT_MESSAGES = (
+    "database is locked",
+    "server closed the connection",
+    "connection refused",
+    "could not connect",
+    "connection is closed",
+    "connection reset",
+    "terminating connection",
+    "the database system is",
+    "timeout expired",
+    "no route to host",
+    "could not translate host name",
+    "failed to resolve host",
+    "consuming input failed",
+    "ssl syscall error",
+)
+# SQLSTATEs of a lost connection or a server shutting down or starting up.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "57P")
+
+_engines: dict[tuple[int, str], sqlalchemy.Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def make_engine(url: str) -> sqlalchemy.Engine:
+    """The engine for `url`, one per URL and process: a forked child makes its own, so it
+    never shares its parent's pooled connections."""
+    key = (os.getpid(), url)
+    with _engines_lock:
+        if key not in _engines:
+            _engines[key] = _create_engine(parse_url(url))
+        return _engines[key]
+
+
+def _create_engine(url: URL) -> sqlalchemy.Engine:
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    return sqlalchemy.create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_recycle=POOL_RECYCLE_S
+    )
+
+
+def _sqlite_engine(url: URL) -> sqlalchemy.Engine:
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = sqlalchemy.create_engine(url)
+    event.listen(engine, "connect", _configure_sqlite_connection)
+    event.listen(engine, "begin", _begin_sqlite_transaction)
+    return engine
+
+
+def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:
+    """Wait for locks instead of failing, let readers run beside the writer (WAL), enforce
+    foreign keys (cascades), and leave BEGIN to `_begin_sqlite_transaction`: the sqlite3
+    module's own BEGIN handling skips SELECTs and DDL and cannot begin IMMEDIATE."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _begin_sqlite_transaction(connection: Connection) -> None:
+    mode = connection.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
+    connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+@functools.cache
+def _immediate_engine(engine: sqlalchemy.Engine) -> sqlalchemy.Engine:
+    """The same engine and pool, with SQLite transactions that take the write lock at BEGIN."""
+    return engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+
+
+def upgrade(url: str) -> None:
+    """Bring the service's tables to the newest migration.
+
+    Cheap when they are there already (one query), so every process may call it at start;
+    safe when several start together on a new database: one migrates under a lock, and the
+    others wait for it and then find nothing left to do.
+    """
+    engine = make_engine(url)
+    if _current_revision(engine) == _head_revision():
+        return
+    try:
+        _migrate_under_lock(engine)
+    except SQLAlchemyError as exc:
+        raise StorageError(
+            f"cannot use the database at {safe_url(url)}: {driver_reason(exc)}"
+        ) from exc
+    except CommandError as exc:  # a revision unknown here: the database is a newer hpsearch's
+        raise StorageError(
+            f"the database at {safe_url(url)} has a schema this hpsearch does not know "
+            f"({exc}); upgrade hpsearch"
+        ) from exc
+
+
+def _migrate_under_lock(engine: sqlalchemy.Engine) -> None:
+    """Migrate in one transaction that holds a lock: PostgreSQL's advisory lock, or SQLite's
+    write lock from BEGIN IMMEDIATE. Alembic reads the version inside it, so a process that
+    waited finds the schema at head and does nothing."""
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+        with connection.begin():
+            if engine.dialect.name == "postgresql":
+                connection.execute(
+                    sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"),
+                    {"key": MIGRATION_LOCK_KEY},
+                )
+            command.upgrade(_alembic_config(connection), "head")
+
+
+def _current_revision(engine: sqlalchemy.Engine) -> str | None:
+    """The database's revision; None where it cannot be read (no version table yet, or no
+    connection), which sends `upgrade` down its locked path to decide."""
+    try:
+        with engine.connect() as connection:
+            return connection.execute(
+                sqlalchemy.text(f"SELECT version_num FROM {VERSION_TABLE}")
+            ).scalar()
+    except DBAPIError:
+        return None
+
+
+@functools.cache
+def _head_revision() -> str | None:
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+
+def _alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic's configuration in code: the package ships no alembic.ini."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    config.attributes["connection"] = connection
+    return config
+
+
+@contextmanager
+def session_scope(url: str, *, immediate: bool = False) -> Iterator[Session]:
+    """A session in one transaction: committed when the block ends, rolled back on error.
+
+    `immediate=True` makes a SQLite transaction take the write lock at BEGIN, which a claim
+    needs: a deferred transaction that reads, then writes, fails at once with "database is
+    locked" when another process wrote in between. On PostgreSQL it changes nothing; lock
+    rows with `lock_study` instead. Objects stay readable after the block
+    (`expire_on_commit=False`), so a service function may return them.
+    """
+    engine = make_engine(url)
+    if immediate:
+        engine = _immediate_engine(engine)
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        yield session
+
+
+def lock_study(session: Session, study_id: int) -> StudyRecord:
+    """The study's row, locked until the session's transaction ends, so that counting its
+    budget and claiming a trial cannot interleave with another worker's claim.
+
+    PostgreSQL: `SELECT ... FOR UPDATE`. SQLite locks the whole database instead, which
+    needs a session from `session_scope(url, immediate=True)`. Raises
+    `sqlalchemy.exc.NoResultFound` when there is no such study.
+    """
+    statement = (
+        select(StudyRecord)
+        .where(StudyRecord.id == study_id)
+        .execution_options(populate_existing=True)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        statement = statement.with_for_update()
+    elif session.connection().get_execution_options().get(SQLITE_BEGIN) != "IMMEDIATE":
+        raise ValueError("on SQLite, lock_study needs a session_scope(url, immediate=True)")
+    return session.execute(statement).scalar_one()
+
+
+def save_checkpoint(
+    session: Session, *, study_id: int, trial_id: int, trial_number: int, epoch: int, payload: bytes
+) -> None:
+    """Insert the trial's checkpoint, or replace the one it has, in one statement: a trial
+    keeps only its newest checkpoint, written whole or not at all."""
+    values = {
+        "study_id": study_id,
+        "trial_id": trial_id,
+        "trial_number": trial_number,
+        "epoch": epoch,
+        "payload": payload,
+        "size_bytes": len(payload),
+    }
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    statement = insert(CheckpointRecord).values(values)
+    statement = statement.on_conflict_do_update(
+        index_elements=[CheckpointRecord.trial_id],
+        set_={
+            "trial_number": statement.excluded.trial_number,
+            "epoch": statement.excluded.epoch,
+            "payload": statement.excluded.payload,
+            "size_bytes": statement.excluded.size_bytes,
+            "updated_at": func.now(),
+        },
+    )
+    session.execute(statement)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether another attempt may succeed: a lost, refused or not yet possible connection,
+    or a SQLite file locked past its busy timeout. Anything else is a bug or bad input."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    message = str(exc.orig).lower()
+    return sqlstate.startswith(_TRANSIENT_SQLSTATE_CLASSES) or any(
+        fragment in message for fragment in _TRANSIENT_MESSAGES
+    )
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    url: str,
+    total_wait_s: float = RETRY_WAIT_S,
+    base_delay_s: float = 0.1,
+    max_delay_s: float = 5.0,
+) -> T:
+    """`fn()`, tried again with exponential backoff and jitter while it fails transiently,
+    so a worker survives a database restart of a few seconds.
+
+    `fn` must be a whole unit of work (it opens its own session), so that a retry redoes
+    it from the start. Other errors are raised at once; after `total_wait_s` of transient
+    ones, a `StorageError` naming `url` (password hidden).
+    """
+    deadline = time.monotonic() + total_wait_s
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                raise
+            delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1)
+            if time.monotonic() + delay > deadline:
+                raise StorageError(
+                    f"cannot use the database at {safe_url(url)} "
+                    f"({attempt} attempts): {driver_reason(exc)}"
+                ) from exc
+            time.sleep(delay)

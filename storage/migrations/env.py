@@ -1,0 +1,24 @@
+"""Alembic environment for the service's own tables.
+
+`storage.db.upgrade` configures Alembic in code and hands it an open connection (inside the
+migration lock), so there is no alembic.ini and no URL here. The version table is
+`hps_alembic_version`: Optuna keeps its own schema version in `alembic_version` in the same
+database.
+"""
+
+from __future__ import annotations
+
+from alembic import context
+
+from storage.db import VERSION_TABLE
+from storage.models import Base
+
+connection = context.config.attributes["connection"]
+context.configure(
+    connection=connection,
+    target_metadata=Base.metadata,
+    version_table=VERSION_TABLE,
+    render_as_batch=connection.dialect.name == "sqlite",
+)
+with context.begin_transaction():
+    context.run_migrations()

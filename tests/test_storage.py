@@ -1,0 +1,280 @@
+"""The service's own tables on real SQLite files and a real PostgreSQL server: migrations,
+constraints, row locks and retries."""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError
+
+from storage.db import (
+    VERSION_TABLE,
+    lock_study,
+    make_engine,
+    save_checkpoint,
+    session_scope,
+    upgrade,
+    with_retries,
+)
+from storage.engine import StorageError
+from storage.models import (
+    Base,
+    CheckpointRecord,
+    ModelRecord,
+    StudyRecord,
+    WorkerRecord,
+)
+
+TABLES = {
+    "hps_studies",
+    "hps_checkpoints",
+    "hps_models",
+    "hps_datasets",
+    "hps_workers",
+    "hps_api_tokens",
+}
+INDEXES = {
+    "hps_studies": {"ix_hps_studies_state"},
+    "hps_checkpoints": {"ix_hps_checkpoints_study_id"},
+    "hps_models": {"ix_hps_models_study_id_value"},
+    "hps_workers": {"ix_hps_workers_heartbeat_at"},
+}
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+)
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database: a SQLite file, or a database on the PostgreSQL server."""
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path / 'hpsearch.db'}"
+
+
+@pytest.fixture
+def migrated(url: str) -> str:
+    upgrade(url)
+    return url
+
+
+def add_study(url: str, name: str = "digits") -> int:
+    with session_scope(url) as session:
+        study = StudyRecord(name=name, spec={"name": name}, n_trials=10)
+        session.add(study)
+        session.flush()
+        return study.id
+
+
+def version_rows(url: str) -> list[Any]:
+    with make_engine(url).connect() as connection:
+        return connection.execute(sqlalchemy.text(f"SELECT * FROM {VERSION_TABLE}")).all()
+
+
+def test_upgrade_creates_tables_and_indexes(migrated: str) -> None:
+    inspector = sqlalchemy.inspect(make_engine(migrated))
+    assert TABLES | {VERSION_TABLE} <= set(inspector.get_table_names())
+    for table, indexes in INDEXES.items():
+        found = inspector.get_indexes(table)
+        assert {i["name"] for i in found if not i.get("duplicates_constraint")} == indexes
+    assert version_rows(migrated) == [("0001",)]
+
+
+def test_migrated_schema_matches_models(migrated: str) -> None:
+    with make_engine(migrated).connect() as connection:
+        context = MigrationContext.configure(
+            connection,
+            opts={"version_table": VERSION_TABLE, "compare_server_default": True},
+        )
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_check_constraints_reject_unknown_states(migrated: str) -> None:
+    """compare_metadata does not see CHECK constraints, so test them directly."""
+    with pytest.raises(IntegrityError), session_scope(migrated) as session:
+        session.add(StudyRecord(name="x", spec={}, n_trials=1, state="exploded"))
+
+
+def test_upgrade_at_head_runs_one_query(migrated: str) -> None:
+    statements: list[str] = []
+
+    def record(*args: Any) -> None:
+        statements.append(args[2])
+
+    engine = make_engine(migrated)
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        upgrade(migrated)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert [s for s in statements if not s.startswith("BEGIN")] == [
+        f"SELECT version_num FROM {VERSION_TABLE}"
+    ]
+    assert version_rows(migrated) == [("0001",)]
+
+
+def test_upgrade_refuses_a_schema_from_a_newer_version(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'newer.db'}"
+    upgrade(url)
+    with make_engine(url).begin() as connection:
+        connection.execute(sqlalchemy.text(f"UPDATE {VERSION_TABLE} SET version_num = '9999'"))
+    with pytest.raises(StorageError, match="9999"):
+        upgrade(url)
+
+
+def upgrade_together(barrier: Any, url: str) -> None:
+    """Runs in a spawned process: start the upgrade at the same moment as the others."""
+    barrier.wait(timeout=60)
+    upgrade(url)
+
+
+def test_concurrent_upgrades_on_a_fresh_database(url: str) -> None:
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(4)
+    processes = [context.Process(target=upgrade_together, args=(barrier, url)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    assert [process.exitcode for process in processes] == [0, 0, 0, 0]
+    assert version_rows(url) == [("0001",)]
+    assert set(sqlalchemy.inspect(make_engine(url)).get_table_names()) >= TABLES
+
+
+def test_deleting_a_study_deletes_its_rows(migrated: str) -> None:
+    study_id = add_study(migrated)
+    with session_scope(migrated) as session:
+        save_checkpoint(
+            session, study_id=study_id, trial_id=1, trial_number=0, epoch=3, payload=b"w"
+        )
+        session.add(
+            ModelRecord(study_id=study_id, trial_id=1, trial_number=0, value=0.9, payload=b"m")
+        )
+        session.add(WorkerRecord(host="h", pid=1, device="cpu", current_study_id=study_id))
+    with session_scope(migrated) as session:
+        session.execute(sqlalchemy.delete(StudyRecord).where(StudyRecord.id == study_id))
+    with session_scope(migrated) as session:
+        assert session.scalar(select(func.count()).select_from(CheckpointRecord)) == 0
+        assert session.scalar(select(func.count()).select_from(ModelRecord)) == 0
+        assert session.scalars(select(WorkerRecord.current_study_id)).all() == [None]
+
+
+def test_a_trial_keeps_only_its_newest_checkpoint(migrated: str) -> None:
+    study_id = add_study(migrated)
+    for epoch, payload in [(1, b"first"), (2, b"second!")]:
+        with session_scope(migrated) as session:
+            save_checkpoint(
+                session, study_id=study_id, trial_id=7, trial_number=3, epoch=epoch, payload=payload
+            )
+    with session_scope(migrated) as session:
+        (checkpoint,) = session.scalars(select(CheckpointRecord)).all()
+        assert (checkpoint.epoch, checkpoint.payload, checkpoint.size_bytes) == (2, b"second!", 7)
+        assert checkpoint.updated_at.tzinfo is not None
+    with pytest.raises(IntegrityError), session_scope(migrated) as session:
+        session.add(
+            CheckpointRecord(
+                study_id=study_id, trial_id=7, trial_number=3, epoch=3, payload=b"", size_bytes=0
+            )
+        )
+
+
+def test_lock_study_blocks_a_second_claim_until_the_first_commits(migrated: str) -> None:
+    study_id = add_study(migrated)
+    locked = threading.Event()
+    committed_at: list[float] = []
+
+    def first() -> None:
+        with session_scope(migrated, immediate=True) as session:
+            lock_study(session, study_id).state = "running"
+            locked.set()
+            time.sleep(1.0)
+        committed_at.append(time.monotonic())
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    assert locked.wait(timeout=30)
+    with session_scope(migrated, immediate=True) as session:
+        state = lock_study(session, study_id).state
+        acquired_at = time.monotonic()
+    thread.join(timeout=30)
+    assert state == "running"  # it waited for the first transaction's commit
+    assert acquired_at >= committed_at[0] - 0.5
+
+
+def test_lock_study_on_sqlite_needs_an_immediate_session(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    study_id = add_study(url)
+    with pytest.raises(ValueError, match="immediate"), session_scope(url) as session:
+        lock_study(session, study_id)
+
+
+@pytest.fixture
+def locked_sqlite_file(tmp_path: Path) -> Iterator[str]:
+    """A SQLite file whose write lock another connection holds for a second."""
+    path = tmp_path / "locked.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    holder.execute("BEGIN EXCLUSIVE")
+    release = threading.Timer(1.0, holder.execute, args=("COMMIT",))
+    release.start()
+    yield f"sqlite:///{path}"
+    release.join()
+    holder.close()
+
+
+def test_with_retries_outlasts_a_transient_lock(locked_sqlite_file: str) -> None:
+    url = locked_sqlite_file
+    # A short busy timeout, so that the lock surfaces as "database is locked" at once.
+    engine = sqlalchemy.create_engine(url, connect_args={"timeout": 0.01})
+    attempts = 0
+
+    def insert() -> int:
+        nonlocal attempts
+        attempts += 1
+        with engine.begin() as connection:
+            return connection.execute(sqlalchemy.text("INSERT INTO t VALUES (1)")).rowcount
+
+    assert with_retries(insert, url=url, total_wait_s=10, base_delay_s=0.05) == 1
+    assert attempts > 1
+    engine.dispose()
+
+
+def test_with_retries_raises_other_errors_at_once(migrated: str) -> None:
+    add_study(migrated, "taken")
+    attempts = 0
+
+    def duplicate() -> None:
+        nonlocal attempts
+        attempts += 1
+        add_study(migrated, "taken")
+
+    with pytest.raises(IntegrityError):
+        with_retries(duplicate, url=migrated, total_wait_s=10)
+    assert attempts == 1
+
+
+def test_with_retries_gives_up_on_a_refused_port_naming_the_url() -> None:
+    url = "postgresql://postgres:secret@127.0.0.1:9/test"
+    attempts = 0
+
+    def connect() -> None:
+        nonlocal attempts
+        attempts += 1
+        make_engine(url).connect().close()
+
+    with pytest.raises(StorageError, match=re.escape("127.0.0.1:9")) as raised:
+        with_retries(connect, url=url, total_wait_s=0.5, base_delay_s=0.05)
+    assert attempts > 1
+    assert "secret" not in str(raised.value)
