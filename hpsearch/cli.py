@@ -20,8 +20,9 @@ from rich.table import Table
 from hpsearch.data import load_dataset
 from hpsearch.embedded import StudyProgress, resolve_devices, run_workers
 from hpsearch.errors import HpsearchError, SpecError
+from hpsearch.service import RUNNABLE_STATES, StudyState, change_state, submit_study
 from hpsearch.spec import StudySpec, load_spec
-from hpsearch.study import LeaderboardRow, create_or_load_study, leaderboard
+from hpsearch.study import LeaderboardRow, leaderboard
 from storage import StorageError, default_url, optuna_storage, safe_url
 
 app = typer.Typer(
@@ -81,13 +82,19 @@ def run(
     spec = load_spec(spec_path)
     devices = resolve_devices(device, jobs)
     spec = spec.with_task(load_dataset(spec).task)  # fails early, naming the column or file
-    study = create_or_load_study(spec, optuna_storage(url))
+    state = submit_study(url, spec)
+    study = optuna.load_study(study_name=spec.name, storage=optuna_storage(url))
+    if state.state not in RUNNABLE_STATES:
+        _print_leaderboard(study, spec, top)
+        hint = _HINTS.get(state.state, "").format(name=spec.name)
+        console.print(f"study {spec.name} is {state.state}" + (f"; {hint}" if hint else ""))
+        return
     console.print(
         f"study [bold]{spec.name}[/] on {escape(safe_url(url))}: {jobs} worker(s) on {devices[0]}"
     )
     try:
         with progress_bar(spec) as update:
-            codes = run_workers(spec, url, jobs, devices, update)
+            codes = run_workers(state, url, jobs, devices, update)
     except KeyboardInterrupt:
         _print_leaderboard(study, spec, top)
         errors.print("interrupted: run the same command again to resume")
@@ -99,6 +106,51 @@ def run(
             f"{_last_failure(study)}"
         )
         raise typer.Exit(1)
+
+
+_HINTS = {
+    "paused": "continue it with: hpsearch resume {name}",
+    "completed": "raise its budget in the spec, or: hpsearch extend {name} --n-trials K",
+}
+
+
+StudyArgument = Annotated[str, typer.Argument(metavar="STUDY", help="Study name or id")]
+
+
+@app.command()
+@user_errors
+def pause(study: StudyArgument, db: DbOption = None) -> None:
+    """Stop starting new trials of a study (running ones finish)."""
+    _report(change_state(db or default_url(), study, "pause"))
+
+
+@app.command()
+@user_errors
+def resume(study: StudyArgument, db: DbOption = None) -> None:
+    """Set a paused or failed study running again; workers and `hpsearch run` continue it."""
+    _report(change_state(db or default_url(), study, "resume"))
+
+
+@app.command()
+@user_errors
+def cancel(study: StudyArgument, db: DbOption = None) -> None:
+    """Stop a study for good: no new trials; its results stay."""
+    _report(change_state(db or default_url(), study, "cancel"))
+
+
+@app.command()
+@user_errors
+def extend(
+    study: StudyArgument,
+    n_trials: Annotated[int, typer.Option("--n-trials", min=1, help="Trials to add")],
+    db: DbOption = None,
+) -> None:
+    """Add trials to a study's budget; a completed study runs again."""
+    _report(change_state(db or default_url(), study, "extend", n_trials))
+
+
+def _report(state: StudyState) -> None:
+    console.print(f"study {state.name}: {state.state}, budget {state.n_trials} trials")
 
 
 @contextmanager

@@ -20,7 +20,7 @@ import torch
 
 from hpsearch.data import load_dataset
 from hpsearch.errors import HpsearchError
-from hpsearch.spec import StudySpec
+from hpsearch.service import StudyState, mark_completed_if_done
 from hpsearch.study import FINISHED_STATES, claim_trial, open_study, run_trial
 from storage import StorageError, optuna_storage
 
@@ -55,7 +55,7 @@ def resolve_devices(device: str, jobs: int) -> list[str]:
 
 
 def run_workers(
-    spec: StudySpec,
+    state: StudyState,
     url: str,
     jobs: int,
     devices: list[str],
@@ -67,20 +67,21 @@ def run_workers(
     Returns the workers' exit codes. Ctrl-C (SIGINT) is passed on to the workers, which fail
     their running trial (so it uses no budget) and stop; running again resumes.
     """
-    deadline = None if spec.budget.timeout_s is None else time.time() + spec.budget.timeout_s
+    timeout_s = state.spec.budget.timeout_s
+    deadline = None if timeout_s is None else time.time() + timeout_s
     threads = max(1, len(os.sched_getaffinity(0)) // jobs)
     context = multiprocessing.get_context("spawn")
     workers = [
         context.Process(
             target=_worker_main,
-            args=(spec.model_dump_json(), url, devices[i], i, threads, deadline),
+            args=(state, url, devices[i], i, threads, deadline),
             name=f"hpsearch-worker-{i}",
         )
         for i in range(jobs)
     ]
     for worker in workers:
         worker.start()
-    study = optuna.load_study(study_name=spec.name, storage=optuna_storage(url))
+    study = optuna.load_study(study_name=state.name, storage=optuna_storage(url))
     try:
         while any(w.is_alive() for w in workers):
             on_progress(read_progress(study))
@@ -111,23 +112,24 @@ def read_progress(study: optuna.Study) -> StudyProgress:
 
 
 def _worker_main(
-    spec_json: str, url: str, device: str, stream: int, threads: int, deadline: float | None
+    state: StudyState, url: str, device: str, stream: int, threads: int, deadline: float | None
 ) -> None:
     """A worker process: claim and run trials until the budget, the deadline or an interrupt."""
     _interrupt_once()
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    spec = StudySpec.model_validate_json(spec_json)
     try:
-        study = open_study(spec, optuna_storage(url), stream)
-        data = load_dataset(spec, device)
+        study = open_study(state, url, stream)
+        data = load_dataset(state.spec, device)
         failures = 0
         while deadline is None or time.time() < deadline:
-            trial = claim_trial(study, spec, url)
+            trial = claim_trial(study, state, url)
             if trial is None:
                 return
-            state = run_trial(study, trial, spec, data)
-            failures = failures + 1 if state == optuna.trial.TrialState.FAIL else 0
+            outcome = run_trial(study, trial, state.spec, data)
+            finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+            mark_completed_if_done(url, state.id, finished)
+            failures = failures + 1 if outcome == optuna.trial.TrialState.FAIL else 0
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 raise SystemExit(3)
     except KeyboardInterrupt:

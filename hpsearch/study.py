@@ -12,67 +12,23 @@ import optuna
 from optuna.trial import TrialState
 
 from hpsearch.data import TensorData
-from hpsearch.errors import HpsearchError
 from hpsearch.search import make_pruner, make_sampler, suggest_params
+from hpsearch.service import RUNNABLE_STATES, StudyState, mark_running
 from hpsearch.spec import StudySpec
 from hpsearch.train import EpochRecord, TrainResult, TrialConfig, train
-from storage import claim_lock
+from storage import claim_study, optuna_storage
 
-SPEC_ATTR = "spec"
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-class StudyConflict(HpsearchError):
-    """A study of that name exists with a different spec."""
-
-
-def create_or_load_study(spec: StudySpec, storage: optuna.storages.BaseStorage) -> optuna.Study:
-    """Create the study, or load it when one of the same name and spec exists (a resume).
-
-    A spec that differs only in its budget updates the stored budget, as re-running
-    `study.optimize` with more trials would; any other difference is a conflict.
-    """
-    direction = spec.objective.direction
-    try:
-        study = optuna.create_study(study_name=spec.name, storage=storage, direction=direction)
-        study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
-        return study
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=spec.name, storage=storage)
-    stored = stored_spec(study)
-    if _without_budget(stored) != _without_budget(spec):
-        raise StudyConflict(
-            f"a study named {spec.name!r} already exists with a different spec; "
-            "choose another name to start a new study"
-        )
-    if stored.budget != spec.budget:
-        study.set_user_attr(SPEC_ATTR, spec.model_dump(mode="json"))
-    return study
-
-
-def stored_spec(study: optuna.Study) -> StudySpec:
-    data = study.user_attrs.get(SPEC_ATTR)
-    if data is None:
-        raise HpsearchError(f"study {study.study_name!r} was not created by hpsearch (no spec)")
-    return StudySpec.model_validate(data)
-
-
-def _without_budget(spec: StudySpec) -> dict[str, Any]:
-    data = spec.model_dump(mode="json")
-    data.pop("budget")
-    return data
-
-
-def open_study(
-    spec: StudySpec, storage: optuna.storages.BaseStorage, stream: int = 0
-) -> optuna.Study:
-    """The existing study with the spec's sampler and pruner, as a worker uses it."""
+def open_study(state: StudyState, url: str, stream: int = 0) -> optuna.Study:
+    """The study with its spec's sampler and pruner, as a worker uses it."""
     return optuna.load_study(
-        study_name=spec.name,
-        storage=storage,
-        sampler=make_sampler(spec, stream),
-        pruner=make_pruner(spec),
+        study_name=state.name,
+        storage=optuna_storage(url),
+        sampler=make_sampler(state.spec, stream),
+        pruner=make_pruner(state.spec),
     )
 
 
@@ -81,18 +37,22 @@ def budget_used(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
 
 
-def claim_trial(study: optuna.Study, spec: StudySpec, url: str) -> optuna.Trial | None:
-    """A new trial with its params chosen, or None when the budget is spent.
+def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Trial | None:
+    """A new trial with its params chosen, or None when the study is not runnable (paused,
+    cancelled, ...) or its budget is spent.
 
     Counting and creating happen under the study's claim lock, and the params are stored
     before the lock is released, so a parallel sampler sees them (constant liar).
     """
-    with claim_lock(url, spec.name):
-        if budget_used(study) >= spec.budget.n_trials:
+    with claim_study(url, state.id) as record:
+        if record.state not in RUNNABLE_STATES or budget_used(study) >= record.n_trials:
             return None
         trial = study.ask()
-        suggest_params(trial, spec)
-        return trial
+        suggest_params(trial, state.spec)
+        first = record.state == "queued"
+    if first:
+        mark_running(url, state.id)
+    return trial
 
 
 def objective(trial: optuna.Trial, spec: StudySpec, data: TensorData) -> float:

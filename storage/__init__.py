@@ -2,6 +2,7 @@
 with Alembic), sessions, retries, and the locks that keep budgets exact."""
 
 from storage.db import (
+    claim_study,
     lock_study,
     make_engine,
     save_checkpoint,
@@ -11,7 +12,6 @@ from storage.db import (
 )
 from storage.engine import (
     StorageError,
-    claim_lock,
     default_url,
     optuna_storage,
     safe_url,
@@ -35,7 +35,7 @@ __all__ = [
     "StorageError",
     "StudyRecord",
     "WorkerRecord",
-    "claim_lock",
+    "claim_study",
     "default_url",
     "lock_study",
     "make_engine",

@@ -7,6 +7,7 @@ the tables here are managed by the Alembic migrations in `storage/migrations`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -25,13 +26,20 @@ from alembic.util import CommandError
 from sqlalchemy import event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    InterfaceError,
+    NoResultFound,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import Session
 
 from storage.engine import (
     SQLITE_BUSY_TIMEOUT_S,
     StorageError,
     driver_reason,
+    file_lock,
     parse_url,
     safe_url,
     sqlite_path,
@@ -227,6 +235,29 @@ def lock_study(session: Session, study_id: int) -> StudyRecord:
     elif session.connection().get_execution_options().get(SQLITE_BEGIN) != "IMMEDIATE":
         raise ValueError("on SQLite, lock_study needs a session_scope(url, immediate=True)")
     return session.execute(statement).scalar_one()
+
+
+@contextmanager
+def claim_study(url: str, study_id: int) -> Iterator[StudyRecord]:
+    """Hold the study's claim lock and yield its row as read under the lock: counting the
+    budget and creating a trial inside it cannot interleave with another worker's claim.
+
+    PostgreSQL: the row is locked (`FOR UPDATE`) until the block ends. SQLite: a file lock
+    beside the database; an immediate transaction cannot be held instead, because Optuna
+    creates the trial on a connection of its own, which would wait for ours for ever.
+    """
+    parsed = parse_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        with session_scope(url) as session:
+            yield lock_study(session, study_id)
+        return
+    path = sqlite_path(parsed)
+    with file_lock(path) if path else contextlib.nullcontext():
+        with session_scope(url) as session:
+            record = session.get(StudyRecord, study_id, populate_existing=True)
+        if record is None:
+            raise NoResultFound(f"no study with id {study_id}")
+        yield record
 
 
 def save_checkpoint(

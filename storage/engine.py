@@ -8,8 +8,6 @@ Trials live in Optuna's own schema (`RDBStorage`), so `optuna.load_study` and
 from __future__ import annotations
 
 import fcntl
-import functools
-import hashlib
 import os
 import sqlite3
 import time
@@ -18,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
-import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -112,35 +109,11 @@ def driver_reason(exc: BaseException) -> str:
 
 
 @contextmanager
-def claim_lock(url: str, key: str) -> Iterator[None]:
-    """Serialise claims of one study across processes: counting the budget and creating the
-    trial happen under this lock, so running plus finished trials never exceed the budget.
-
-    PostgreSQL: a session advisory lock (any node). SQLite: an exclusive lock on a file
-    beside the database (SQLite serves one host only).
-    """
-    parsed = parse_url(url)
-    path = sqlite_path(parsed)
-    if parsed.get_backend_name() == "sqlite" and path is None:
-        yield  # an in-memory database lives in one process only
-        return
-    if path is not None:
-        with open(f"{path}.claim-lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-        return
-    lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
-    with _lock_engine(parsed.render_as_string(hide_password=False)).connect() as connection:
-        connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:id)"), {"id": lock_id})
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on a file beside `path`, held across processes of this host."""
+    with open(f"{path}.claim-lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:id)"), {"id": lock_id})
-
-
-@functools.cache
-def _lock_engine(url: str) -> sqlalchemy.Engine:
-    return sqlalchemy.create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -14,16 +14,9 @@ from optuna.trial import TrialState
 
 from hpsearch.data import load_dataset
 from hpsearch.search import distributions, make_pruner, make_sampler, suggest_params
+from hpsearch.service import submit_study
 from hpsearch.spec import StudySpec, parse_spec
-from hpsearch.study import (
-    StudyConflict,
-    claim_trial,
-    create_or_load_study,
-    leaderboard,
-    open_study,
-    run_trial,
-)
-from storage import optuna_storage
+from hpsearch.study import claim_trial, leaderboard, open_study, run_trial
 
 SPACE = {
     "learning_rate": {"low": 1e-4, "high": 1e-1, "log": True},
@@ -148,14 +141,14 @@ def test_median_pruner_prunes_a_trial_that_falls_behind() -> None:
 def test_claims_stop_at_the_budget_and_trials_run(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
     spec = make_spec("random", budget={"n_trials": 3})
-    create_or_load_study(spec, optuna_storage(url))
-    study = open_study(spec, optuna_storage(url))
+    state = submit_study(url, spec)
+    study = open_study(state, url)
     data = load_dataset(spec)
-    claimed = [claim_trial(study, spec, url) for _ in range(3)]
-    assert claim_trial(study, spec, url) is None  # three running trials use the whole budget
+    claimed = [claim_trial(study, state, url) for _ in range(3)]
+    assert claim_trial(study, state, url) is None  # three running trials use the whole budget
     states = [run_trial(study, trial, spec, data) for trial in claimed]
     assert states == [TrialState.COMPLETE] * 3
-    assert claim_trial(study, spec, url) is None
+    assert claim_trial(study, state, url) is None
     for trial in study.trials:
         assert trial.params.keys() == SPACE.keys()
         recorded = {"val_accuracy", "test_accuracy", "epochs", "history", "diagnosis"}
@@ -166,31 +159,24 @@ def test_claims_stop_at_the_budget_and_trials_run(tmp_path: Path) -> None:
 def test_failed_trials_use_no_budget(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'f.db'}"
     spec = make_spec("random", budget={"n_trials": 1})
-    study = create_or_load_study(spec, optuna_storage(url))
-    trial = claim_trial(study, spec, url)
+    state = submit_study(url, spec)
+    study = open_study(state, url)
+    trial = claim_trial(study, state, url)
     study.tell(trial, state=TrialState.FAIL)
-    assert claim_trial(study, spec, url) is not None
+    assert claim_trial(study, state, url) is not None
 
 
 def test_a_failing_trial_records_its_error(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'e.db'}"
     spec = make_spec("random", budget={"n_trials": 1})
-    study = create_or_load_study(spec, optuna_storage(url))
-    trial = claim_trial(study, spec, url)
+    state = submit_study(url, spec)
+    study = open_study(state, url)
+    trial = claim_trial(study, state, url)
     data = load_dataset(spec)
     broken = dataclasses.replace(data, x_val=data.x_val[:, :2])  # too few features to evaluate
     assert run_trial(study, trial, spec, broken) == TrialState.FAIL
     assert study.trials[0].user_attrs["error"].startswith("RuntimeError: ")
     assert study.trials[0].state == TrialState.FAIL
-
-
-def test_budget_changes_are_a_resume_other_changes_a_conflict(tmp_path: Path) -> None:
-    storage = optuna_storage(f"sqlite:///{tmp_path / 'c.db'}")
-    create_or_load_study(make_spec(budget={"n_trials": 3}), storage)
-    extended = create_or_load_study(make_spec(budget={"n_trials": 9}), storage)
-    assert extended.user_attrs["spec"]["budget"]["n_trials"] == 9
-    with pytest.raises(StudyConflict, match="different spec"):
-        create_or_load_study(make_spec(training={"max_epochs": 4}), storage)
 
 
 @pytest.mark.parametrize(("metric", "best"), [("val_accuracy", 0.9), ("val_loss", 0.1)])

@@ -1,0 +1,201 @@
+"""The service layer: studies and their states, as plain functions over a database URL.
+
+The CLI's `--db` mode and the REST API both call these, so every rule about a study (what
+a name may be reused for, which state changes are legal, what "resume" frees) lives here
+once. Trials themselves stay in Optuna's schema; `hps_studies` adds the spec and the state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from hpsearch.errors import HpsearchError
+from hpsearch.spec import StudySpec
+from storage import StudyRecord, optuna_storage, session_scope, upgrade
+
+RUNNABLE_STATES = ("queued", "running")
+# Which states each change may start from; anything else is a conflict (HTTP 409).
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "pause": ("queued", "running"),
+    "resume": ("queued", "running", "paused", "failed"),
+    "cancel": ("queued", "running", "paused", "failed"),
+    "extend": ("queued", "running", "paused", "completed"),
+}
+
+
+class StudyNotFound(HpsearchError):
+    """No study of that name or id (HTTP 404)."""
+
+
+class StudyConflict(HpsearchError):
+    """A name taken by a different spec, or a state change the study's state forbids (409)."""
+
+
+@dataclass(frozen=True)
+class StudyState:
+    """What a worker needs to know about a study before it claims a trial."""
+
+    id: int
+    name: str
+    state: str
+    n_trials: int
+    spec: StudySpec
+
+
+def submit_study(url: str, spec: StudySpec) -> StudyState:
+    """Create the study, or return it when one of that name has the same spec.
+
+    A spec that differs only in its budget sets the new budget (as re-running
+    `study.optimize` with more trials would); any other difference is a conflict.
+    """
+    upgrade(url)
+    existing = _update_existing(url, spec)
+    if existing is not None:
+        return existing
+    # Outside our transaction: on SQLite a transaction that read and then sees another
+    # connection (Optuna's) write cannot write any more.
+    optuna_study_id = _create_optuna_study(optuna_storage(url), spec)
+    try:
+        with session_scope(url) as session:
+            record = StudyRecord(
+                name=spec.name,
+                spec=spec.model_dump(mode="json"),
+                state="queued",
+                n_trials=spec.budget.n_trials,
+                optuna_study_id=optuna_study_id,
+            )
+            session.add(record)
+            session.flush()
+            return _state_of(record)
+    except IntegrityError:  # submitted at the same moment by another process
+        return _update_existing(url, spec)
+
+
+def _update_existing(url: str, spec: StudySpec) -> StudyState | None:
+    with session_scope(url, immediate=True) as session:
+        record = session.scalar(select(StudyRecord).where(StudyRecord.name == spec.name))
+        if record is None:
+            return None
+        _update_budget(record, spec)
+        return _state_of(record)
+
+
+def _create_optuna_study(storage: optuna.storages.BaseStorage, spec: StudySpec) -> int:
+    try:
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, direction=spec.objective.direction
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        if study.get_trials(deepcopy=False):
+            raise StudyConflict(
+                f"an Optuna study named {spec.name!r} already exists in this database "
+                "and was not created by hpsearch; choose another name"
+            ) from None
+    return study._study_id
+
+
+def _update_budget(record: StudyRecord, spec: StudySpec) -> None:
+    stored = StudySpec.model_validate(record.spec)
+    if _without_budget(stored) != _without_budget(spec):
+        raise StudyConflict(
+            f"a study named {spec.name!r} already exists with a different spec; "
+            "choose another name to start a new study"
+        )
+    if record.n_trials != spec.budget.n_trials:
+        record.spec = spec.model_dump(mode="json")
+        record.n_trials = spec.budget.n_trials
+        if record.state == "completed":
+            record.state = "running"
+
+
+def _without_budget(spec: StudySpec) -> dict[str, Any]:
+    data = spec.model_dump(mode="json")
+    data.pop("budget")
+    return data
+
+
+def get_study(url: str, study: str | int) -> StudyState:
+    """The study by numeric id or by name."""
+    upgrade(url)
+    with session_scope(url) as session:
+        return _state_of(_find(session, study))
+
+
+def _find(session: Any, study: str | int) -> StudyRecord:
+    query = select(StudyRecord)
+    if isinstance(study, int) or str(study).isdigit():
+        query = query.where(StudyRecord.id == int(study))
+    else:
+        query = query.where(StudyRecord.name == study)
+    record = session.scalar(query)
+    if record is None:
+        raise StudyNotFound(f"no study {study!r}")
+    return record
+
+
+def _state_of(record: StudyRecord) -> StudyState:
+    return StudyState(
+        id=record.id,
+        name=record.name,
+        state=record.state,
+        n_trials=record.n_trials,
+        spec=StudySpec.model_validate(record.spec),
+    )
+
+
+def change_state(url: str, study: str | int, change: str, n_trials: int = 0) -> StudyState:
+    """pause, resume, cancel or extend (by `n_trials` more trials) a study."""
+    upgrade(url)
+    with session_scope(url, immediate=True) as session:
+        record = _find(session, study)
+        if record.state not in TRANSITIONS[change]:
+            raise StudyConflict(f"cannot {change} study {record.name!r}: it is {record.state}")
+        if change == "extend":
+            if n_trials < 1:
+                raise HpsearchError("extend needs --n-trials of at least 1")
+            record.n_trials += n_trials
+            spec = StudySpec.model_validate(record.spec)
+            budget = spec.budget.model_copy(update={"n_trials": record.n_trials})
+            record.spec = spec.model_copy(update={"budget": budget}).model_dump(mode="json")
+        record.state = {
+            "pause": "paused",
+            "cancel": "cancelled",
+            "resume": "running",
+            "extend": "running" if record.state == "completed" else record.state,
+        }[change]
+        return _state_of(record)
+
+
+def mark_running(url: str, study_id: int) -> None:
+    """queued -> running, when its first trial is claimed."""
+    _transition(url, study_id, "queued", "running")
+
+
+def mark_completed_if_done(url: str, study_id: int, finished: int) -> None:
+    """running -> completed once `finished` trials fill the budget (read fresh, so an
+    `extend` meanwhile keeps the study running)."""
+    with session_scope(url) as session:
+        session.execute(
+            update(StudyRecord)
+            .where(
+                StudyRecord.id == study_id,
+                StudyRecord.state == "running",
+                StudyRecord.n_trials <= finished,
+            )
+            .values(state="completed")
+        )
+
+
+def _transition(url: str, study_id: int, before: str, after: str) -> None:
+    with session_scope(url) as session:
+        session.execute(
+            update(StudyRecord)
+            .where(StudyRecord.id == study_id, StudyRecord.state == before)
+            .values(state=after)
+        )
