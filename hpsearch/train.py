@@ -3,15 +3,22 @@
 Batches are index slices of a per-epoch permutation of tensors that already live on the
 device (no DataLoader, no host-to-device copies), and the loss is read back once per epoch,
 so the host never waits on the device inside an epoch.
+
+A run can hand out checkpoints between epochs and be resumed from one, in another process
+on another machine, exactly where it stopped (DESIGN.md, "Trial life cycle and crash
+safety"): a crash then loses at most the work since the last checkpoint.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import pickle
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -20,10 +27,15 @@ from hpsearch.data import TensorData
 from hpsearch.model import build_mlp
 from hpsearch.spec import StudySpec
 
-_EVAL_CHUNK = 65536
+_EVAL_CHUNK = 65536  # rows per forward pass when evaluating, to bound memory on big sets
 # A training loss this many times the untrained network's means the weights blew up, even
 # when gradient clipping keeps it finite: healthy training never climbs that far above it.
-EXPLOSION_FACTOR = 10.0  # rows per forward pass when evaluating, to bound memory on big sets
+EXPLOSION_FACTOR = 10.0
+# Bumped whenever the checkpoint's keys change, so an old payload fails clearly on load.
+CHECKPOINT_FORMAT = 1
+# Optimiser settings that pick an implementation for the device (fused kernels on CUDA), not
+# numbers of the run: a resume keeps its own, so a CUDA checkpoint resumes on a CPU and back.
+_DEVICE_FLAGS = ("foreach", "fused", "capturable")
 
 
 @dataclass(frozen=True)
@@ -89,15 +101,17 @@ class EpochRecord:
 class TrainResult:
     value: float  # best objective reached (what the sampler is told)
     best_epoch: int  # 0 = the untrained network
-    epochs_run: int
+    epochs_run: int  # including those done before the checkpoint a run resumed from
     stopped_early: bool
     diverged: bool
     pruned: bool
     val_metrics: dict[str, float]
     test_metrics: dict[str, float]
-    seconds: float
+    seconds: float  # training time, summed over the runs a resumed trial went through
     history: list[EpochRecord] = field(default_factory=list)
     model: nn.Module | None = None
+    interrupted: bool = False  # stopped at `checkpoint_now`: resume it from that checkpoint
+    resumed_from_epoch: int | None = None  # the epoch of the checkpoint it resumed from
 
     def history_rows(self) -> list[dict[str, float]]:
         return [asdict(r) for r in self.history]
@@ -105,10 +119,22 @@ class TrainResult:
 
 # Called after every epoch; returns True when the trial should stop as pruned.
 EpochCallback = Callable[[EpochRecord], bool]
+# Receives a checkpoint (train's `resume_from` takes it back) and the epoch it was taken after.
+CheckpointCallback = Callable[[bytes, int], None]
+# How a run ended; "interrupted" runs are continued from the checkpoint they handed out.
+Ending = Literal["completed", "diverged", "pruned", "stopped_early", "interrupted"]
 
 
 def train(
-    config: TrialConfig, data: TensorData, on_epoch: EpochCallback | None = None
+    config: TrialConfig,
+    data: TensorData,
+    on_epoch: EpochCallback | None = None,
+    *,
+    on_checkpoint: CheckpointCallback | None = None,
+    checkpoint_every_s: float = 30.0,
+    checkpoint_now: threading.Event | None = None,
+    stop_after_checkpoint: bool = False,
+    resume_from: bytes | None = None,
 ) -> TrainResult:
     """Train one network and return its best objective, with the best weights restored.
 
@@ -116,55 +142,188 @@ def train(
     network's, stops the run at once; the result then carries the best value reached before
     (the untrained network's if none), so a sampler learns that the region is bad instead of
     receiving NaN or the lucky accuracy of a network with exploded weights.
+
+    Checkpoints: after an epoch that another epoch follows, `on_checkpoint` gets one when
+    `checkpoint_every_s` seconds have passed since the last (or since the start; 0 = every
+    epoch), or whenever `checkpoint_now` is set. After the final epoch there is none: the
+    result is stored then. `checkpoint_now` is only read, so a signal handler or another
+    thread may set it; with `stop_after_checkpoint` the run then returns `interrupted`
+    after that checkpoint, otherwise the caller clears it (e.g. in `on_checkpoint`).
+
+    `resume_from` continues a checkpoint of the same config and data from its next epoch;
+    `on_epoch` is not called for the epochs it holds (see `checkpoint_history`), but they
+    are in the result's history.
     """
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    device = data.device
-    model = build_model(config, data).to(device)
-    loss_fn = _loss_function(data.task)
-    optimizer = _optimizer(config, model, device)
-    scheduler = _scheduler(config, optimizer)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    run = _Run(config, data, resume_from)
+    resumed_from_epoch = None if resume_from is None else run.epoch
+    checkpoints = _Checkpoints(on_checkpoint, checkpoint_every_s, checkpoint_now)
+    ending = run.fit(on_epoch, checkpoints, stop_after_checkpoint)
+    return run.result(ending, resumed_from_epoch)
 
-    untrained = evaluate(model, data.x_val, data.y_val, data, loss_fn)
-    explosion = EXPLOSION_FACTOR * max(untrained["loss"], 1.0)
-    best_value, best_epoch, best_state = untrained[config.metric], 0, _snapshot(model)
-    history: list[EpochRecord] = []
-    diverged = pruned = stopped_early = False
-    for epoch in range(1, config.max_epochs + 1):
-        train_loss = _train_epoch(model, data, loss_fn, optimizer, config, generator)
-        val = evaluate(model, data.x_val, data.y_val, data, loss_fn)
-        if not (math.isfinite(train_loss) and math.isfinite(val["loss"])) or train_loss > explosion:
-            diverged = True
-            break
-        lr = optimizer.param_groups[0]["lr"]
-        record = EpochRecord(epoch, train_loss, val["loss"], val[config.metric], lr)
-        history.append(record)
-        if best_epoch == 0 or _better(record.value, best_value, config.maximize):
-            best_value, best_epoch, best_state = record.value, epoch, _snapshot(model)
-        if on_epoch is not None and on_epoch(record):
-            pruned = True
-            break
-        patience = config.early_stopping_patience
-        if patience is not None and epoch - best_epoch >= patience:
-            stopped_early = epoch < config.max_epochs
-            break
-        _step_scheduler(scheduler, val["loss"])
 
-    model.load_state_dict(best_state)
-    return TrainResult(
-        value=best_value,
-        best_epoch=best_epoch,
-        epochs_run=len(history) + int(diverged),
-        stopped_early=stopped_early,
-        diverged=diverged,
-        pruned=pruned,
-        val_metrics=_prefixed("val", evaluate(model, data.x_val, data.y_val, data, loss_fn)),
-        test_metrics=_prefixed("test", evaluate(model, data.x_test, data.y_test, data, loss_fn)),
-        seconds=time.perf_counter() - started,
-        history=history,
-        model=model,
-    )
+def checkpoint_history(payload: bytes) -> list[EpochRecord]:
+    """The epochs a checkpoint holds, for re-reporting them before the run resumes."""
+    return _records(_load_checkpoint(payload)["history"])
+
+
+@dataclass
+class _Checkpoints:
+    """When a run hands out a checkpoint: on a timer, or at once while `now` is set."""
+
+    deliver: CheckpointCallback | None
+    every_s: float
+    now: threading.Event | None
+    last: float = field(default_factory=time.monotonic)
+
+    def due(self) -> bool:
+        return self.forced() or time.monotonic() - self.last >= self.every_s
+
+    def forced(self) -> bool:
+        return self.now is not None and self.now.is_set()
+
+    def hand_out(self, run: _Run) -> None:
+        if self.deliver is not None:
+            self.deliver(run.checkpoint(), run.epoch)
+        self.last = time.monotonic()
+
+
+class _Run:
+    """One trial's training in progress: exactly the state a checkpoint holds."""
+
+    # Early stopping: set from the untrained network, or from the checkpoint resumed.
+    best_value: float
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    explosion: float  # a training loss above this means the weights blew up
+
+    def __init__(self, config: TrialConfig, data: TensorData, resume_from: bytes | None) -> None:
+        self.started = time.perf_counter()
+        torch.manual_seed(config.seed)
+        self.config, self.data, self.device = config, data, data.device
+        self.model = build_model(config, data).to(self.device)
+        self.loss_fn = _loss_function(data.task)
+        self.optimizer = _optimizer(config, self.model, self.device)
+        self.scheduler = _scheduler(config, self.optimizer)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.history: list[EpochRecord] = []
+        self.seconds_before = 0.0  # spent in the runs before the checkpoint resumed from
+        if resume_from is None:
+            self._start()
+        else:
+            self._restore(_load_checkpoint(resume_from))
+
+    @property
+    def epoch(self) -> int:
+        """The last epoch completed (every recorded epoch; a diverged one is never kept)."""
+        return len(self.history)
+
+    def _start(self) -> None:
+        """The untrained network is the first best and the yardstick for explosions."""
+        untrained = self._evaluate_val()
+        self.explosion = EXPLOSION_FACTOR * max(untrained["loss"], 1.0)
+        self.best_value, self.best_epoch = untrained[self.config.metric], 0
+        self.best_state = _snapshot(self.model)
+
+    def fit(self, on_epoch: EpochCallback | None, checkpoints: _Checkpoints, stop: bool) -> Ending:
+        """Train from the next epoch to the end; returns how the run ended."""
+        for epoch in range(self.epoch + 1, self.config.max_epochs + 1):
+            record = self._run_epoch(epoch)
+            if record is None:
+                return "diverged"
+            if on_epoch is not None and on_epoch(record):
+                return "pruned"
+            patience = self.config.early_stopping_patience
+            if patience is not None and epoch - self.best_epoch >= patience:
+                return "stopped_early" if epoch < self.config.max_epochs else "completed"
+            _step_scheduler(self.scheduler, record.val_loss)
+            if epoch < self.config.max_epochs and checkpoints.due():
+                forced = checkpoints.forced()
+                checkpoints.hand_out(self)
+                if forced and stop:
+                    return "interrupted"
+        return "completed"
+
+    def _run_epoch(self, epoch: int) -> EpochRecord | None:
+        """One epoch, recorded and kept as the best if it is; None when the loss diverged."""
+        loss = _train_epoch(
+            self.model, self.data, self.loss_fn, self.optimizer, self.config, self.generator
+        )
+        val = self._evaluate_val()
+        if not (math.isfinite(loss) and math.isfinite(val["loss"])) or loss > self.explosion:
+            return None
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = EpochRecord(epoch, loss, val["loss"], val[self.config.metric], lr)
+        self.history.append(record)
+        if self.best_epoch == 0 or _better(record.value, self.best_value, self.config.maximize):
+            self.best_value, self.best_epoch = record.value, epoch
+            self.best_state = _snapshot(self.model)
+        return record
+
+    def _evaluate_val(self) -> dict[str, float]:
+        return evaluate(self.model, self.data.x_val, self.data.y_val, self.data, self.loss_fn)
+
+    def result(self, ending: Ending, resumed_from_epoch: int | None) -> TrainResult:
+        """The outcome with the best weights restored, scored on val and test."""
+        self.model.load_state_dict(self.best_state)
+        data = self.data
+        return TrainResult(
+            value=self.best_value,
+            best_epoch=self.best_epoch,
+            epochs_run=self.epoch + int(ending == "diverged"),
+            stopped_early=ending == "stopped_early",
+            diverged=ending == "diverged",
+            pruned=ending == "pruned",
+            val_metrics=_prefixed("val", self._evaluate_val()),
+            test_metrics=_prefixed(
+                "test", evaluate(self.model, data.x_test, data.y_test, data, self.loss_fn)
+            ),
+            seconds=self._seconds(),
+            history=self.history,
+            model=self.model,
+            interrupted=ending == "interrupted",
+            resumed_from_epoch=resumed_from_epoch,
+        )
+
+    def _seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def checkpoint(self) -> bytes:
+        """Everything needed to continue after this epoch, as tensors and plain values on
+        the CPU, so `torch.load(weights_only=True)` reads it on any machine."""
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": asdict(self.config),
+            "data": _data_shape(self.data),
+            "epoch": self.epoch,
+            "seconds": self._seconds(),
+            "history": [asdict(r) for r in self.history],
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "rng": _rng_state(self.generator, self.device),
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "best_state": self.best_state,
+            "explosion": self.explosion,
+        }
+        buffer = io.BytesIO()
+        torch.save(_to_cpu(state), buffer)
+        return buffer.getvalue()
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Put every piece where this run keeps it: weights and optimiser state on its
+        device, in the implementation (fused or not) this device uses."""
+        _check_fits(state, self.config, self.data)
+        self.model.load_state_dict(state["model"])
+        _load_optimizer(self.optimizer, state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.history = _records(state["history"])
+        self.seconds_before = state["seconds"]
+        self.best_value, self.best_epoch = state["best_value"], state["best_epoch"]
+        self.best_state = {k: v.to(self.device) for k, v in state["best_state"].items()}
+        self.explosion = state["explosion"]
+        _restore_rng(state["rng"], self.generator, self.device, self.config.seed + self.epoch)
 
 
 def build_model(config: TrialConfig, data: TensorData) -> nn.Sequential:
@@ -312,3 +471,88 @@ def _better(value: float, best: float, maximize: bool) -> bool:
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+
+def _load_checkpoint(payload: bytes) -> dict[str, Any]:
+    """The payload's contents on the CPU; only tensors and plain values are unpickled, so a
+    payload from the database can never run code."""
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"not a readable hpsearch checkpoint: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"not an hpsearch checkpoint of format {CHECKPOINT_FORMAT}")
+    return state
+
+
+def _data_shape(data: TensorData) -> dict[str, Any]:
+    return {"task": data.task, "n_features": data.n_features, "n_outputs": data.n_outputs}
+
+
+def _check_fits(state: dict[str, Any], config: TrialConfig, data: TensorData) -> None:
+    """Refuse a checkpoint of another config or data, naming every difference, rather than
+    load weights of the wrong shape or continue a different trial."""
+    saved = state["config"] | state["data"]
+    here = asdict(config) | _data_shape(data)
+    differences = [
+        f"{key} is {saved.get(key)!r} in the checkpoint but {value!r} here"
+        for key, value in here.items()
+        if saved.get(key) != value
+    ]
+    if differences:
+        raise ValueError("checkpoint does not match this trial: " + "; ".join(differences))
+
+
+def _records(rows: list[dict[str, Any]]) -> list[EpochRecord]:
+    return [EpochRecord(**row) for row in rows]
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """The saved numbers (moments, steps, learning rates) with this device's _DEVICE_FLAGS."""
+    own = optimizer.param_groups
+    groups = [
+        group | {flag: mine[flag] for flag in _DEVICE_FLAGS if flag in mine}
+        for group, mine in zip(saved["param_groups"], own, strict=True)
+    ]
+    optimizer.load_state_dict(saved | {"param_groups": groups})
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """The random streams training draws from: dropout's (the global CPU or CUDA
+    generator) and the batch order's (the run's own generator)."""
+    return {
+        "device_type": device.type,
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "permutation": generator.get_state(),
+    }
+
+
+def _restore_rng(
+    state: dict[str, Any], generator: torch.Generator, device: torch.device, reseed: int
+) -> None:
+    """Continue the saved streams. CPU and CUDA generators have different states, so after a
+    move between them the streams are re-seeded instead: reproducible, though not the
+    numbers an uninterrupted run would have drawn."""
+    if state["device_type"] != device.type:
+        torch.manual_seed(reseed)
+        generator.manual_seed(reseed)
+        return
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    generator.set_state(state["permutation"])
+
+
+def _to_cpu(value: Any) -> Any:
+    """A copy of nested dicts, lists and tuples with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value

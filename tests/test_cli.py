@@ -175,7 +175,7 @@ def test_unreachable_database_names_the_url(tmp_path: Path) -> None:
     url = "postgresql://hpsearch:secret@127.0.0.1:9/nowhere"
     result = run_cli("run", str(spec), "--db", url, cwd=tmp_path)
     assert result.returncode == 2
-    assert "postgresql+psycopg://hpsearch:***@127.0.0.1:9/nowhere" in result.stderr
+    assert "hpsearch:***@127.0.0.1:9/nowhere" in result.stderr
     assert "secret" not in result.stderr
     assert "Traceback" not in result.stderr
 
