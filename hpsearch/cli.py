@@ -18,11 +18,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hpsearch.data import load_dataset
-from hpsearch.embedded import StudyProgress, resolve_devices, run_workers
+from hpsearch.embedded import StudyProgress, run_workers
 from hpsearch.errors import HpsearchError, SpecError
-from hpsearch.service import RUNNABLE_STATES, StudyState, change_state, submit_study
+from hpsearch.service import (
+    RUNNABLE_STATES,
+    StudyState,
+    change_state,
+    resume_study,
+    submit_study,
+)
 from hpsearch.spec import StudySpec, load_spec
 from hpsearch.study import LeaderboardRow, leaderboard
+from hpsearch.worker import WorkerOptions, resolve_devices, run_worker_processes
 from storage import StorageError, default_url, optuna_storage, safe_url
 
 app = typer.Typer(
@@ -114,6 +121,17 @@ _HINTS = {
 }
 
 
+@app.command()
+@user_errors
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML or JSON)")],
+    db: DbOption = None,
+) -> None:
+    """Queue a study in the database for `hpsearch worker` processes to run."""
+    state = submit_study(db or default_url(), load_spec(spec_path))
+    _report(state)
+
+
 StudyArgument = Annotated[str, typer.Argument(metavar="STUDY", help="Study name or id")]
 
 
@@ -127,8 +145,41 @@ def pause(study: StudyArgument, db: DbOption = None) -> None:
 @app.command()
 @user_errors
 def resume(study: StudyArgument, db: DbOption = None) -> None:
-    """Set a paused or failed study running again; workers and `hpsearch run` continue it."""
-    _report(change_state(db or default_url(), study, "resume"))
+    """Set a study running again and free its stale trials at once (no waiting for the
+    grace period): they are retried from their checkpoints by workers or `hpsearch run`."""
+    state, freed = resume_study(db or default_url(), study)
+    _report(state)
+    console.print(f"{freed} stale trial(s) freed for retry")
+
+
+@app.command()
+@user_errors
+def worker(
+    db: DbOption = None,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda, cuda:N or all (one per GPU)")
+    ] = "auto",
+    study: Annotated[
+        list[str] | None, typer.Option("--study", help="Serve only this study (repeatable)")
+    ] = None,
+    max_trials: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many trials")
+    ] = None,
+    idle_exit: Annotated[
+        float | None, typer.Option(min=0, help="Stop after this many seconds with nothing to do")
+    ] = None,
+) -> None:
+    """Claim and train trials of the runnable studies in the database until stopped.
+
+    SIGTERM or Ctrl-C checkpoints the running trial, hands it back, and exits 0.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = db or default_url()
+    devices = resolve_devices(device)
+    options = WorkerOptions(
+        url, studies=tuple(study or ()), max_trials=max_trials, idle_exit_s=idle_exit
+    )
+    raise typer.Exit(run_worker_processes(options, devices))
 
 
 @app.command()

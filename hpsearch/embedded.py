@@ -13,18 +13,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 
 import optuna
 import torch
 
-from hpsearch.data import load_dataset
 from hpsearch.errors import HpsearchError
-from hpsearch.service import StudyState, mark_completed_if_done
-from hpsearch.study import FINISHED_STATES, claim_trial, open_study, run_trial
+from hpsearch.service import StudyState
+from hpsearch.study import FINISHED_STATES
+from hpsearch.worker import Worker, WorkerOptions, stop_on_signals
 from storage import StorageError, optuna_storage
-
-MAX_CONSECUTIVE_FAILURES = 3
 
 
 @dataclass(frozen=True)
@@ -33,25 +30,6 @@ class StudyProgress:
     running: int
     failed: int
     best: float | None
-
-
-def resolve_devices(device: str, jobs: int) -> list[str]:
-    """The device of each of `jobs` workers: `auto` and `cuda` spread them over the GPUs."""
-    n_gpus = torch.cuda.device_count()
-    if device == "auto":
-        device = "cuda" if n_gpus else "cpu"
-    if device == "cpu":
-        return ["cpu"] * jobs
-    if not device.startswith("cuda"):
-        raise HpsearchError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
-    if n_gpus == 0:
-        raise HpsearchError(f"--device {device}: no CUDA device is visible on this machine")
-    if device == "cuda":
-        return [f"cuda:{i % n_gpus}" for i in range(jobs)]
-    index = device.removeprefix("cuda:")
-    if not index.isdigit() or int(index) >= n_gpus:
-        raise HpsearchError(f"--device {device}: this machine has cuda:0 to cuda:{n_gpus - 1}")
-    return [device] * jobs
 
 
 def run_workers(
@@ -114,42 +92,21 @@ def read_progress(study: optuna.Study) -> StudyProgress:
 def _worker_main(
     state: StudyState, url: str, device: str, stream: int, threads: int, deadline: float | None
 ) -> None:
-    """A worker process: claim and run trials until the budget, the deadline or an interrupt."""
-    _interrupt_once()
+    """A worker process serving this one study until its budget is claimed, the deadline
+    passes, or Ctrl-C (which checkpoints the running trial and hands it back)."""
+    worker = Worker(
+        WorkerOptions(
+            url, device, studies=(state.name,), idle_exit_s=0, deadline=deadline, stream=stream
+        )
+    )
+    stop_on_signals(worker.stop)
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = open_study(state, url, stream)
-        data = load_dataset(state.spec, device)
-        failures = 0
-        while deadline is None or time.time() < deadline:
-            trial = claim_trial(study, state, url)
-            if trial is None:
-                return
-            outcome = run_trial(study, trial, state.spec, data)
-            finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
-            mark_completed_if_done(url, state.id, finished)
-            failures = failures + 1 if outcome == optuna.trial.TrialState.FAIL else 0
-            if failures >= MAX_CONSECUTIVE_FAILURES:
-                raise SystemExit(3)
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+        raise SystemExit(worker.run())
     except (HpsearchError, StorageError) as exc:
         print(f"error: worker {stream}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as exc:  # a user reads one line, not a traceback from a child process
         print(f"error: worker {stream}: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-
-
-def _interrupt_once() -> None:
-    """Turn the first SIGINT or SIGTERM into KeyboardInterrupt and ignore the rest, so the
-    cleanup (failing the running trial) is not itself interrupted."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)

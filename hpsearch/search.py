@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import optuna
@@ -50,7 +49,6 @@ def make_sampler(spec: StudySpec, stream: int = 0) -> optuna.samplers.BaseSample
     each with its own sampler, do not draw the same random start-up points."""
     cfg = spec.sampler
     seed = None if cfg.seed is None else cfg.seed + stream
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if cfg.name == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True, constant_liar=True

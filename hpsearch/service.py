@@ -11,12 +11,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from hpsearch.errors import HpsearchError
 from hpsearch.spec import StudySpec
-from storage import StudyRecord, optuna_storage, session_scope, upgrade
+from storage import (
+    StudyRecord,
+    claim_study,
+    heartbeat_interval_s,
+    optuna_storage,
+    session_scope,
+    upgrade,
+)
 
 RUNNABLE_STATES = ("queued", "running")
 # Which states each change may start from; anything else is a conflict (HTTP 409).
@@ -199,3 +207,17 @@ def _transition(url: str, study_id: int, before: str, after: str) -> None:
             .where(StudyRecord.id == study_id, StudyRecord.state == before)
             .values(state=after)
         )
+
+
+def resume_study(url: str, study: str | int) -> tuple[StudyState, int]:
+    """Set the study running and fail its stale trials now rather than after the grace
+    period: a trial whose heartbeat missed two beats lost its worker. Each is retried with
+    the same params and resumes from its checkpoint. Returns the study and how many."""
+    state = change_state(url, study, "resume")
+    storage = optuna_storage(url, grace_s=2 * heartbeat_interval_s())
+    optuna_study = optuna.load_study(study_name=state.name, storage=storage)
+    with claim_study(url, state.id):  # failing and queueing the retry count as one step
+        before = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        optuna.storages.fail_stale_trials(optuna_study)
+        after = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    return state, after - before

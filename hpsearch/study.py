@@ -3,21 +3,41 @@ budget, run it, and rank the results. The CLI and the workers share these functi
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from hpsearch.data import TensorData
 from hpsearch.search import make_pruner, make_sampler, suggest_params
 from hpsearch.service import RUNNABLE_STATES, StudyState, mark_running
 from hpsearch.spec import StudySpec
-from hpsearch.train import EpochRecord, TrainResult, TrialConfig, train
-from storage import claim_study, optuna_storage
+from hpsearch.train import EpochRecord, TrainResult, TrialConfig, checkpoint_history, train
+from storage import (
+    LeaseLost,
+    claim_study,
+    delete_checkpoints,
+    heartbeat_interval_s,
+    keep_best_model,
+    newest_checkpoint,
+    optuna_storage,
+    save_checkpoint,
+    session_scope,
+    with_retries,
+)
+from storage.engine import MAX_RETRIES
 
+KEEP_BEST_MODELS = 5  # the trained weights of this many best trials per study are kept
+# Trials that count against n_trials: finished, running, and retries waiting to resume.
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -32,11 +52,6 @@ def open_study(state: StudyState, url: str, stream: int = 0) -> optuna.Study:
     )
 
 
-def budget_used(study: optuna.Study) -> int:
-    """Trials that count against n_trials: finished ones and those running now."""
-    return len(study.get_trials(deepcopy=False, states=BUDGET_STATES))
-
-
 def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Trial | None:
     """A new trial with its params chosen, or None when the study is not runnable (paused,
     cancelled, ...) or its budget is spent.
@@ -45,9 +60,14 @@ def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Tria
     before the lock is released, so a parallel sampler sees them (constant liar).
     """
     with claim_study(url, state.id) as record:
-        if record.state not in RUNNABLE_STATES or budget_used(study) >= record.n_trials:
+        if record.state not in RUNNABLE_STATES:
             return None
-        trial = study.ask()
+        optuna.storages.fail_stale_trials(study)  # their retries wait in the queue
+        counted = study.get_trials(deepcopy=False, states=BUDGET_STATES)
+        retry_waiting = any(t.state == TrialState.WAITING for t in counted)
+        if not retry_waiting and len(counted) >= record.n_trials:
+            return None
+        trial = study.ask()  # a waiting retry first, with its params
         suggest_params(trial, state.spec)
         first = record.state == "queued"
     if first:
@@ -55,59 +75,208 @@ def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Tria
     return trial
 
 
-def objective(trial: optuna.Trial, spec: StudySpec, data: TensorData) -> float:
+@dataclass(frozen=True)
+class TrialContext:
+    """What a worker adds to a trial: where checkpoints go, and a signal to stop early."""
+
+    url: str
+    study_id: int
+    # Set (by SIGTERM or Ctrl-C) to checkpoint at the end of the epoch and hand the trial back.
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class TrialHandedBack(Exception):
+    """The trial was checkpointed and handed back for another worker to resume."""
+
+
+def objective(
+    trial: optuna.Trial, spec: StudySpec, data: TensorData, context: TrialContext | None = None
+) -> float:
     """Train the trial's network and return its objective; usable with `study.optimize`.
 
-    Reports every epoch and raises `optuna.TrialPruned` when the pruner says so; the
-    results are recorded as user attributes either way.
+    Raises `optuna.TrialPruned` when the pruner says so; the results are recorded as user
+    attributes either way.
     """
-    config = TrialConfig.from_spec(spec, suggest_params(trial, spec))
-
-    def report(record: EpochRecord) -> bool:
-        trial.report(record.value, record.epoch)
-        return trial.should_prune()
-
-    result = train(config, data, on_epoch=report)
-    _record(trial, result, data)
+    result = train_trial(trial, spec, data, context)
     if result.pruned:
         raise optuna.TrialPruned(f"pruned at epoch {result.epochs_run}")
     return result.value
 
 
-def run_trial(
-    study: optuna.Study, trial: optuna.Trial, spec: StudySpec, data: TensorData
-) -> TrialState:
-    """Run a claimed trial and tell the study how it ended.
+def train_trial(
+    trial: optuna.Trial, spec: StudySpec, data: TensorData, context: TrialContext | None = None
+) -> TrainResult:
+    """Train the trial's network, reporting every epoch, and record the results.
 
-    An interrupt fails the trial (failed trials use no budget, so a later run replaces it)
-    and is raised again; any other error fails the trial with the message recorded.
+    With a worker's `context`, a retried trial resumes from the newest checkpoint of the
+    trial it retries (re-reporting that history so pruners see it), checkpoints are written
+    as it trains, and a set `context.stop` checkpoints and raises TrialHandedBack.
+    """
+    config = TrialConfig.from_spec(spec, suggest_params(trial, spec))
+    resume_from = _checkpoint_to_resume(trial, context) if context else None
+    if resume_from is not None:
+        for record in checkpoint_history(resume_from):
+            trial.report(record.value, record.epoch)
+
+    def report(record: EpochRecord) -> bool:
+        trial.report(record.value, record.epoch)
+        return trial.should_prune()
+
+    def save(payload: bytes, epoch: int) -> None:
+        _save_checkpoint(trial, context, payload, epoch)
+
+    result = train(
+        config,
+        data,
+        on_epoch=report,
+        on_checkpoint=save if context else None,
+        checkpoint_every_s=spec.training.checkpoint_every_s,
+        checkpoint_now=context.stop if context else None,
+        stop_after_checkpoint=True,
+        resume_from=resume_from,
+    )
+    if result.interrupted:
+        raise TrialHandedBack
+    _record(trial, result)
+    return result
+
+
+def _checkpoint_to_resume(trial: optuna.Trial, context: TrialContext) -> bytes | None:
+    """The newest checkpoint among the trials this one retries (a chain of retries)."""
+    trial_ids = _retried_trial_ids(trial)
+    if not trial_ids:
+        return None
+    with session_scope(context.url) as session:
+        checkpoint = newest_checkpoint(session, trial_ids)
+        return None if checkpoint is None else checkpoint.payload
+
+
+def _save_checkpoint(
+    trial: optuna.Trial, context: TrialContext, payload: bytes, epoch: int
+) -> None:
+    """Write the checkpoint in one transaction that first checks the lease; immediate on
+    SQLite, whose deferred transactions cannot turn from reading to writing under load."""
+
+    def write() -> None:
+        with session_scope(context.url, immediate=True) as session:
+            save_checkpoint(
+                session,
+                study_id=context.study_id,
+                trial_id=trial._trial_id,
+                trial_number=trial.number,
+                epoch=epoch,
+                payload=payload,
+            )
+
+    with_retries(write, url=context.url)
+
+
+def _retried_trial_ids(trial: optuna.Trial) -> list[int]:
+    system_attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
+    trials = trial.study.get_trials(deepcopy=False)
+    return [trials[number]._trial_id for number in system_attrs.get("retry_history", [])]
+
+
+def run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    spec: StudySpec,
+    data: TensorData,
+    context: TrialContext | None = None,
+) -> TrialState | None:
+    """Run a claimed trial and tell the study how it ended; None when the trial was handed
+    back or taken away (failed as stale while this worker was slow), so nothing is told.
+
+    An error fails the trial with the message recorded (failed trials use no budget).
     """
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("device", str(data.device))
     try:
-        value = objective(trial, spec, data)
-    except optuna.TrialPruned:
-        study.tell(trial, state=TrialState.PRUNED)
-        return TrialState.PRUNED
-    except KeyboardInterrupt:
-        trial.set_user_attr("error", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
-        raise
+        with _heartbeat(study, trial):
+            result = train_trial(trial, spec, data, context)
+        if result.pruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, result.value)
+            if context is not None and result.model is not None:
+                _keep_if_among_the_best(study, trial, result, context)
+        if context is not None:
+            _forget_checkpoints(trial, context)
+        return TrialState.PRUNED if result.pruned else TrialState.COMPLETE
+    except TrialHandedBack:
+        hand_back(study, trial, context)
+        return None
+    except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
+        return None  # another worker resumes it; this one must not write to it
     except Exception as exc:  # a failed trial must not take the worker down
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
         study.tell(trial, state=TrialState.FAIL)
         return TrialState.FAIL
-    study.tell(trial, value)
-    return TrialState.COMPLETE
 
 
-def _record(trial: optuna.Trial, result: TrainResult, data: TensorData) -> None:
+def _keep_if_among_the_best(
+    study: optuna.Study, trial: optuna.Trial, result: TrainResult, context: TrialContext
+) -> None:
+    buffer = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, buffer)
+    with session_scope(context.url, immediate=True) as session:
+        keep_best_model(
+            session,
+            study_id=context.study_id,
+            trial_id=trial._trial_id,
+            trial_number=trial.number,
+            value=result.value,
+            payload=buffer.getvalue(),
+            maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE,
+            keep=KEEP_BEST_MODELS,
+        )
+
+
+def _forget_checkpoints(trial: optuna.Trial, context: TrialContext) -> None:
+    with session_scope(context.url) as session:
+        delete_checkpoints(session, [trial._trial_id, *_retried_trial_ids(trial)])
+
+
+def hand_back(study: optuna.Study, trial: optuna.Trial, context: TrialContext) -> None:
+    """Fail the trial and queue its retry in one step under the claim lock, so the budget
+    never looks free in between; the retry resumes from the trial's checkpoint."""
+    with claim_study(context.url, context.study_id):
+        trial.set_user_attr("error", "handed back by a stopping worker")
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, frozen)
+
+
+@contextmanager
+def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat now and every interval until the block ends, so a
+    trial whose worker died is recognised as stale and retried."""
+    storage = study._storage
+    stopped = threading.Event()
+
+    def beat() -> None:
+        while not stopped.wait(heartbeat_interval_s()):
+            with contextlib.suppress(Exception):  # a missed beat is retried at the next one
+                storage.record_heartbeat(trial._trial_id)
+
+    storage.record_heartbeat(trial._trial_id)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        thread.join()
+
+
+def _record(trial: optuna.Trial, result: TrainResult) -> None:
     for name, value in (result.val_metrics | result.test_metrics).items():
         trial.set_user_attr(name, value)
     trial.set_user_attr("epochs", result.epochs_run)
     trial.set_user_attr("best_epoch", result.best_epoch)
     trial.set_user_attr("seconds", round(result.seconds, 3))
     trial.set_user_attr("diagnosis", _diagnosis(result))
+    if result.resumed_from_epoch is not None:
+        trial.set_user_attr("resumed_from_epoch", result.resumed_from_epoch)
     # Compact: one row [epoch, train_loss, val_loss, value, lr] per epoch.
     trial.set_user_attr("history", [list(row.values()) for row in result.history_rows()])
 

@@ -2,9 +2,13 @@
 with Alembic), sessions, retries, and the locks that keep budgets exact."""
 
 from storage.db import (
+    LeaseLost,
     claim_study,
+    delete_checkpoints,
+    keep_best_model,
     lock_study,
     make_engine,
+    newest_checkpoint,
     save_checkpoint,
     session_scope,
     upgrade,
@@ -13,6 +17,8 @@ from storage.db import (
 from storage.engine import (
     StorageError,
     default_url,
+    grace_period_s,
+    heartbeat_interval_s,
     optuna_storage,
     safe_url,
 )
@@ -31,14 +37,20 @@ __all__ = [
     "Base",
     "CheckpointRecord",
     "DatasetRecord",
+    "LeaseLost",
     "ModelRecord",
     "StorageError",
     "StudyRecord",
     "WorkerRecord",
     "claim_study",
     "default_url",
+    "delete_checkpoints",
+    "grace_period_s",
+    "heartbeat_interval_s",
+    "keep_best_model",
     "lock_study",
     "make_engine",
+    "newest_checkpoint",
     "optuna_storage",
     "safe_url",
     "save_checkpoint",

@@ -23,7 +23,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import event, func, select
+from sqlalchemy import delete, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import (
@@ -44,7 +44,7 @@ from storage.engine import (
     safe_url,
     sqlite_path,
 )
-from storage.models import CheckpointRecord, StudyRecord
+from storage.models import CheckpointRecord, ModelRecord, StudyRecord
 
 T = TypeVar("T")
 
@@ -260,11 +260,23 @@ def claim_study(url: str, study_id: int) -> Iterator[StudyRecord]:
         yield record
 
 
+class LeaseLost(Exception):
+    """The trial is no longer running (failed as stale and retried elsewhere, or finished):
+    its old worker must drop it, not write to it."""
+
+
 def save_checkpoint(
     session: Session, *, study_id: int, trial_id: int, trial_number: int, epoch: int, payload: bytes
 ) -> None:
-    """Insert the trial's checkpoint, or replace the one it has, in one statement: a trial
-    keeps only its newest checkpoint, written whole or not at all."""
+    """Insert the trial's checkpoint, or replace the one it has, in one transaction: a trial
+    keeps only its newest checkpoint, written whole or not at all, and only while the trial
+    is still running (its worker's lease); otherwise raise LeaseLost."""
+    state_query = text("SELECT state FROM trials WHERE trial_id = :trial_id")
+    if session.get_bind().dialect.name == "postgresql":
+        state_query = text("SELECT state FROM trials WHERE trial_id = :trial_id FOR UPDATE")
+    state = session.execute(state_query, {"trial_id": trial_id}).scalar()
+    if state != "RUNNING":
+        raise LeaseLost(f"trial {trial_number} is {str(state).lower()}, no longer this worker's")
     values = {
         "study_id": study_id,
         "trial_id": trial_id,
@@ -286,6 +298,54 @@ def save_checkpoint(
         },
     )
     session.execute(statement)
+
+
+def newest_checkpoint(session: Session, trial_ids: list[int]) -> CheckpointRecord | None:
+    """The checkpoint with the most epochs among these trials (a trial and its retries)."""
+    return session.scalar(
+        select(CheckpointRecord)
+        .where(CheckpointRecord.trial_id.in_(trial_ids))
+        .order_by(CheckpointRecord.epoch.desc())
+        .limit(1)
+    )
+
+
+def delete_checkpoints(session: Session, trial_ids: list[int]) -> None:
+    """Drop the checkpoints of a finished trial and of the trials it retried."""
+    session.execute(delete(CheckpointRecord).where(CheckpointRecord.trial_id.in_(trial_ids)))
+
+
+def keep_best_model(
+    session: Session,
+    *,
+    study_id: int,
+    trial_id: int,
+    trial_number: int,
+    value: float,
+    payload: bytes,
+    maximize: bool,
+    keep: int,
+) -> None:
+    """Store a finished trial's weights, then delete every model of the study that falls
+    out of the best `keep`: only the top trials' weights are worth their space."""
+    session.add(
+        ModelRecord(
+            study_id=study_id,
+            trial_id=trial_id,
+            trial_number=trial_number,
+            value=value,
+            payload=payload,
+        )
+    )
+    session.flush()
+    order = ModelRecord.value.desc() if maximize else ModelRecord.value.asc()
+    surplus = (
+        select(ModelRecord.id)
+        .where(ModelRecord.study_id == study_id)
+        .order_by(order, ModelRecord.trial_number)
+        .offset(keep)
+    )
+    session.execute(delete(ModelRecord).where(ModelRecord.id.in_(surplus.scalar_subquery())))
 
 
 def is_transient(exc: BaseException) -> bool:

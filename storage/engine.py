@@ -11,17 +11,26 @@ import fcntl
 import os
 import sqlite3
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import optuna
+import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+# Heartbeats and retries are Optuna features still marked experimental, and Optuna warns
+# when they are used outside `Study.optimize`; hpsearch's workers use them by design.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 DEFAULT_URL = "sqlite:///hpsearch.db"
 SQLITE_BUSY_TIMEOUT_S = 60
 SCHEMA_RACE_RETRIES = 3
+MAX_RETRIES = 10  # a trial that keeps killing its workers is given up after this many retries
 
 
 class StorageError(Exception):
@@ -60,8 +69,24 @@ def sqlite_path(url: URL) -> Path | None:
     return Path(url.database)
 
 
-def optuna_storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage on `url`, tuned for several local processes or many remote ones."""
+def heartbeat_interval_s() -> int:
+    """Seconds between a running trial's heartbeats ($HPSEARCH_HEARTBEAT_S, default 10)."""
+    return int(os.environ.get("HPSEARCH_HEARTBEAT_S", "10"))
+
+
+def grace_period_s() -> int:
+    """A running trial whose heartbeat is older than this is failed and retried
+    ($HPSEARCH_GRACE_PERIOD_S, default six heartbeats)."""
+    return int(os.environ.get("HPSEARCH_GRACE_PERIOD_S", str(6 * heartbeat_interval_s())))
+
+
+def optuna_storage(url: str, grace_s: int | None = None) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage on `url`, tuned for several local processes or many remote ones.
+
+    Heartbeats are on: a trial whose heartbeat is older than the grace period (`grace_s`,
+    by default `grace_period_s()`, judged by the database's clock) is failed by
+    `optuna.storages.fail_stale_trials` and retried with the same params as a new trial.
+    """
     parsed = parse_url(url)
     path = sqlite_path(parsed)
     if path is not None:
@@ -72,9 +97,18 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
     attempt = 0
     while True:
         try:
-            return optuna.storages.RDBStorage(
-                parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs
+            storage = optuna.storages.RDBStorage(
+                parsed.render_as_string(hide_password=False),
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval_s(),
+                grace_period=grace_period_s() if grace_s is None else grace_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRIES
+                ),
             )
+            if path is not None:
+                _serialise_sqlite_transactions(storage.engine)
+            return storage
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             # Processes that start together on a new database race to create Optuna's
             # tables; the loser finds them made and succeeds on its next try.
@@ -85,6 +119,26 @@ def optuna_storage(url: str) -> optuna.storages.RDBStorage:
                 ) from None
             attempt += 1
             time.sleep(0.2 * attempt)
+
+
+def _serialise_sqlite_transactions(engine: sqlalchemy.Engine) -> None:
+    """Make every transaction of Optuna's SQLite engine take the write lock at BEGIN.
+
+    In WAL mode a deferred transaction that has read cannot write once another process
+    has written: SQLite answers "database is locked" at once, without waiting. Beginning
+    IMMEDIATE makes writers queue for the busy timeout instead, so several local workers
+    share one file without that error.
+    """
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # BEGIN is ours, not the sqlite3 module's
+
+    def on_begin(connection: sqlalchemy.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    sqlalchemy.event.listen(engine, "connect", on_connect)
+    sqlalchemy.event.listen(engine, "begin", on_begin)
+    engine.dispose()  # connections made before the listeners would keep the old behaviour
 
 
 def _lost_schema_race(exc: BaseException) -> bool:

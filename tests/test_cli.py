@@ -70,7 +70,11 @@ def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> Non
             name,
             budget,
             dataset={"source": "builtin", "name": "digits"},
-            training={"max_epochs": 25, "early_stopping_patience": None},
+            training={
+                "max_epochs": 25,
+                "early_stopping_patience": None,
+                "checkpoint_every_s": 0,
+            },
             sampler={"name": "random", "seed": 0},
         ),
     )
@@ -104,7 +108,7 @@ def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> Non
     before = trials(url, name)
     finished_before = {t.number: t.params for t in before if t.state in FINISHED}
     assert 2 <= len(finished_before) < budget
-    assert not [t for t in before if t.state == TrialState.RUNNING]  # interrupted ones failed
+    assert not [t for t in before if t.state == TrialState.RUNNING]  # handed back, not left running
 
     again = run_cli("run", str(spec), "--db", url, "--jobs", "2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -112,8 +116,17 @@ def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> Non
     finished_after = {t.number: t.params for t in after if t.state in FINISHED}
     assert len(finished_after) == budget  # exact: no trial lost, none extra
     assert all(finished_after[n] == p for n, p in finished_before.items())  # kept as they were
+    # Ctrl-C checkpointed the running trials and queued their retries; the second run
+    # resumed those and started only what the budget still lacked: nothing repeated.
+    handed_back = [t for t in before if t.state == TrialState.WAITING]
+    assert handed_back, [(t.number, t.state, t.user_attrs.get("error")) for t in before]
     new = [t for t in after if t.number > max(t.number for t in before)]
-    assert len(new) == budget - len(finished_before)  # nothing repeated
+    assert len(new) == budget - len(finished_before) - len(handed_back), [
+        (t.number, t.state, t.user_attrs.get("error")) for t in after
+    ]
+    resumed = [after[t.number] for t in handed_back]
+    assert all(t.state in FINISHED for t in resumed)
+    assert any(t.user_attrs.get("resumed_from_epoch", 0) >= 1 for t in resumed)
 
 
 def _trial_states(path: Path) -> list[str]:

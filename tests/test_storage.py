@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import sqlalchemy
 from alembic.autogenerate import compare_metadata
@@ -21,6 +22,8 @@ from sqlalchemy.exc import IntegrityError
 
 from storage.db import (
     VERSION_TABLE,
+    LeaseLost,
+    keep_best_model,
     lock_study,
     make_engine,
     save_checkpoint,
@@ -28,7 +31,7 @@ from storage.db import (
     upgrade,
     with_retries,
 )
-from storage.engine import StorageError
+from storage.engine import StorageError, optuna_storage
 from storage.models import (
     Base,
     CheckpointRecord,
@@ -152,11 +155,22 @@ def test_concurrent_upgrades_on_a_fresh_database(url: str) -> None:
     assert set(sqlalchemy.inspect(make_engine(url)).get_table_names()) >= TABLES
 
 
+def running_trial(url: str) -> optuna.Trial:
+    """A real running Optuna trial in the same database: checkpoints need one."""
+    return optuna.create_study(storage=optuna_storage(url)).ask()
+
+
 def test_deleting_a_study_deletes_its_rows(migrated: str) -> None:
     study_id = add_study(migrated)
+    trial = running_trial(migrated)
     with session_scope(migrated) as session:
         save_checkpoint(
-            session, study_id=study_id, trial_id=1, trial_number=0, epoch=3, payload=b"w"
+            session,
+            study_id=study_id,
+            trial_id=trial._trial_id,
+            trial_number=0,
+            epoch=3,
+            payload=b"w",
         )
         session.add(
             ModelRecord(study_id=study_id, trial_id=1, trial_number=0, value=0.9, payload=b"m")
@@ -172,10 +186,16 @@ def test_deleting_a_study_deletes_its_rows(migrated: str) -> None:
 
 def test_a_trial_keeps_only_its_newest_checkpoint(migrated: str) -> None:
     study_id = add_study(migrated)
+    trial_id = running_trial(migrated)._trial_id
     for epoch, payload in [(1, b"first"), (2, b"second!")]:
         with session_scope(migrated) as session:
             save_checkpoint(
-                session, study_id=study_id, trial_id=7, trial_number=3, epoch=epoch, payload=payload
+                session,
+                study_id=study_id,
+                trial_id=trial_id,
+                trial_number=3,
+                epoch=epoch,
+                payload=payload,
             )
     with session_scope(migrated) as session:
         (checkpoint,) = session.scalars(select(CheckpointRecord)).all()
@@ -184,9 +204,51 @@ def test_a_trial_keeps_only_its_newest_checkpoint(migrated: str) -> None:
     with pytest.raises(IntegrityError), session_scope(migrated) as session:
         session.add(
             CheckpointRecord(
-                study_id=study_id, trial_id=7, trial_number=3, epoch=3, payload=b"", size_bytes=0
+                study_id=study_id,
+                trial_id=trial_id,
+                trial_number=3,
+                epoch=3,
+                payload=b"",
+                size_bytes=0,
             )
         )
+
+
+def test_a_finished_trial_refuses_a_late_checkpoint(migrated: str) -> None:
+    study_id = add_study(migrated)
+    trial = running_trial(migrated)
+    trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)  # failed as stale, say
+    with pytest.raises(LeaseLost, match="trial 0 is fail"), session_scope(migrated) as session:
+        save_checkpoint(
+            session,
+            study_id=study_id,
+            trial_id=trial._trial_id,
+            trial_number=0,
+            epoch=4,
+            payload=b"x",
+        )
+    with session_scope(migrated) as session:
+        assert session.scalar(select(func.count()).select_from(CheckpointRecord)) == 0
+
+
+@pytest.mark.parametrize("maximize", [True, False])
+def test_only_the_best_models_are_kept(migrated: str, maximize: bool) -> None:
+    study_id = add_study(migrated)
+    for number, value in enumerate([0.5, 0.9, 0.7, 0.1]):
+        with session_scope(migrated) as session:
+            keep_best_model(
+                session,
+                study_id=study_id,
+                trial_id=100 + number,
+                trial_number=number,
+                value=value,
+                payload=b"w",
+                maximize=maximize,
+                keep=2,
+            )
+    with session_scope(migrated) as session:
+        kept = sorted(session.scalars(select(ModelRecord.trial_number)).all())
+    assert kept == ([1, 2] if maximize else [0, 3])
 
 
 def test_lock_study_blocks_a_second_claim_until_the_first_commits(migrated: str) -> None:

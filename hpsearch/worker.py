@@ -1,0 +1,253 @@
+"""A worker: claims trials of runnable studies from the database and trains them.
+
+Any number of workers, on any number of nodes, share a database. A worker registers itself
+(host, pid, device, heartbeat, current trial), serves the runnable studies in turn so that
+none starves, keeps each study's data loaded across trials, and on SIGTERM or SIGINT
+checkpoints its running trial, hands it back for another worker to resume, and exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+
+import optuna
+import torch
+from sqlalchemy import func, select, update
+
+from hpsearch.data import load_dataset
+from hpsearch.errors import HpsearchError
+from hpsearch.service import RUNNABLE_STATES, StudyState, get_study, mark_completed_if_done
+from hpsearch.study import FINISHED_STATES, TrialContext, claim_trial, open_study, run_trial
+from storage import (
+    StudyRecord,
+    WorkerRecord,
+    heartbeat_interval_s,
+    session_scope,
+    upgrade,
+    with_retries,
+)
+
+IDLE_POLL_S = 2.0
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+@dataclass
+class WorkerOptions:
+    url: str
+    device: str = "cpu"
+    studies: tuple[str, ...] = ()  # names to serve; empty = every runnable study
+    max_trials: int | None = None
+    idle_exit_s: float | None = None  # stop after this long with nothing to claim
+    deadline: float | None = None  # a time.time() after which no trial is started
+    stream: int = 0  # offsets sampler seeds, so parallel workers draw different points
+
+
+@dataclass
+class Worker:
+    """One worker process's loop; `run` returns the process's exit code."""
+
+    options: WorkerOptions
+    stop: threading.Event = field(default_factory=threading.Event)
+    _studies: dict[int, optuna.Study] = field(default_factory=dict)
+    _turn: int = 0
+    _worker_id: int | None = None
+    _finished: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> int:
+        upgrade(self.options.url)
+        self._register()
+        beating = threading.Thread(target=self._beat, name="worker-heartbeat", daemon=True)
+        beating.start()
+        try:
+            return self._loop()
+        finally:
+            self._finished.set()
+            beating.join()
+            self._set(state="stopped", current_study_id=None, current_trial_number=None)
+
+    def _beat(self) -> None:
+        """Keep this worker's row alive while it trains, so `GET /workers` can tell."""
+        while not self._finished.wait(heartbeat_interval_s()):
+            with contextlib.suppress(Exception):  # the next beat tries again
+                self._set()
+
+    def _loop(self) -> int:
+        done = failures = 0
+        idle_since = time.monotonic()
+        while not self.stop.is_set() and not self._past_deadline():
+            claimed = self._claim()
+            if claimed is None:
+                if self._idle_too_long(idle_since):
+                    return 0
+                self.stop.wait(IDLE_POLL_S)
+                continue
+            outcome = self._run(*claimed)
+            done += 1
+            failures = failures + 1 if outcome == optuna.trial.TrialState.FAIL else 0
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                return 3
+            if self.options.max_trials is not None and done >= self.options.max_trials:
+                return 0
+            idle_since = time.monotonic()
+        return 0
+
+    def _claim(self) -> tuple[StudyState, optuna.Study, optuna.Trial] | None:
+        """A trial of the next runnable study in turn: the turn rotates so that every
+        study gets trials while several share the workers."""
+        candidates = self._runnable()
+        for offset in range(len(candidates)):
+            state = candidates[(self._turn + offset) % len(candidates)]
+            study = self._study(state)
+            claim = functools.partial(claim_trial, study, state, self.options.url)
+            trial = with_retries(claim, url=self.options.url)
+            if trial is not None:
+                self._turn = (self._turn + offset + 1) % len(candidates)
+                return state, study, trial
+        return None
+
+    def _runnable(self) -> list[StudyState]:
+        def query() -> list[StudyState]:
+            with session_scope(self.options.url) as session:
+                statement = select(StudyRecord.id).where(StudyRecord.state.in_(RUNNABLE_STATES))
+                if self.options.studies:
+                    statement = statement.where(StudyRecord.name.in_(self.options.studies))
+                ids = session.scalars(statement.order_by(StudyRecord.id)).all()
+            return [get_study(self.options.url, study_id) for study_id in ids]
+
+        return with_retries(query, url=self.options.url)
+
+    def _study(self, state: StudyState) -> optuna.Study:
+        if state.id not in self._studies:
+            self._studies[state.id] = open_study(state, self.options.url, self.options.stream)
+        return self._studies[state.id]
+
+    def _run(
+        self, state: StudyState, study: optuna.Study, trial: optuna.Trial
+    ) -> optuna.trial.TrialState | None:
+        self._set(state="busy", current_study_id=state.id, current_trial_number=trial.number)
+        data = load_dataset(state.spec, self.options.device)  # cached across trials
+        context = TrialContext(self.options.url, state.id, self.stop)
+        outcome = run_trial(study, trial, state.spec, data, context)
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+        with_retries(
+            lambda: mark_completed_if_done(self.options.url, state.id, finished),
+            url=self.options.url,
+        )
+        self._set(state="idle", current_study_id=None, current_trial_number=None)
+        return outcome
+
+    def _past_deadline(self) -> bool:
+        return self.options.deadline is not None and time.time() >= self.options.deadline
+
+    def _idle_too_long(self, since: float) -> bool:
+        limit = self.options.idle_exit_s
+        return limit is not None and time.monotonic() - since >= limit
+
+    def _register(self) -> None:
+        with session_scope(self.options.url) as session:
+            record = WorkerRecord(
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                device=self.options.device,
+                state="idle",
+            )
+            session.add(record)
+            session.flush()
+            self._worker_id = record.id
+
+    def _set(self, **values: object) -> None:
+        """Update this worker's row; the heartbeat moves with every update."""
+
+        def write() -> None:
+            with session_scope(self.options.url) as session:
+                session.execute(
+                    update(WorkerRecord)
+                    .where(WorkerRecord.id == self._worker_id)
+                    .values(heartbeat_at=func.now(), **values)
+                )
+
+        with_retries(write, url=self.options.url)
+
+
+def resolve_devices(device: str, jobs: int = 1) -> list[str]:
+    """The device of each of `jobs` workers: `auto` and `cuda` spread them over the GPUs;
+    `all` means one worker per visible GPU."""
+    n_gpus = torch.cuda.device_count()
+    if device == "all":
+        if n_gpus == 0:
+            raise HpsearchError("--device all: no CUDA device is visible on this machine")
+        return [f"cuda:{i}" for i in range(n_gpus)]
+    if device == "auto":
+        device = "cuda" if n_gpus else "cpu"
+    if device == "cpu":
+        return ["cpu"] * jobs
+    if not device.startswith("cuda"):
+        raise HpsearchError(f"--device {device!r}: use auto, cpu, cuda, cuda:N or all")
+    if n_gpus == 0:
+        raise HpsearchError(f"--device {device}: no CUDA device is visible on this machine")
+    if device == "cuda":
+        return [f"cuda:{i % n_gpus}" for i in range(jobs)]
+    index = device.removeprefix("cuda:")
+    if not index.isdigit() or int(index) >= n_gpus:
+        raise HpsearchError(f"--device {device}: this machine has cuda:0 to cuda:{n_gpus - 1}")
+    return [device] * jobs
+
+
+def run_worker_processes(options: WorkerOptions, devices: list[str]) -> int:
+    """One worker per device: in this process for one device, else a process each (one per
+    GPU), with SIGTERM and SIGINT passed on. Returns the worst exit code."""
+    if len(devices) == 1:
+        worker = Worker(dataclasses.replace(options, device=devices[0]))
+        stop_on_signals(worker.stop)
+        return worker.run()
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=_worker_process,
+            args=(dataclasses.replace(options, device=device, stream=i),),
+            name=f"hpsearch-worker-{device}",
+        )
+        for i, device in enumerate(devices)
+    ]
+    for process in processes:
+        process.start()
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in processes:
+        process.join()
+    return max(process.exitcode or 0 for process in processes)
+
+
+def _worker_process(options: WorkerOptions) -> None:
+    worker = Worker(options)
+    stop_on_signals(worker.stop)
+    raise SystemExit(worker.run())
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set `stop`: the running trial is checkpointed at the end of its
+    epoch and handed back, and the worker exits 0. A second signal is ignored."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
