@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from hpsearch.data import load_dataset
-from hpsearch.embedded import StudyProgress, run_workers
+from hpsearch.embedded import StudyProgress, read_progress, run_workers
 from hpsearch.errors import HpsearchError, SpecError
 from hpsearch.service import (
     RUNNABLE_STATES,
@@ -107,6 +107,12 @@ def run(
         errors.print("interrupted: run the same command again to resume")
         raise typer.Exit(130) from None
     _print_leaderboard(study, spec, top)
+    left = read_progress(study)
+    if left.finished < spec.budget.n_trials and left.running:
+        errors.print(
+            f"{left.running} trial(s) still running elsewhere or left by a crashed process; "
+            f"if nothing else runs this study, free them with: hpsearch resume {spec.name}"
+        )
     if any(code != 0 for code in codes):
         errors.print(
             f"[red]error:[/] {sum(c != 0 for c in codes)} worker(s) stopped early: "

@@ -42,8 +42,8 @@ def run_workers(
 ) -> list[int]:
     """Start `jobs` worker processes on the study and poll its progress until they exit.
 
-    Returns the workers' exit codes. Ctrl-C (SIGINT) is passed on to the workers, which fail
-    their running trial (so it uses no budget) and stop; running again resumes.
+    Returns the workers' exit codes. Ctrl-C (SIGINT) is passed on to the workers, which
+    checkpoint their running trial, hand it back and stop; running again resumes it.
     """
     timeout_s = state.spec.budget.timeout_s
     deadline = None if timeout_s is None else time.time() + timeout_s

@@ -23,6 +23,7 @@ from hpsearch.service import RUNNABLE_STATES, StudyState, mark_running
 from hpsearch.spec import StudySpec
 from hpsearch.train import EpochRecord, TrainResult, TrialConfig, checkpoint_history, train
 from storage import (
+    DATABASE_ERRORS,
     LeaseLost,
     claim_study,
     delete_checkpoints,
@@ -68,6 +69,9 @@ def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Tria
         if not retry_waiting and len(counted) >= record.n_trials:
             return None
         trial = study.ask()  # a waiting retry first, with its params
+        # A first heartbeat at once: a trial orphaned by a crash right after this point
+        # still goes stale and is retried, instead of holding budget for ever.
+        study._storage.record_heartbeat(trial._trial_id)
         suggest_params(trial, state.spec)
         first = record.state == "queued"
     if first:
@@ -208,6 +212,8 @@ def run_trial(
         return None
     except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
         return None  # another worker resumes it; this one must not write to it
+    except DATABASE_ERRORS:
+        raise  # telling would fail too; the trial goes stale and resumes from its checkpoint
     except Exception as exc:  # a failed trial must not take the worker down
         trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
         study.tell(trial, state=TrialState.FAIL)

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from hpsearch.errors import HpsearchError
 from hpsearch.service import RUNNABLE_STATES, StudyState, get_study, mark_completed_if_done
 from hpsearch.study import FINISHED_STATES, TrialContext, claim_trial, open_study, run_trial
 from storage import (
+    DATABASE_ERRORS,
     StudyRecord,
     WorkerRecord,
     heartbeat_interval_s,
@@ -137,8 +139,19 @@ class Worker:
         self._set(state="busy", current_study_id=state.id, current_trial_number=trial.number)
         data = load_dataset(state.spec, self.options.device)  # cached across trials
         context = TrialContext(self.options.url, state.id, self.stop)
-        outcome = run_trial(study, trial, state.spec, data, context)
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+        try:
+            outcome = run_trial(study, trial, state.spec, data, context)
+        except DATABASE_ERRORS as exc:
+            print(
+                f"worker {os.getpid()}: lost the database during trial {trial.number} "
+                f"({type(exc).__name__}); it will be retried from its checkpoint",
+                file=sys.stderr,
+            )
+            outcome = None
+        finished = with_retries(
+            lambda: len(study.get_trials(deepcopy=False, states=FINISHED_STATES)),
+            url=self.options.url,
+        )
         with_retries(
             lambda: mark_completed_if_done(self.options.url, state.id, finished),
             url=self.options.url,

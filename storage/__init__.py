@@ -2,6 +2,7 @@
 with Alembic), sessions, retries, and the locks that keep budgets exact."""
 
 from storage.db import (
+    DATABASE_ERRORS,
     LeaseLost,
     claim_study,
     delete_checkpoints,
@@ -33,6 +34,7 @@ from storage.models import (
 )
 
 __all__ = [
+    "DATABASE_ERRORS",
     "ApiTokenRecord",
     "Base",
     "CheckpointRecord",

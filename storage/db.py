@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import optuna
 import sqlalchemy
 from alembic import command
 from alembic.config import Config
@@ -348,9 +349,16 @@ def keep_best_model(
     session.execute(delete(ModelRecord).where(ModelRecord.id.in_(surplus.scalar_subquery())))
 
 
+# What a database call raises: SQLAlchemy's errors, and Optuna's wrapping of them.
+DATABASE_ERRORS = (SQLAlchemyError, optuna.exceptions.StorageInternalError)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether another attempt may succeed: a lost, refused or not yet possible connection,
-    or a SQLite file locked past its busy timeout. Anything else is a bug or bad input."""
+    or a SQLite file locked past its busy timeout. Anything else is a bug or bad input.
+    Optuna's StorageInternalError is judged by the driver error it wraps."""
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        return is_transient(exc.__cause__)
     if not isinstance(exc, DBAPIError):
         return False
     if exc.connection_invalidated:
