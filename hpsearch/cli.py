@@ -151,8 +151,11 @@ def pause(study: StudyArgument, db: DbOption = None) -> None:
 @app.command()
 @user_errors
 def resume(study: StudyArgument, db: DbOption = None) -> None:
-    """Set a study running again and free its stale trials at once (no waiting for the
-    grace period): they are retried from their checkpoints by workers or `hpsearch run`."""
+    """Set a study running again and free its stale trials at once.
+
+    No waiting for the grace period: the trials of crashed workers are retried from their
+    checkpoints by workers or `hpsearch run`.
+    """
     state, freed = resume_study(db or default_url(), study)
     _report(state)
     console.print(f"{freed} stale trial(s) freed for retry")
