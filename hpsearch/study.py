@@ -275,6 +275,8 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
 
 
 def _record(trial: optuna.Trial, result: TrainResult) -> None:
+    if trial.user_attrs.get("error"):  # inherited from the failed trial this one retries
+        trial.set_user_attr("error", None)
     for name, value in (result.val_metrics | result.test_metrics).items():
         trial.set_user_attr(name, value)
     trial.set_user_attr("epochs", result.epochs_run)

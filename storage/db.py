@@ -393,7 +393,7 @@ def with_retries(
         attempt += 1
         try:
             return fn()
-        except DBAPIError as exc:
+        except (DBAPIError, optuna.exceptions.StorageInternalError) as exc:
             if not is_transient(exc):
                 raise
             delay = min(max_delay_s, base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1)
