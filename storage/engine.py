@@ -108,6 +108,7 @@ def optuna_storage(url: str, grace_s: int | None = None) -> optuna.storages.RDBS
             )
             if path is not None:
                 _serialise_sqlite_transactions(storage.engine)
+            _index_trials_by_state(storage.engine)
             return storage
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             # Processes that start together on a new database race to create Optuna's
@@ -139,6 +140,16 @@ def _serialise_sqlite_transactions(engine: sqlalchemy.Engine) -> None:
     sqlalchemy.event.listen(engine, "connect", on_connect)
     sqlalchemy.event.listen(engine, "begin", on_begin)
     engine.dispose()  # connections made before the listeners would keep the old behaviour
+
+
+def _index_trials_by_state(engine: sqlalchemy.Engine) -> None:
+    """An index on Optuna's trials by (study, state): claims count a study's running and
+    finished trials, and leaderboards read its completed ones, at every step. Optuna's own
+    schema indexes the study alone."""
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE INDEX IF NOT EXISTS ix_hps_trials_study_id_state ON trials (study_id, state)"
+        )
 
 
 def _lost_schema_race(exc: BaseException) -> bool:

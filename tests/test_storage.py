@@ -340,3 +340,12 @@ def test_with_retries_gives_up_on_a_refused_port_naming_the_url() -> None:
         with_retries(connect, url=url, total_wait_s=0.5, base_delay_s=0.05)
     assert attempts > 1
     assert "secret" not in str(raised.value)
+
+
+def test_optuna_trials_are_indexed_by_study_and_state(url: str) -> None:
+    optuna_storage(url)
+    optuna_storage(url)  # a second process finds the index made
+    indexes = sqlalchemy.inspect(make_engine(url)).get_indexes("trials")
+    assert {"name": "ix_hps_trials_study_id_state", "columns": ["study_id", "state"]} in [
+        {"name": index["name"], "columns": index["column_names"]} for index in indexes
+    ]
