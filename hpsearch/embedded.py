@@ -28,7 +28,6 @@ from storage import StorageError, optuna_storage
 class StudyProgress:
     finished: int
     running: int
-    failed: int
     best: float | None
 
 
@@ -84,7 +83,6 @@ def read_progress(study: optuna.Study) -> StudyProgress:
     return StudyProgress(
         finished=len(finished),
         running=sum(t.state == optuna.trial.TrialState.RUNNING for t in trials),
-        failed=sum(t.state == optuna.trial.TrialState.FAIL for t in trials),
         best=(max(completed) if maximize else min(completed)) if completed else None,
     )
 

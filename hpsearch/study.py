@@ -1,5 +1,6 @@
-"""Studies and trials on a database: create or resume a study, claim a trial within the
-budget, run it, and rank the results. The CLI and the workers share these functions."""
+"""Trials on a database: claim one within the budget, train it with heartbeats and
+checkpoints, tell how it ended (or hand it back), and rank the results. The embedded run
+and the workers share these functions."""
 
 from __future__ import annotations
 
