@@ -135,6 +135,16 @@ def get_study(url: str, study: str | int) -> StudyState:
         return _state_of(_find(session, study))
 
 
+def runnable_studies(url: str, names: tuple[str, ...] = ()) -> list[StudyState]:
+    """The studies workers may claim trials of (all, or those named), oldest first: one
+    query, since every idle worker asks for them every few seconds."""
+    with session_scope(url) as session:
+        query = select(StudyRecord).where(StudyRecord.state.in_(RUNNABLE_STATES))
+        if names:
+            query = query.where(StudyRecord.name.in_(names))
+        return [_state_of(record) for record in session.scalars(query.order_by(StudyRecord.id))]
+
+
 def _find(session: Any, study: str | int) -> StudyRecord:
     query = select(StudyRecord)
     if isinstance(study, int) or str(study).isdigit():

@@ -23,15 +23,14 @@ from types import FrameType
 
 import optuna
 import torch
-from sqlalchemy import func, select, update
+from sqlalchemy import func, update
 
 from hpsearch.data import load_dataset
 from hpsearch.errors import HpsearchError
-from hpsearch.service import RUNNABLE_STATES, StudyState, get_study, mark_completed_if_done
+from hpsearch.service import StudyState, mark_completed_if_done, runnable_studies
 from hpsearch.study import FINISHED_STATES, TrialContext, claim_trial, open_study, run_trial
 from storage import (
     DATABASE_ERRORS,
-    StudyRecord,
     WorkerRecord,
     heartbeat_interval_s,
     session_scope,
@@ -118,15 +117,8 @@ class Worker:
         return None
 
     def _runnable(self) -> list[StudyState]:
-        def query() -> list[StudyState]:
-            with session_scope(self.options.url) as session:
-                statement = select(StudyRecord.id).where(StudyRecord.state.in_(RUNNABLE_STATES))
-                if self.options.studies:
-                    statement = statement.where(StudyRecord.name.in_(self.options.studies))
-                ids = session.scalars(statement.order_by(StudyRecord.id)).all()
-            return [get_study(self.options.url, study_id) for study_id in ids]
-
-        return with_retries(query, url=self.options.url)
+        find = functools.partial(runnable_studies, self.options.url, self.options.studies)
+        return with_retries(find, url=self.options.url)
 
     def _study(self, state: StudyState) -> optuna.Study:
         if state.id not in self._studies:
