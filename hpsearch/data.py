@@ -8,13 +8,14 @@ reads it wrote a spec, not our code.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pandas as pd
@@ -31,7 +32,11 @@ from hpsearch.spec import (
     StudySpec,
     SyntheticDataset,
     Task,
+    UploadedDataset,
 )
+from storage import DatasetRecord, session_scope
+
+DatasetFormat = Literal["csv", "parquet", "npz"]
 
 MAX_CATEGORIES = 50  # a text column with more distinct values is an id or free text, not a category
 MAX_INFERRED_CLASSES = 50  # an integer target with more distinct values is taken as a quantity
@@ -98,47 +103,61 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def load_dataset(spec: StudySpec, device: str | torch.device = "cpu") -> TensorData:
+def load_dataset(
+    spec: StudySpec, device: str | torch.device = "cpu", url: str | None = None
+) -> TensorData:
     """Load, encode, split and standardise spec.dataset per spec.split; move it to `device` once.
 
-    Cached per process: a second call for the same data, split, task and device returns the
-    same object.
+    `url` is the database that holds uploaded datasets. Cached per process: a second call
+    for the same data, split, task and device returns the same object.
     """
     device = torch.device(device)
-    key = _cache_key(spec, spec.task, device)
+    key = _cache_key(spec, spec.task, device, url)
     with _LOCK:
         if key not in _CACHE:
-            data = _to_tensors(_load_table(spec), spec.split, device)
+            data = _to_tensors(_load_table(spec, url), spec.split, device)
             # The spec without a task and the same spec with the inferred task filled in
             # (StudySpec.with_task) name the same data, so both find this one object.
-            _CACHE[key] = _CACHE.setdefault(_cache_key(spec, data.task, device), data)
+            _CACHE[key] = _CACHE.setdefault(_cache_key(spec, data.task, device, url), data)
         return _CACHE[key]
 
 
-def resolve_task(spec: StudySpec) -> Task:
-    """spec.task if set, else the task its file's target column implies.
+def resolve_task(spec: StudySpec, url: str | None = None) -> Task:
+    """spec.task if set, else the task its file's target column (or its upload) implies.
 
     Reads the file without building tensors or caching, so a process that only validates
     specs (the API server) does not keep whole datasets in memory.
     """
+    dataset = spec.dataset  # the spec fills in the task of builtin and synthetic data itself
+    if isinstance(dataset, UploadedDataset):  # checked when it was uploaded; must still exist
+        upload_task = _fetch_upload(dataset, url).task
+        return spec.task or upload_task
     if spec.task is not None:
         return spec.task
-    dataset = spec.dataset  # the spec fills in the task of builtin and synthetic data itself
-    return _infer_task(_read_file(dataset), dataset)
+    return _infer_task(_read_file(dataset), dataset.target, dataset.path)
 
 
-def _cache_key(spec: StudySpec, task: Task | None, device: torch.device) -> tuple[Any, ...]:
-    # A relative file path means another file once the data directory changes.
-    where = str(data_dir().resolve()) if isinstance(spec.dataset, FileDataset) else ""
+def _cache_key(
+    spec: StudySpec, task: Task | None, device: torch.device, url: str | None
+) -> tuple[Any, ...]:
+    # A relative file path means another file once the data directory changes; an upload's
+    # id means another upload in another database.
+    where = ""
+    if isinstance(spec.dataset, FileDataset):
+        where = str(data_dir().resolve())
+    elif isinstance(spec.dataset, UploadedDataset):
+        where = url or ""
     return (spec.dataset.model_dump_json(), spec.split.model_dump_json(), task, str(device), where)
 
 
-def _load_table(spec: StudySpec) -> _Table:
+def _load_table(spec: StudySpec, url: str | None) -> _Table:
     dataset = spec.dataset
     if isinstance(dataset, BuiltinDataset):
         return _builtin(dataset)
     if isinstance(dataset, SyntheticDataset):
         return _synthetic(dataset)
+    if isinstance(dataset, UploadedDataset):
+        return _uploaded(dataset, spec.task, url)
     return _file(dataset, spec.task)
 
 
@@ -223,32 +242,81 @@ def _n_informative(dataset: SyntheticDataset) -> int:
 
 def _file(dataset: FileDataset, task: Task | None) -> _Table:
     frame = _read_file(dataset)
-    task = task or _infer_task(frame, dataset)
-    targets = _targets(dataset)
+    return _labelled_table(frame, dataset.target, task, dataset.path)
+
+
+def _uploaded(dataset: UploadedDataset, task: Task | None, url: str | None) -> _Table:
+    upload = _fetch_upload(dataset, url)
+    shown = f"uploaded dataset {upload.id} ({upload.name})"
+    frame = read_table(io.BytesIO(upload.content), upload.format, upload.target, shown)
+    return _labelled_table(frame, upload.target, task or upload.task, shown)
+
+
+def _fetch_upload(dataset: UploadedDataset, url: str | None) -> DatasetRecord:
+    if url is None:
+        raise DatasetError("an uploaded dataset is read from the database: give its URL")
+    with session_scope(url) as session:
+        record = session.get(DatasetRecord, dataset.id)
+        if record is None:
+            raise DatasetError(f"no uploaded dataset with id {dataset.id} in this database")
+        session.expunge(record)
+        return record
+
+
+def _labelled_table(
+    frame: pd.DataFrame, target: str | list[str], task: Task | None, shown: str
+) -> _Table:
+    task = task or _infer_task(frame, target, shown)
+    targets = _targets(target)
     if task == "multilabel":
-        y, classes = _multilabel_target(frame, targets, dataset.path), targets
+        y, classes = _multilabel_target(frame, targets, shown), targets
     elif task == "regression":
-        y, classes = _regression_target(frame[dataset.target], dataset.path), []
+        y, classes = _regression_target(frame[target], shown), []
     else:
-        y, classes = _class_indices(frame[dataset.target], dataset.path)
-    x, feature_names = _encode_features(frame.drop(columns=targets), dataset.path)
+        y, classes = _class_indices(frame[target], shown)
+    x, feature_names = _encode_features(frame.drop(columns=targets), shown)
     return _Table(x, y, task, classes, feature_names)
 
 
-def _targets(dataset: FileDataset) -> list[str]:
-    return dataset.target if isinstance(dataset.target, list) else [dataset.target]
+def _targets(target: str | list[str]) -> list[str]:
+    return target if isinstance(target, list) else [target]
 
 
 def _read_file(dataset: FileDataset) -> pd.DataFrame:
-    """The file as a table whose target columns exist and whose values are all finite."""
     path = _resolve_path(dataset.path)
+    return read_table(path, _format_of(path.name), dataset.target, dataset.path)
+
+
+def read_table(
+    source: Path | BinaryIO, fmt: DatasetFormat, target: str | list[str], shown: str
+) -> pd.DataFrame:
+    """The data as a table whose target columns exist and whose values are all finite; any
+    problem is a DatasetError naming `shown` (the file, or the upload)."""
     try:
-        frame = _read_table(path, dataset.path)
-    except (ValueError, OSError, NotImplementedError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"cannot read {dataset.path}: {exc}") from None
-    _check_columns(frame, dataset)
-    _check_finite(frame, dataset.path)
+        frame = _read_format(source, fmt, shown)
+    except (
+        ValueError,
+        OSError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        UnicodeDecodeError,
+    ) as exc:
+        raise DatasetError(f"cannot read {shown} as {fmt}: {exc}") from None
+    _check_columns(frame, _targets(target), shown)
+    _check_finite(frame, shown)
     return frame
+
+
+def inspect_table(frame: pd.DataFrame, target: str | list[str], shown: str) -> Task:
+    """The task the target implies, after checking that the features and the target can be
+    encoded: an upload is refused at once rather than when a worker first loads it."""
+    table = _labelled_table(frame, target, None, shown)
+    return table.task
+
+
+def _format_of(filename: str) -> DatasetFormat:
+    suffix = Path(filename).suffix.lower()
+    return {".csv": "csv", ".npz": "npz", ".parquet": "parquet", ".pq": "parquet"}[suffix]
 
 
 def _resolve_path(path: str) -> Path:
@@ -266,20 +334,19 @@ def _resolve_path(path: str) -> Path:
     return resolved
 
 
-def _read_table(path: Path, shown: str) -> pd.DataFrame:
-    suffix = path.suffix.lower()  # the spec allows only .csv, .parquet, .pq and .npz
-    if suffix == ".csv":
-        return pd.read_csv(path)
-    if suffix == ".npz":
-        return _read_npz(path, shown)
-    return pd.read_parquet(path)
+def _read_format(source: Path | BinaryIO, fmt: DatasetFormat, shown: str) -> pd.DataFrame:
+    if fmt == "csv":
+        return pd.read_csv(source)
+    if fmt == "npz":
+        return _read_npz(source, shown)
+    return pd.read_parquet(source)
 
 
-def _read_npz(path: Path, shown: str) -> pd.DataFrame:
+def _read_npz(source: Path | BinaryIO, shown: str) -> pd.DataFrame:
     """Each array becomes columns: a 1-D array one column named by its key, a 2-D array
     columns key_0, key_1, ...; the target is then picked by column name like in a CSV."""
     parts = []
-    with np.load(path, allow_pickle=False) as arrays:
+    with np.load(source, allow_pickle=False) as arrays:
         for name in arrays.files:
             array = arrays[name]
             if array.ndim == 1:
@@ -299,18 +366,16 @@ def _read_npz(path: Path, shown: str) -> pd.DataFrame:
     return pd.concat(parts, axis=1) if parts else pd.DataFrame()
 
 
-def _check_columns(frame: pd.DataFrame, dataset: FileDataset) -> None:
-    targets = _targets(dataset)
+def _check_columns(frame: pd.DataFrame, targets: list[str], shown: str) -> None:
     for target in targets:
         if target not in frame.columns:
             raise DatasetError(
-                f"target column '{target}' not found in {dataset.path}; "
-                f"columns are: {_column_list(frame)}"
+                f"target column '{target}' not found in {shown}; columns are: {_column_list(frame)}"
             )
     if len(frame.columns) == len(targets):
-        raise DatasetError(f"{dataset.path} has no feature columns besides the target")
+        raise DatasetError(f"{shown} has no feature columns besides the target")
     if frame.empty:
-        raise DatasetError(f"{dataset.path} has no rows of data")
+        raise DatasetError(f"{shown} has no rows of data")
 
 
 def _column_list(frame: pd.DataFrame, limit: int = 20) -> str:
@@ -353,12 +418,12 @@ def _kind(column: pd.Series, shown: str) -> Literal["categorical", "numeric"]:
     )
 
 
-def _infer_task(frame: pd.DataFrame, dataset: FileDataset) -> Task:
+def _infer_task(frame: pd.DataFrame, target: str | list[str], shown: str) -> Task:
     """The task a user most likely means when the spec leaves it out."""
-    if isinstance(dataset.target, list):
+    if isinstance(target, list):
         return "multilabel"
-    column = frame[dataset.target]
-    if _kind(column, dataset.path) == "categorical":
+    column = frame[target]
+    if _kind(column, shown) == "categorical":
         return "classification"
     values = column.to_numpy(np.float64)
     if not np.array_equal(values, np.round(values)):

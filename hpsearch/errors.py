@@ -19,3 +19,11 @@ class SpecError(HpsearchError):
 
 class DatasetError(HpsearchError):
     """Data that cannot be loaded or trained on; the message names the column or file."""
+
+
+class NotFound(HpsearchError):
+    """No study, trial, dataset or token of that name or id (HTTP 404)."""
+
+
+class Conflict(HpsearchError):
+    """A name taken by something else, or a change the current state forbids (HTTP 409)."""

@@ -7,6 +7,7 @@ once. Trials themselves stay in Optuna's schema; `hps_studies` adds the spec and
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,9 @@ from optuna.trial import TrialState
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from hpsearch.errors import HpsearchError
-from hpsearch.spec import StudySpec
+from hpsearch.data import resolve_task
+from hpsearch.errors import Conflict, DatasetError, HpsearchError, NotFound, SpecError
+from hpsearch.spec import StudySpec, UploadedDataset
 from storage import (
     StudyRecord,
     claim_study,
@@ -36,11 +38,11 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-class StudyNotFound(HpsearchError):
+class StudyNotFound(NotFound):
     """No study of that name or id (HTTP 404)."""
 
 
-class StudyConflict(HpsearchError):
+class StudyConflict(Conflict):
     """A name taken by a different spec, or a state change the study's state forbids (409)."""
 
 
@@ -62,6 +64,7 @@ def submit_study(url: str, spec: StudySpec) -> StudyState:
     `study.optimize` with more trials would); any other difference is a conflict.
     """
     upgrade(url)
+    spec = _with_resolved_task(spec, url)
     existing = _update_existing(url, spec)
     if existing is not None:
         return existing
@@ -82,6 +85,21 @@ def submit_study(url: str, spec: StudySpec) -> StudyState:
             return _state_of(record)
     except IntegrityError:  # submitted at the same moment by another process
         return _update_existing(url, spec)
+
+
+def _with_resolved_task(spec: StudySpec, url: str) -> StudySpec:
+    """The spec with its task decided (a file's or an upload's target column implies it), so
+    the objective and its direction are known before Optuna's study is created. A problem
+    with the data is an error in the spec's `dataset`."""
+    try:
+        task = resolve_task(spec, url)
+    except DatasetError as exc:
+        raise SpecError([(_dataset_field(spec), str(exc))]) from None
+    return spec if spec.task == task else spec.with_task(task)
+
+
+def _dataset_field(spec: StudySpec) -> str:
+    return "dataset.id" if isinstance(spec.dataset, UploadedDataset) else "dataset"
 
 
 def _update_existing(url: str, spec: StudySpec) -> StudyState | None:
@@ -132,7 +150,7 @@ def get_study(url: str, study: str | int) -> StudyState:
     """The study by numeric id or by name."""
     upgrade(url)
     with session_scope(url) as session:
-        return _state_of(_find(session, study))
+        return _state_of(find_study(session, study))
 
 
 def runnable_studies(url: str, names: tuple[str, ...] = ()) -> list[StudyState]:
@@ -145,7 +163,8 @@ def runnable_studies(url: str, names: tuple[str, ...] = ()) -> list[StudyState]:
         return [_state_of(record) for record in session.scalars(query.order_by(StudyRecord.id))]
 
 
-def _find(session: Any, study: str | int) -> StudyRecord:
+def find_study(session: Any, study: str | int) -> StudyRecord:
+    """The study's row by numeric id or name, or StudyNotFound."""
     query = select(StudyRecord)
     if isinstance(study, int) or str(study).isdigit():
         query = query.where(StudyRecord.id == int(study))
@@ -171,7 +190,7 @@ def change_state(url: str, study: str | int, change: str, n_trials: int = 0) -> 
     """pause, resume, cancel or extend (by `n_trials` more trials) a study."""
     upgrade(url)
     with session_scope(url, immediate=True) as session:
-        record = _find(session, study)
+        record = find_study(session, study)
         if record.state not in TRANSITIONS[change]:
             raise StudyConflict(f"cannot {change} study {record.name!r}: it is {record.state}")
         if change == "extend":
@@ -231,3 +250,21 @@ def resume_study(url: str, study: str | int) -> tuple[StudyState, int]:
         optuna.storages.fail_stale_trials(optuna_study)
         after = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
     return state, after - before
+
+
+def delete_study(url: str, study: str | int) -> str:
+    """Remove the study, its trials (Optuna's rows), checkpoints and kept weights; returns
+    its name. A study with running trials must be paused or cancelled first, so no worker
+    is left writing to a study that no longer exists."""
+    upgrade(url)
+    with session_scope(url, immediate=True) as session:
+        record = find_study(session, study)
+        if record.state in RUNNABLE_STATES:
+            raise StudyConflict(
+                f"study {record.name!r} is {record.state}: pause or cancel it before deleting it"
+            )
+        name = record.name
+        session.delete(record)  # checkpoints and models go with it (ON DELETE CASCADE)
+    with contextlib.suppress(KeyError):  # deleted by a concurrent request, or never created
+        optuna.delete_study(study_name=name, storage=optuna_storage(url))
+    return name

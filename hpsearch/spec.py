@@ -94,8 +94,17 @@ class FileDataset(_Strict):
         return target
 
 
+class UploadedDataset(_Strict):
+    """Data uploaded with `POST /api/v1/datasets`, stored in the study's database; the
+    target column was given with the upload."""
+
+    source: Literal["uploaded"]
+    id: int = Field(ge=1)
+
+
 DatasetSpec = Annotated[
-    BuiltinDataset | SyntheticDataset | FileDataset, Field(discriminator="source")
+    BuiltinDataset | SyntheticDataset | FileDataset | UploadedDataset,
+    Field(discriminator="source"),
 ]
 
 
@@ -379,14 +388,14 @@ def _implied_task(spec: StudySpec) -> Task | None:
         return BUILTIN_TASKS[dataset.name]
     if isinstance(dataset, SyntheticDataset):
         return dataset.task
-    if isinstance(dataset.target, list):
+    if isinstance(dataset, FileDataset) and isinstance(dataset.target, list):
         return "multilabel"
     if spec.objective is not None:
         if spec.objective.metric in METRICS_BY_TASK["regression"][2:]:
             return "regression"
         if spec.objective.metric in ("val_accuracy", "val_f1"):
             return "classification"
-    return None  # decided from the target column when the file is loaded
+    return None  # decided from the target column when the data is read
 
 
 def _check_task_fits_dataset(task: str, dataset: Any) -> None:
@@ -431,12 +440,18 @@ def load_spec(path: str | Path) -> StudySpec:
     return parse_spec(data)
 
 
-_UNION_TAGS = {"builtin", "synthetic", "file"}
+_UNION_TAGS = {"builtin", "synthetic", "file", "uploaded"}
 
 
 def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
-    errors = []
-    for err in exc.errors():
+    return field_errors(exc.errors())
+
+
+def field_errors(errors: Any) -> list[tuple[str, str]]:
+    """(dotted field path, reason) for each of pydantic's errors about a spec, with the
+    union's tag left out of the path (`dataset.name`, not `dataset.builtin.name`)."""
+    found = []
+    for err in errors:
         loc = tuple(str(p) for p in err["loc"])
         message = err["msg"]
         ctx_error = (err.get("ctx") or {}).get("error")
@@ -445,5 +460,5 @@ def _field_errors(exc: ValidationError) -> list[tuple[str, str]]:
         message = message.removeprefix("Value error, ")
         if len(loc) >= 2 and loc[0] == "dataset" and loc[1] in _UNION_TAGS:
             loc = loc[:1] + loc[2:]
-        errors.append((".".join(loc), message))
-    return errors
+        found.append((".".join(loc), message))
+    return found

@@ -1,5 +1,5 @@
 """Trials on a database: claim one within the budget, train it with heartbeats and
-checkpoints, tell how it ended (or hand it back), and rank the results. The embedded run
+checkpoints, and tell how it ended (or hand it back). The embedded run
 and the workers share these functions."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import optuna
 import torch
@@ -298,37 +297,3 @@ def _diagnosis(result: TrainResult) -> str:
     if result.stopped_early:
         return "early_stopped"
     return "ok"
-
-
-@dataclass(frozen=True)
-class LeaderboardRow:
-    rank: int
-    number: int
-    value: float
-    params: dict[str, Any]
-    state: str
-    epochs: int | None
-    seconds: float | None
-    diagnosis: str | None
-    metrics: dict[str, float]
-
-
-def leaderboard(study: optuna.Study, top: int = 10) -> list[LeaderboardRow]:
-    """The best completed trials, best first."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-    trials.sort(key=lambda t: (-t.value if maximize else t.value, t.number))
-    return [
-        LeaderboardRow(
-            rank=rank,
-            number=t.number,
-            value=t.value,
-            params=dict(t.params),
-            state=t.state.name.lower(),
-            epochs=t.user_attrs.get("epochs"),
-            seconds=t.user_attrs.get("seconds"),
-            diagnosis=t.user_attrs.get("diagnosis"),
-            metrics={k: v for k, v in t.user_attrs.items() if k.startswith(("val_", "test_"))},
-        )
-        for rank, t in enumerate(trials[:top], start=1)
-    ]

@@ -129,7 +129,7 @@ class Worker:
         self, state: StudyState, study: optuna.Study, trial: optuna.Trial
     ) -> optuna.trial.TrialState | None:
         self._set(state="busy", current_study_id=state.id, current_trial_number=trial.number)
-        data = load_dataset(state.spec, self.options.device)  # cached across trials
+        data = load_dataset(state.spec, self.options.device, self.options.url)  # cached
         context = TrialContext(self.options.url, state.id, self.stop)
         try:
             outcome = run_trial(study, trial, state.spec, data, context)

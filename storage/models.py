@@ -159,6 +159,7 @@ class DatasetRecord(Base):
     name: Mapped[str] = mapped_column(String(256))
     format: Mapped[str] = mapped_column(String(16))
     target: Mapped[str | list[str]] = mapped_column(JSON)
+    task: Mapped[str] = mapped_column(String(16))
     content: Mapped[bytes] = mapped_column(LargeBinary)
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)

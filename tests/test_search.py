@@ -16,7 +16,7 @@ from hpsearch.data import load_dataset
 from hpsearch.search import distributions, make_pruner, make_sampler, suggest_params
 from hpsearch.service import submit_study
 from hpsearch.spec import StudySpec, parse_spec
-from hpsearch.study import claim_trial, leaderboard, open_study, run_trial
+from hpsearch.study import claim_trial, open_study, run_trial
 
 SPACE = {
     "learning_rate": {"low": 1e-4, "high": 1e-1, "log": True},
@@ -177,20 +177,3 @@ def test_a_failing_trial_records_its_error(tmp_path: Path) -> None:
     assert run_trial(study, trial, spec, broken) == TrialState.FAIL
     assert study.trials[0].user_attrs["error"].startswith("RuntimeError: ")
     assert study.trials[0].state == TrialState.FAIL
-
-
-@pytest.mark.parametrize(("metric", "best"), [("val_accuracy", 0.9), ("val_loss", 0.1)])
-def test_leaderboard_ranks_by_the_objective_direction(metric: str, best: float) -> None:
-    spec = make_spec(objective={"metric": metric})
-    study = optuna.create_study(direction=spec.objective.direction)
-    for value in (0.5, best, 0.3):
-        trial = study.ask()
-        trial.set_user_attr("epochs", 3)
-        study.tell(trial, value)
-    pruned = study.ask()
-    study.tell(pruned, state=TrialState.PRUNED)
-    rows = leaderboard(study, top=2)
-    assert [r.rank for r in rows] == [1, 2]
-    assert rows[0].value == best and rows[0].number == 1
-    assert rows[1].value == (0.5 if metric == "val_accuracy" else 0.3)
-    assert rows[0].epochs == 3

@@ -1,0 +1,81 @@
+"""Uploaded datasets: checked when they arrive, then kept in the database, so that a
+worker on any node reads the same bytes (`{source: uploaded, id: N}` in a spec)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import PurePath
+
+from sqlalchemy import select
+from sqlalchemy.orm import defer
+
+from hpsearch.data import DatasetFormat, inspect_table, read_table
+from hpsearch.errors import DatasetError, NotFound
+from hpsearch.views import DatasetView
+from storage import DatasetRecord, session_scope, upgrade
+
+FORMATS: dict[str, DatasetFormat] = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".npz": "npz",
+}
+
+
+class DatasetNotFound(NotFound):
+    """No uploaded dataset with that id."""
+
+
+def parse_target(target: str) -> str | list[str]:
+    """`label` is one target column; `a,b,c` are the columns of a multilabel target."""
+    names = [name.strip() for name in target.split(",") if name.strip()]
+    if not names:
+        raise DatasetError("target: give the name of the label column")
+    return names if len(names) > 1 else names[0]
+
+
+def add_dataset(url: str, filename: str, content: bytes, target: str | list[str]) -> DatasetView:
+    """Check the upload as a worker would read it (format, target column, finite values,
+    encodable features) and store it; a refused upload stores nothing."""
+    fmt = FORMATS.get(PurePath(filename).suffix.lower())
+    if fmt is None:
+        raise DatasetError(
+            f"file: cannot tell the format of {filename!r}; name it .csv, .parquet or .npz"
+        )
+    frame = read_table(io.BytesIO(content), fmt, target, filename)
+    task = inspect_table(frame, target, filename)
+    upgrade(url)
+    with session_scope(url) as session:
+        record = DatasetRecord(
+            name=PurePath(filename).name,
+            format=fmt,
+            target=target,
+            task=task,
+            content=content,
+            sha256=hashlib.sha256(content).hexdigest(),
+            size_bytes=len(content),
+            n_rows=len(frame),
+            columns=[str(c) for c in frame.columns],
+        )
+        session.add(record)
+        session.flush()
+        session.refresh(record)
+        return DatasetView.model_validate(record)
+
+
+def list_datasets(url: str) -> list[DatasetView]:
+    upgrade(url)
+    with session_scope(url) as session:
+        query = select(DatasetRecord).options(defer(DatasetRecord.content))
+        records = session.scalars(query.order_by(DatasetRecord.id))
+        return [DatasetView.model_validate(r) for r in records]
+
+
+def get_dataset(url: str, dataset_id: int) -> DatasetView:
+    upgrade(url)
+    with session_scope(url) as session:
+        record = session.get(DatasetRecord, dataset_id, options=[defer(DatasetRecord.content)])
+        if record is None:
+            raise DatasetNotFound(f"no uploaded dataset with id {dataset_id}")
+        return DatasetView.model_validate(record)

@@ -1,0 +1,241 @@
+"""What a study has found so far: listings, leaderboards, one trial with its learning curve,
+the kept weights, and the workers. The REST routes and the CLI both read through these.
+
+Each function is a fixed handful of SQL queries (`storage.queries`), so a study of 10,000
+trials answers as fast as one of 10.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from hpsearch.service import StudyNotFound, find_study
+from hpsearch.spec import StudySpec
+from hpsearch.views import (
+    CurvePoint,
+    LeaderboardEntry,
+    Page,
+    Progress,
+    StudyDetail,
+    StudySummary,
+    TrialDetail,
+    TrialSummary,
+    WorkerView,
+)
+from storage import ModelRecord, StudyRecord, WorkerRecord, grace_period_s, session_scope, upgrade
+from storage.queries import (
+    TrialRow,
+    best_values,
+    intermediate_values,
+    one_trial,
+    ranked_trials,
+    trial_counts,
+    trial_page,
+)
+
+# Columns of the compact per-epoch history a trial stores (hpsearch.study._record).
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "value", "learning_rate")
+
+
+class TrialNotFound(StudyNotFound):
+    """No trial of that number in the study, or no kept weights for it (HTTP 404)."""
+
+
+def list_studies(url: str, limit: int = 100, offset: int = 0) -> Page[StudySummary]:
+    """The studies, newest first, each with its progress and best value."""
+    upgrade(url)
+    with session_scope(url) as session:
+        total = session.scalar(select(func.count()).select_from(StudyRecord)) or 0
+        records = session.scalars(
+            select(StudyRecord).order_by(StudyRecord.id.desc()).limit(limit).offset(offset)
+        ).all()
+        ids = [r.optuna_study_id for r in records if r.optuna_study_id is not None]
+        counts, bests = trial_counts(session, ids), best_values(session, ids)
+        items = [_summary(r, counts.get(r.optuna_study_id, {}), bests) for r in records]
+    return Page[StudySummary](items=items, total=total, limit=limit, offset=offset)
+
+
+def study_detail(url: str, study: str | int) -> StudyDetail:
+    """The study's spec, state, progress and best trial."""
+    upgrade(url)
+    with session_scope(url) as session:
+        record = find_study(session, study)
+        summary = _summary_of(session, record)
+        spec = StudySpec.model_validate(record.spec)
+        best = ranked_trials(session, _optuna_id(record), _maximize(spec), top=1)
+        best_trial = _trial_summary(best[0]) if best else None
+    return StudyDetail(**summary.model_dump(), spec=spec, best_trial=best_trial)
+
+
+def study_summary(url: str, study: str | int) -> StudySummary:
+    upgrade(url)
+    with session_scope(url) as session:
+        return _summary_of(session, find_study(session, study))
+
+
+def leaderboard(url: str, study: str | int, top: int = 10) -> list[LeaderboardEntry]:
+    """The `top` complete trials, best first."""
+    upgrade(url)
+    with session_scope(url) as session:
+        record = find_study(session, study)
+        maximize = _maximize(StudySpec.model_validate(record.spec))
+        rows = ranked_trials(session, _optuna_id(record), maximize, top)
+    return [
+        LeaderboardEntry(rank=rank, **_trial_summary(row).model_dump())
+        for rank, row in enumerate(rows, start=1)
+    ]
+
+
+def list_trials(
+    url: str, study: str | int, state: str | None = None, limit: int = 50, offset: int = 0
+) -> Page[TrialSummary]:
+    """Trials by number, optionally of one state."""
+    upgrade(url)
+    with session_scope(url) as session:
+        record = find_study(session, study)
+        rows, total = trial_page(session, _optuna_id(record), state, limit, offset)
+    items = [_trial_summary(row) for row in rows]
+    return Page[TrialSummary](items=items, total=total, limit=limit, offset=offset)
+
+
+def trial_detail(url: str, study: str | int, number: int) -> TrialDetail:
+    """One trial with its learning curve: the objective reported at every epoch, with the
+    losses and learning rate the trainer recorded when it finished."""
+    upgrade(url)
+    with session_scope(url) as session:
+        record = find_study(session, study)
+        row = one_trial(session, _optuna_id(record), number)
+        if row is None:
+            raise TrialNotFound(f"study {record.name!r} has no trial {number}")
+        reported = intermediate_values(session, row.trial_id)
+        has_model = session.scalar(select(func.count()).where(ModelRecord.trial_id == row.trial_id))
+    attrs = row.attrs
+    return TrialDetail(
+        **_trial_summary(row).model_dump(),
+        curve=_curve(reported, attrs.get("history") or []),
+        error=attrs.get("error"),
+        worker=attrs.get("worker"),
+        device=attrs.get("device"),
+        resumed_from_epoch=attrs.get("resumed_from_epoch"),
+        has_model=bool(has_model),
+    )
+
+
+def model_weights(url: str, study: str | int, number: int) -> bytes:
+    """The trained weights (a `torch.save`d state dict) of one of the study's best trials."""
+    upgrade(url)
+    with session_scope(url) as session:
+        record = find_study(session, study)
+        payload = session.scalar(
+            select(ModelRecord.payload).where(
+                ModelRecord.study_id == record.id, ModelRecord.trial_number == number
+            )
+        )
+        if payload is None:
+            raise TrialNotFound(
+                f"no weights kept for trial {number} of {record.name!r}: only finished trials "
+                "among the study's best keep theirs"
+            )
+        return payload
+
+
+def list_workers(url: str) -> list[WorkerView]:
+    """Workers that have not stopped, newest first; `alive` says whether each still beats."""
+    upgrade(url)
+    with session_scope(url) as session:
+        now = session.scalar(select(func.now()))  # the database's clock, as for trials
+        now = now if now.tzinfo else now.replace(tzinfo=UTC)  # SQLite's is naive UTC
+        query = (
+            select(WorkerRecord, StudyRecord.name)
+            .outerjoin(StudyRecord, StudyRecord.id == WorkerRecord.current_study_id)
+            .where(WorkerRecord.state != "stopped")
+            .order_by(WorkerRecord.id.desc())
+        )
+        rows = session.execute(query).all()
+    grace = timedelta(seconds=grace_period_s())
+    return [
+        WorkerView(
+            id=w.id,
+            host=w.host,
+            pid=w.pid,
+            device=w.device,
+            state=w.state,
+            alive=now - w.heartbeat_at <= grace,
+            started_at=w.started_at,
+            heartbeat_at=w.heartbeat_at,
+            study=name,
+            trial_number=w.current_trial_number,
+        )
+        for w, name in rows
+    ]
+
+
+def _summary_of(session: Session, record: StudyRecord) -> StudySummary:
+    ids = [_optuna_id(record)]
+    return _summary(record, trial_counts(session, ids).get(ids[0], {}), best_values(session, ids))
+
+
+def _summary(
+    record: StudyRecord, counts: dict[str, int], bests: dict[int, tuple[float, float]]
+) -> StudySummary:
+    spec = StudySpec.model_validate(record.spec)
+    low_high = bests.get(record.optuna_study_id or -1)
+    best = None if low_high is None else low_high[1 if _maximize(spec) else 0]
+    return StudySummary(
+        id=record.id,
+        name=record.name,
+        state=record.state,
+        reason=record.reason,
+        metric=spec.objective.metric,
+        direction=spec.objective.direction,
+        sampler=spec.sampler.name,
+        pruner=spec.pruner.name,
+        progress=Progress(budget=record.n_trials, **counts),
+        best_value=best,
+        created_at=record.created_at,
+    )
+
+
+def _trial_summary(row: TrialRow) -> TrialSummary:
+    attrs = row.attrs
+    return TrialSummary(
+        number=row.number,
+        state=row.state,
+        value=row.value,
+        params=row.params,
+        epochs=attrs.get("epochs"),
+        seconds=row.seconds,
+        diagnosis=attrs.get("diagnosis"),
+        metrics={k: v for k, v in attrs.items() if k.startswith(("val_", "test_"))},
+        started_at=row.started_at,
+        completed_at=row.completed_at,
+    )
+
+
+def _curve(reported: list[tuple[int, float | None]], history: list[list[Any]]) -> list[CurvePoint]:
+    recorded = {int(row[0]): dict(zip(HISTORY_COLUMNS, row, strict=False)) for row in history}
+    points = []
+    for epoch, value in reported:
+        extra = recorded.get(epoch, {})
+        points.append(
+            CurvePoint(
+                epoch=epoch,
+                value=value,
+                train_loss=extra.get("train_loss"),
+                val_loss=extra.get("val_loss"),
+                learning_rate=extra.get("learning_rate"),
+            )
+        )
+    return points
+
+
+def _optuna_id(record: StudyRecord) -> int:
+    return record.optuna_study_id if record.optuna_study_id is not None else -1
+
+
+def _maximize(spec: StudySpec) -> bool:
+    return spec.objective.direction == "maximize"

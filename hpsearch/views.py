@@ -1,0 +1,139 @@
+"""What the service answers: one set of pydantic models for the REST responses, the CLI's
+tables and its `--json` output, so the API and `--db` mode can never drift apart."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from hpsearch.spec import StudySpec
+
+StudyStateName = Literal["queued", "running", "paused", "completed", "cancelled", "failed"]
+TrialStateName = Literal["running", "waiting", "complete", "pruned", "failed"]
+
+
+class Progress(BaseModel):
+    """Trials by state against the budget (finished = complete + pruned)."""
+
+    budget: int
+    complete: int = 0
+    pruned: int = 0
+    running: int = 0
+    waiting: int = 0
+    failed: int = 0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+
+class StudySummary(BaseModel):
+    id: int
+    name: str
+    state: StudyStateName
+    reason: str | None = Field(None, description="why a failed study failed")
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    sampler: str
+    pruner: str
+    progress: Progress
+    best_value: float | None
+    created_at: datetime
+
+
+class TrialSummary(BaseModel):
+    number: int
+    state: TrialStateName
+    value: float | None
+    params: dict[str, Any]
+    epochs: int | None = None
+    seconds: float | None = None
+    diagnosis: str | None = None
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="validation and test metrics of the best epoch"
+    )
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+
+class LeaderboardEntry(TrialSummary):
+    rank: int
+
+
+class StudyDetail(StudySummary):
+    spec: StudySpec
+    best_trial: TrialSummary | None
+
+
+class ResumedStudy(StudySummary):
+    freed_trials: int = Field(description="stale trials of crashed workers freed for retry")
+
+
+class CurvePoint(BaseModel):
+    """One epoch of a trial's learning curve."""
+
+    epoch: int
+    value: float | None = Field(description="the objective reported for this epoch")
+    train_loss: float | None = None
+    val_loss: float | None = None
+    learning_rate: float | None = None
+
+
+class TrialDetail(TrialSummary):
+    curve: list[CurvePoint]
+    error: str | None = None
+    worker: str | None = None
+    device: str | None = None
+    resumed_from_epoch: int | None = None
+    has_model: bool = Field(description="whether the trained weights are kept (top trials)")
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+class WorkerView(BaseModel):
+    id: int
+    host: str
+    pid: int
+    device: str
+    state: Literal["idle", "busy", "stopped"]
+    alive: bool = Field(description="its heartbeat is within the grace period")
+    started_at: datetime
+    heartbeat_at: datetime
+    study: str | None
+    trial_number: int | None
+
+
+class DatasetView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)  # read straight off the table's row
+
+    id: int
+    name: str
+    format: Literal["csv", "parquet", "npz"]
+    target: str | list[str]
+    task: str
+    n_rows: int
+    columns: list[str]
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class TokenView(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None

@@ -1,0 +1,228 @@
+"""Read queries over Optuna's trial tables for listings, leaderboards and metrics.
+
+Each answer is a bounded number of SQL statements, whatever the number of trials: counts
+and best values are aggregated by the database, ranked and paged trials are limited there,
+and only the trials on the page have their params and attributes read. Going through
+`optuna.Study.get_trials` instead would load every trial of the study into Python.
+
+The models are Optuna's own (`optuna.storages._rdb.models`), so the column names and the
+enum encodings stay Optuna's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from optuna.distributions import json_to_distribution
+from optuna.storages._rdb.models import (
+    StudyModel,
+    TrialIntermediateValueModel,
+    TrialModel,
+    TrialParamModel,
+    TrialUserAttributeModel,
+    TrialValueModel,
+)
+from optuna.trial import TrialState
+from sqlalchemy import ColumnElement, Select, and_, case, func, select
+from sqlalchemy.orm import Session
+
+# The names clients see; Optuna's FAIL reads better as "failed" beside the study states.
+STATE_NAMES: dict[TrialState, str] = {
+    TrialState.RUNNING: "running",
+    TrialState.WAITING: "waiting",
+    TrialState.COMPLETE: "complete",
+    TrialState.PRUNED: "pruned",
+    TrialState.FAIL: "failed",
+}
+STATES_BY_NAME = {name: state for state, name in STATE_NAMES.items()}
+# Optuna's models expose these as properties; the columns themselves are the table's.
+_STARTED = TrialModel.__table__.c.datetime_start
+_COMPLETED = TrialModel.__table__.c.datetime_complete
+# User attributes too large for a listing; only the one-trial view carries them.
+BULKY_ATTRS = ("history",)
+
+
+@dataclass
+class TrialRow:
+    """One trial as listings show it."""
+
+    trial_id: int
+    number: int
+    state: str
+    value: float | None
+    started_at: datetime | None
+    completed_at: datetime | None
+    params: dict[str, Any] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float | None:
+        if self.started_at is None or self.completed_at is None:
+            return None
+        return (self.completed_at - self.started_at).total_seconds()
+
+
+def trial_counts(session: Session, study_ids: list[int]) -> dict[int, dict[str, int]]:
+    """{optuna study id: {state name: count}} in one grouped query."""
+    counts: dict[int, dict[str, int]] = defaultdict(dict)
+    if not study_ids:
+        return counts
+    query = (
+        select(TrialModel.study_id, TrialModel.state, func.count())
+        .where(TrialModel.study_id.in_(study_ids))
+        .group_by(TrialModel.study_id, TrialModel.state)
+    )
+    for study_id, state, count in session.execute(query):
+        counts[study_id][STATE_NAMES[state]] = count
+    return counts
+
+
+def best_values(session: Session, study_ids: list[int]) -> dict[int, tuple[float, float]]:
+    """{optuna study id: (lowest, highest) value of its complete trials} in one query."""
+    if not study_ids:
+        return {}
+    query = (
+        select(
+            TrialModel.study_id, func.min(TrialValueModel.value), func.max(TrialValueModel.value)
+        )
+        .join(TrialValueModel, _first_objective())
+        .where(TrialModel.study_id.in_(study_ids), TrialModel.state == TrialState.COMPLETE)
+        .group_by(TrialModel.study_id)
+    )
+    return {study_id: (low, high) for study_id, low, high in session.execute(query)}
+
+
+def ranked_trials(session: Session, study_id: int, maximize: bool, top: int) -> list[TrialRow]:
+    """The `top` complete trials, best first (ties: the earlier trial first)."""
+    order = TrialValueModel.value.desc() if maximize else TrialValueModel.value.asc()
+    query = (
+        _trial_query()
+        .where(TrialModel.study_id == study_id, TrialModel.state == TrialState.COMPLETE)
+        .order_by(order, TrialModel.number)
+        .limit(top)
+    )
+    return _with_details(session, _rows(session, query))
+
+
+def trial_page(
+    session: Session, study_id: int, state: str | None, limit: int, offset: int
+) -> tuple[list[TrialRow], int]:
+    """One page of trials by number, and how many trials match in all."""
+    condition = TrialModel.study_id == study_id
+    if state is not None:
+        condition = and_(condition, TrialModel.state == STATES_BY_NAME[state])
+    total = session.scalar(select(func.count()).select_from(TrialModel).where(condition)) or 0
+    query = _trial_query().where(condition).order_by(TrialModel.number).limit(limit).offset(offset)
+    return _with_details(session, _rows(session, query)), total
+
+
+def one_trial(session: Session, study_id: int, number: int) -> TrialRow | None:
+    """The trial with every user attribute, the bulky ones included."""
+    query = _trial_query().where(TrialModel.study_id == study_id, TrialModel.number == number)
+    rows = _with_details(session, _rows(session, query), skip=())
+    return rows[0] if rows else None
+
+
+def intermediate_values(session: Session, trial_id: int) -> list[tuple[int, float | None]]:
+    """The values reported at each step (epoch), in order."""
+    query = (
+        select(TrialIntermediateValueModel.step, TrialIntermediateValueModel.intermediate_value)
+        .where(TrialIntermediateValueModel.trial_id == trial_id)
+        .order_by(TrialIntermediateValueModel.step)
+    )
+    return [(step, value) for step, value in session.execute(query)]
+
+
+def trial_counts_by_study_name(session: Session) -> list[tuple[str, str, int]]:
+    """(study name, state name, count) over the whole database, for /metrics."""
+    query = (
+        select(StudyModel.study_name, TrialModel.state, func.count())
+        .join(TrialModel, TrialModel.study_id == StudyModel.study_id)
+        .group_by(StudyModel.study_name, TrialModel.state)
+    )
+    return [(name, STATE_NAMES[state], count) for name, state, count in session.execute(query)]
+
+
+def finished_trial_seconds(session: Session, buckets: tuple[float, ...]) -> tuple[list[int], float]:
+    """Cumulative counts of finished trials at or under each bucket's duration, and the sum of
+    all durations: a Prometheus histogram aggregated by the database."""
+    seconds = _seconds_between(session, _STARTED, _COMPLETED)
+    columns = [func.count(), func.coalesce(func.sum(seconds), 0.0)]
+    columns += [func.sum(case((seconds <= bound, 1), else_=0)) for bound in buckets]
+    query = select(*columns).where(
+        TrialModel.state.in_((TrialState.COMPLETE, TrialState.PRUNED)),
+        _COMPLETED.is_not(None),
+    )
+    count, total, *under = session.execute(query).one()
+    return [int(n or 0) for n in under] + [int(count)], float(total)
+
+
+def _seconds_between(session: Session, start: Any, end: Any) -> ColumnElement[float]:
+    if session.get_bind().dialect.name == "postgresql":
+        return func.extract("epoch", end - start)
+    return (func.julianday(end) - func.julianday(start)) * 86400.0
+
+
+def _first_objective() -> ColumnElement[bool]:
+    return and_(TrialValueModel.trial_id == TrialModel.trial_id, TrialValueModel.objective == 0)
+
+
+def _trial_query() -> Select[Any]:
+    return select(
+        TrialModel.trial_id,
+        TrialModel.number,
+        TrialModel.state,
+        TrialValueModel.value,
+        _STARTED,
+        _COMPLETED,
+    ).outerjoin(TrialValueModel, _first_objective())
+
+
+def _rows(session: Session, query: Select[Any]) -> list[TrialRow]:
+    return [
+        TrialRow(
+            trial_id=trial_id,
+            number=number,
+            state=STATE_NAMES[state],
+            value=value,
+            started_at=_utc(start),
+            completed_at=_utc(complete),
+        )
+        for trial_id, number, state, value, start, complete in session.execute(query)
+    ]
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """Optuna stores naive UTC timestamps."""
+    return None if moment is None else moment.replace(tzinfo=UTC)
+
+
+def _with_details(
+    session: Session, rows: list[TrialRow], skip: tuple[str, ...] = BULKY_ATTRS
+) -> list[TrialRow]:
+    """Fill in the params and user attributes of `rows`: two queries for the whole page."""
+    by_id = {row.trial_id: row for row in rows}
+    if not by_id:
+        return rows
+    params = select(
+        TrialParamModel.trial_id,
+        TrialParamModel.param_name,
+        TrialParamModel.param_value,
+        TrialParamModel.distribution_json,
+    ).where(TrialParamModel.trial_id.in_(by_id))
+    for trial_id, name, value, distribution in session.execute(params):
+        by_id[trial_id].params[name] = json_to_distribution(distribution).to_external_repr(value)
+    attrs = select(
+        TrialUserAttributeModel.trial_id,
+        TrialUserAttributeModel.key,
+        TrialUserAttributeModel.value_json,
+    ).where(TrialUserAttributeModel.trial_id.in_(by_id))
+    if skip:
+        attrs = attrs.where(TrialUserAttributeModel.key.not_in(skip))
+    for trial_id, key, value_json in session.execute(attrs):
+        by_id[trial_id].attrs[key] = json.loads(value_json)
+    return rows
