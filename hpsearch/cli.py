@@ -6,31 +6,29 @@ import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import optuna
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hpsearch import results
+from hpsearch.client import connect, dump_json
 from hpsearch.data import load_dataset
 from hpsearch.embedded import StudyProgress, read_progress, run_workers
 from hpsearch.errors import HpsearchError, SpecError
-from hpsearch.service import (
-    RUNNABLE_STATES,
-    StudyState,
-    change_state,
-    resume_study,
-    submit_study,
-)
+from hpsearch.service import RUNNABLE_STATES, submit_study
 from hpsearch.spec import StudySpec, load_spec
-from hpsearch.study import LeaderboardRow, leaderboard
+from hpsearch.tokens import create_token, list_tokens, revoke_token
+from hpsearch.views import LeaderboardEntry, Page, StudyDetail, StudySummary, TrialDetail
 from hpsearch.worker import WorkerOptions, resolve_devices, run_worker_processes
-from storage import StorageError, default_url, optuna_storage, safe_url
+from storage import StorageError, default_url, optuna_storage, safe_url, upgrade
 
 app = typer.Typer(
     help="Hyperparameter search for BP networks (multi-layer perceptrons).",
@@ -63,7 +61,7 @@ def user_errors(command: F) -> F:
                 errors.print(f"  {path or '(spec)'}: {reason}", markup=False, highlight=False)
             raise typer.Exit(2) from None
         except (HpsearchError, StorageError) as exc:
-            errors.print(f"[red]error:[/] {escape(str(exc))}")
+            errors.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -88,11 +86,11 @@ def run(
     url = db or default_url()
     spec = load_spec(spec_path)
     devices = resolve_devices(device, jobs)
-    spec = spec.with_task(load_dataset(spec).task)  # fails early, naming the column or file
+    spec = spec.with_task(load_dataset(spec, url=url).task)  # fails early, naming the column
     state = submit_study(url, spec)
     study = optuna.load_study(study_name=spec.name, storage=optuna_storage(url))
     if state.state not in RUNNABLE_STATES:
-        _print_leaderboard(study, spec, top)
+        _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
         hint = _HINTS.get(state.state, "").format(name=spec.name)
         console.print(f"study {spec.name} is {state.state}" + (f"; {hint}" if hint else ""))
         return
@@ -103,10 +101,10 @@ def run(
         with progress_bar(spec) as update:
             codes = run_workers(state, url, jobs, devices, update)
     except KeyboardInterrupt:
-        _print_leaderboard(study, spec, top)
+        _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
         errors.print("interrupted: run the same command again to resume")
         raise typer.Exit(130) from None
-    _print_leaderboard(study, spec, top)
+    _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
     left = read_progress(study)
     if left.finished < spec.budget.n_trials and left.running:
         errors.print(
@@ -127,38 +125,126 @@ _HINTS = {
 }
 
 
-@app.command()
-@user_errors
-def submit(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML or JSON)")],
-    db: DbOption = None,
-) -> None:
-    """Queue a study in the database for `hpsearch worker` processes to run."""
-    state = submit_study(db or default_url(), load_spec(spec_path))
-    _report(state)
-
-
+ApiOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api", help="API URL [default: $HPSEARCH_API_URL]; token from $HPSEARCH_API_TOKEN"
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the answer as JSON, for scripts")]
 StudyArgument = Annotated[str, typer.Argument(metavar="STUDY", help="Study name or id")]
 
 
 @app.command()
 @user_errors
-def pause(study: StudyArgument, db: DbOption = None) -> None:
-    """Stop starting new trials of a study (running ones finish)."""
-    _report(change_state(db or default_url(), study, "pause"))
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Study spec (YAML or JSON)")],
+    api: ApiOption = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Queue a study for `hpsearch worker` processes to run."""
+    answer = connect(api, db).submit(load_spec(spec_path))
+    _show(answer, as_json, _study_line)
 
 
 @app.command()
 @user_errors
-def resume(study: StudyArgument, db: DbOption = None) -> None:
+def studies(
+    api: ApiOption = None,
+    db: DbOption = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Studies to list")] = 100,
+    as_json: JsonOption = False,
+) -> None:
+    """List the studies with their progress, newest first."""
+    _show(connect(api, db).studies(limit, 0), as_json, studies_table)
+
+
+@app.command()
+@user_errors
+def status(
+    study: StudyArgument, api: ApiOption = None, db: DbOption = None, as_json: JsonOption = False
+) -> None:
+    """A study's state, progress and best trial."""
+    _show(connect(api, db).study(study), as_json, status_view)
+
+
+@app.command(name="leaderboard")
+@user_errors
+def leaderboard_command(
+    study: StudyArgument,
+    api: ApiOption = None,
+    db: DbOption = None,
+    top: Annotated[int, typer.Option(min=1, max=1000, help="Rows")] = 10,
+    as_json: JsonOption = False,
+) -> None:
+    """The best complete trials of a study, best first."""
+    backend = connect(api, db)
+    rows = backend.leaderboard(study, top)
+    if as_json:
+        typer.echo(dump_json(rows))
+        return
+    _print_leaderboard(rows, backend.study(study).spec)
+
+
+@app.command()
+@user_errors
+def trial(
+    study: StudyArgument,
+    number: Annotated[int, typer.Argument(metavar="N", min=0, help="Trial number")],
+    api: ApiOption = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """One trial: params, metrics and its learning curve."""
+    _show(connect(api, db).trial(study, number), as_json, trial_view)
+
+
+@app.command()
+@user_errors
+def pause(study: StudyArgument, api: ApiOption = None, db: DbOption = None) -> None:
+    """Stop starting new trials of a study (running ones finish)."""
+    console.print(_study_line(connect(api, db).change(study, "pause")))
+
+
+@app.command()
+@user_errors
+def resume(study: StudyArgument, api: ApiOption = None, db: DbOption = None) -> None:
     """Set a study running again and free its stale trials at once.
 
     No waiting for the grace period: the trials of crashed workers are retried from their
     checkpoints by workers or `hpsearch run`.
     """
-    state, freed = resume_study(db or default_url(), study)
-    _report(state)
-    console.print(f"{freed} stale trial(s) freed for retry")
+    answer = connect(api, db).resume(study)
+    console.print(_study_line(answer))
+    console.print(f"{answer.freed_trials} stale trial(s) freed for retry")
+
+
+@app.command()
+@user_errors
+def cancel(study: StudyArgument, api: ApiOption = None, db: DbOption = None) -> None:
+    """Stop a study for good: no new trials; its results stay."""
+    console.print(_study_line(connect(api, db).change(study, "cancel")))
+
+
+@app.command()
+@user_errors
+def extend(
+    study: StudyArgument,
+    n_trials: Annotated[int, typer.Option("--n-trials", min=1, help="Trials to add")],
+    api: ApiOption = None,
+    db: DbOption = None,
+) -> None:
+    """Add trials to a study's budget; a completed study runs again."""
+    console.print(_study_line(connect(api, db).change(study, "extend", n_trials)))
+
+
+@app.command()
+@user_errors
+def delete(study: StudyArgument, api: ApiOption = None, db: DbOption = None) -> None:
+    """Delete a paused, cancelled, completed or failed study with all its trials."""
+    connect(api, db).delete(study)
+    console.print(f"study {escape(study)} deleted")
 
 
 @app.command()
@@ -193,24 +279,84 @@ def worker(
 
 @app.command()
 @user_errors
-def cancel(study: StudyArgument, db: DbOption = None) -> None:
-    """Stop a study for good: no new trials; its results stay."""
-    _report(change_state(db or default_url(), study, "cancel"))
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port")] = 8000,
+    db: DbOption = None,
+) -> None:
+    """Run the REST API, the dashboard (/dashboard) and /metrics.
+
+    With no API token configured the server is open, so it listens on 127.0.0.1 only.
+    """
+    import uvicorn
+
+    from api import Settings, create_app  # the API sits above the engine; load it on demand
+    from api.auth import configured_hashes
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    settings = Settings.from_env(db)
+    upgrade(settings.database_url)  # an unreachable database is one line now, not per request
+    if not configured_hashes(settings)[1] and host not in LOOPBACK:
+        errors.print(
+            "[yellow]no API token configured:[/] listening on 127.0.0.1 only; create one with "
+            "`hpsearch token create NAME` or set HPSEARCH_API_TOKENS"
+        )
+        host = "127.0.0.1"
+    console.print(
+        f"hpsearch API on http://{host}:{port} (database {escape(safe_url(settings.database_url))})"
+    )
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @app.command()
 @user_errors
-def extend(
-    study: StudyArgument,
-    n_trials: Annotated[int, typer.Option("--n-trials", min=1, help="Trials to add")],
-    db: DbOption = None,
-) -> None:
-    """Add trials to a study's budget; a completed study runs again."""
-    _report(change_state(db or default_url(), study, "extend", n_trials))
+def migrate(db: DbOption = None) -> None:
+    """Create or upgrade the database's tables (Optuna's and hpsearch's); safe to repeat."""
+    url = db or default_url()
+    upgrade(url)
+    optuna_storage(url)
+    console.print(f"database {escape(safe_url(url))} is up to date")
 
 
-def _report(state: StudyState) -> None:
-    console.print(f"study {state.name}: {state.state}, budget {state.n_trials} trials")
+token_app = typer.Typer(help="API tokens: create (shown once), list, revoke.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+TokenName = Annotated[str, typer.Argument(metavar="NAME", help="Who or what uses the token")]
+
+
+@token_app.command("create")
+@user_errors
+def token_create(name: TokenName, db: DbOption = None) -> None:
+    """Create a token; it is printed once and stored only as a hash."""
+    view, token = create_token(db or default_url(), name)
+    errors.print(f"token {escape(view.name)} created; it is shown only this once:")
+    typer.echo(token)
+
+
+@token_app.command("list")
+@user_errors
+def token_list(db: DbOption = None) -> None:
+    """The tokens, with when each was last used and whether it was revoked."""
+    table = Table("id", "name", "created", "last used", "revoked", box=box.SIMPLE_HEAD)
+    for view in list_tokens(db or default_url()):
+        table.add_row(
+            str(view.id),
+            view.name,
+            _when(view.created_at),
+            _when(view.last_used_at),
+            _when(view.revoked_at),
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+@user_errors
+def token_revoke(name: TokenName, db: DbOption = None) -> None:
+    """Revoke a token at once: the next request with it gets a 401."""
+    view = revoke_token(db or default_url(), name)
+    console.print(f"token {escape(view.name)} revoked")
 
 
 @contextmanager
@@ -234,15 +380,14 @@ def progress_bar(spec: StudySpec) -> Iterator[Callable[[StudyProgress], None]]:
         yield update
 
 
-def _print_leaderboard(study: optuna.Study, spec: StudySpec, top: int) -> None:
-    rows = leaderboard(study, top)
+def _print_leaderboard(rows: list[LeaderboardEntry], spec: StudySpec) -> None:
     if not rows:
         console.print("no completed trials yet")
         return
     console.print(leaderboard_table(rows, spec))
 
 
-def leaderboard_table(rows: list[LeaderboardRow], spec: StudySpec) -> Table:
+def leaderboard_table(rows: list[LeaderboardEntry], spec: StudySpec) -> Table:
     metric = spec.objective.metric
     param_names = list(spec.search_space.dimensions())
     test_metric = "test_" + metric.removeprefix("val_")
@@ -265,6 +410,112 @@ def leaderboard_table(rows: list[LeaderboardRow], spec: StudySpec) -> Table:
             row.diagnosis or "",
         )
     return table
+
+
+def studies_table(page: Page[StudySummary]) -> Table:
+    table = Table(title=f"{page.total} studies", box=box.SIMPLE_HEAD)
+    for header in (
+        "id",
+        "name",
+        "state",
+        "finished",
+        "running",
+        "pruned",
+        "failed",
+        "best",
+        "metric",
+        "sampler",
+    ):
+        table.add_column(
+            header, justify="left" if header in ("name", "state", "metric", "sampler") else "right"
+        )
+    for study in page.items:
+        p = study.progress
+        table.add_row(
+            str(study.id),
+            study.name,
+            study.state,
+            f"{p.finished}/{p.budget}",
+            str(p.running),
+            str(p.pruned),
+            str(p.failed),
+            _fmt(study.best_value),
+            study.metric,
+            study.sampler,
+        )
+    return table
+
+
+def status_view(study: StudyDetail) -> Group:
+    p = study.progress
+    lines = [
+        _study_line(study),
+        f"progress: {p.finished}/{p.budget} finished ({p.complete} complete, {p.pruned} pruned), "
+        f"{p.running} running, {p.waiting} waiting to resume, {p.failed} failed",
+        f"objective: {study.metric} ({study.direction}); "
+        f"sampler {study.sampler}, pruner {study.pruner}",
+    ]
+    if study.reason:
+        lines.append(f"reason: {study.reason}")
+    best = study.best_trial
+    if best is None:
+        lines.append("no completed trial yet")
+        return Group(*(escape(line) for line in lines))
+    lines.append(f"best: trial {best.number}, {study.metric} = {_fmt(best.value)}")
+    table = Table("param", "value", box=box.SIMPLE_HEAD)
+    for name, value in {**best.params, **best.metrics}.items():
+        table.add_row(name, _fmt(value))
+    return Group(*(escape(line) for line in lines), table)
+
+
+def trial_view(trial: TrialDetail) -> Group:
+    head = (
+        f"trial {trial.number}: {trial.state}, value {_fmt(trial.value)}, {trial.diagnosis or '-'}"
+    )
+    facts = Table("", "", box=None, show_header=False)
+    for name, value in {**trial.params, **trial.metrics}.items():
+        facts.add_row(name, _fmt(value))
+    for name in ("epochs", "seconds", "worker", "device", "resumed_from_epoch", "error"):
+        if getattr(trial, name) is not None:
+            facts.add_row(name, _fmt(getattr(trial, name)))
+    curve = Table(
+        "epoch",
+        "value",
+        "train loss",
+        "val loss",
+        "lr",
+        title="learning curve",
+        box=box.SIMPLE_HEAD,
+    )
+    for point in trial.curve:
+        curve.add_row(
+            str(point.epoch),
+            _fmt(point.value),
+            _fmt(point.train_loss),
+            _fmt(point.val_loss),
+            _fmt(point.learning_rate),
+        )
+    return Group(escape(head), facts, curve)
+
+
+def _study_line(study: StudySummary) -> str:
+    p = study.progress
+    best = "" if study.best_value is None else f", best {study.metric} {_fmt(study.best_value)}"
+    return (
+        f"study {study.name} (id {study.id}): {study.state}, {p.finished}/{p.budget} trials{best}"
+    )
+
+
+def _show(answer: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
+    """The answer as JSON for scripts, else rendered for people."""
+    if as_json:
+        typer.echo(dump_json(answer))
+    else:
+        console.print(render(answer))
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _fmt(value: Any) -> str:

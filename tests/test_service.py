@@ -128,7 +128,7 @@ def test_cli_state_commands(tmp_path: Path) -> None:
     assert cli("run", str(spec_file)).returncode == 0
     extended = cli("extend", "service-test", "--n-trials", "2")
     assert extended.returncode == 0, extended.stderr
-    assert "service-test: running, budget 4 trials" in extended.stdout
+    assert "study service-test (id 1): running, 2/4 trials" in extended.stdout
     assert "paused" in cli("pause", "service-test").stdout
     paused_run = cli("run", str(spec_file))
     assert "hpsearch resume service-test" in paused_run.stdout

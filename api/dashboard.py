@@ -1,0 +1,76 @@
+"""optuna-dashboard on the same database, served by the API's process.
+
+The dashboard's page lives at `/dashboard`, but its script fetches `/api/...` and
+`/static/...` from the site's root, so those paths go to it as well (our own API is under
+`/api/v1`, which never reaches it). It is a WSGI (Bottle) app, run in a thread pool.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import optuna_dashboard
+from a2wsgi import WSGIMiddleware
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from api.auth import COOKIE, authorized
+from api.settings import Settings
+from storage import optuna_storage
+
+DASHBOARD_PREFIXES = ("/dashboard", "/static/", "/csv/", "/favicon.ico")
+
+
+def is_dashboard_path(path: str) -> bool:
+    if path.startswith("/api/"):
+        return not path.startswith("/api/v1/") and path != "/api/v1"
+    return path.startswith(DASHBOARD_PREFIXES)
+
+
+class DashboardMiddleware:
+    """Send the dashboard's paths to optuna-dashboard, behind the API's tokens."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    @functools.cached_property
+    def dashboard(self) -> ASGIApp:
+        wsgi = optuna_dashboard.wsgi(optuna_storage(self.settings.database_url))
+        return WSGIMiddleware(wsgi)  # type: ignore[arg-type]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_dashboard_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        given = request.query_params.get("token")
+        if given is not None and scope["path"].startswith("/dashboard"):
+            await self._remember(given, scope, receive, send)
+            return
+        presented = _bearer(request) or request.cookies.get(COOKIE)
+        if not await run_in_threadpool(authorized, self.settings, presented):
+            response = JSONResponse(
+                {"detail": "the dashboard needs a token: open /dashboard?token=TOKEN once"},
+                status_code=401,
+            )
+            await response(scope, receive, send)
+            return
+        await self.dashboard(scope, receive, send)
+
+    async def _remember(self, token: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Keep a valid token in a cookie and drop it from the address bar."""
+        if not await run_in_threadpool(authorized, self.settings, token):
+            response: Any = JSONResponse({"detail": "a wrong token"}, status_code=401)
+        else:
+            response = RedirectResponse("/dashboard", status_code=303)
+            response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        await response(scope, receive, send)
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return credentials if scheme.lower() == "bearer" and credentials else None

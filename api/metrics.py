@@ -1,0 +1,113 @@
+"""`/metrics` in Prometheus' text format.
+
+Request latencies are measured in this process; everything else (trials by state, studies
+by state, live workers, trial durations) is read from the database at each scrape, so every
+API replica reports the same numbers and a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from storage import StudyRecord, WorkerRecord, grace_period_s, session_scope
+from storage.queries import finished_trial_seconds, trial_counts_by_study_name
+
+TRIAL_SECONDS_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class DatabaseCollector(Collector):
+    """Gauges and a histogram read from the database when Prometheus scrapes."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+
+    def collect(self) -> Iterator[Metric]:
+        with session_scope(self.database_url) as session:
+            trials = trial_counts_by_study_name(session)
+            studies = session.execute(
+                select(StudyRecord.state, func.count()).group_by(StudyRecord.state)
+            ).all()
+            now = session.scalar(select(func.now()))  # the database's clock, as for trials
+            alive_after = now - timedelta(seconds=grace_period_s())
+            workers = session.execute(
+                select(WorkerRecord.device, func.count())
+                .where(WorkerRecord.state != "stopped", WorkerRecord.heartbeat_at >= alive_after)
+                .group_by(WorkerRecord.device)
+            ).all()
+            under, total = finished_trial_seconds(session, TRIAL_SECONDS_BUCKETS)
+        yield _gauge("hpsearch_trials", "Trials by study and state.", ["study", "state"], trials)
+        yield _gauge("hpsearch_studies", "Studies by state.", ["state"], studies)
+        yield _gauge(
+            "hpsearch_workers_alive", "Workers with a recent heartbeat.", ["device"], workers
+        )
+        bounds = [str(bound) for bound in TRIAL_SECONDS_BUCKETS] + ["+Inf"]
+        yield HistogramMetricFamily(
+            "hpsearch_trial_duration_seconds",
+            "Wall time of finished (complete or pruned) trials.",
+            buckets=list(zip(bounds, under, strict=True)),
+            sum_value=total,
+        )
+
+
+def _gauge(name: str, doc: str, labels: list[str], rows: list) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc, labels=labels)
+    for *values, count in rows:
+        family.add_metric([str(v) for v in values], count)
+    return family
+
+
+class Metrics:
+    """This app's registry: request latencies plus the database's figures."""
+
+    def __init__(self, database_url: str) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Histogram(
+            "hpsearch_http_request_duration_seconds",
+            "API request latency by route.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.registry.register(DatabaseCollector(database_url))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class LatencyMiddleware:
+    """Time every request, labelled by its route template (`/api/v1/studies/{study}`), not
+    its raw path, so a scan of ids cannot grow the label set without bound."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(scope["method"], template, str(status)).observe(
+                time.perf_counter() - started
+            )

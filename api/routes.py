@@ -1,0 +1,233 @@
+"""The `/api/v1` routes: each validates, calls one service function, and returns its view."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, Request, Response, UploadFile
+from pydantic import BaseModel, Field
+
+from api.auth import require_token
+from api.errors import responses
+from hpsearch import results
+from hpsearch.datasets import add_dataset, get_dataset, list_datasets, parse_target
+from hpsearch.service import change_state, delete_study, resume_study, submit_study
+from hpsearch.spec import StudySpec
+from hpsearch.views import (
+    DatasetView,
+    LeaderboardEntry,
+    Page,
+    ResumedStudy,
+    StudyDetail,
+    StudySummary,
+    TrialDetail,
+    TrialStateName,
+    TrialSummary,
+    WorkerView,
+)
+
+router = APIRouter(
+    prefix="/api/v1", dependencies=[Depends(require_token)], responses=responses(401, 503)
+)
+
+StudyKey = Annotated[
+    str,
+    Path(
+        description="the study's numeric id or its name",
+        examples=["digits-bayes"],
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+    ),
+]
+TrialNumber = Annotated[int, Path(ge=0, le=10_000_000, description="the trial's number")]
+
+SPEC_EXAMPLE = {
+    "name": "digits-bayes",
+    "dataset": {"source": "builtin", "name": "digits"},
+    "model": {"hidden": [128], "activation": "relu"},
+    "search_space": {
+        "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+        "batch_size": {"choices": [32, 64, 128]},
+        "dropout": {"low": 0.0, "high": 0.5},
+    },
+    "training": {"max_epochs": 20},
+    "sampler": {"name": "bayes"},
+    "pruner": {"name": "median"},
+    "budget": {"n_trials": 30},
+}
+
+
+def _url(request: Request) -> str:
+    return request.app.state.settings.database_url
+
+
+@router.post(
+    "/studies",
+    status_code=201,
+    response_model=StudyDetail,
+    responses=responses(409, 413, 422),
+    summary="Submit a study",
+    description="Creates the study, or returns the one of that name when its spec is the same "
+    "(a new budget is taken over). Workers start on it at once.",
+)
+def create_study(
+    request: Request,
+    spec: Annotated[StudySpec, Body(openapi_examples={"digits": {"value": SPEC_EXAMPLE}})],
+) -> StudyDetail:
+    state = submit_study(_url(request), spec)
+    return results.study_detail(_url(request), state.id)
+
+
+@router.get("/studies", response_model=Page[StudySummary], summary="List studies with progress")
+def get_studies(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> Page[StudySummary]:
+    return results.list_studies(_url(request), limit, offset)
+
+
+@router.get("/studies/{study}", response_model=StudyDetail, responses=responses(404, 422))
+def get_study(request: Request, study: StudyKey) -> StudyDetail:
+    """The spec, state, progress and best trial."""
+    return results.study_detail(_url(request), study)
+
+
+@router.get(
+    "/studies/{study}/leaderboard",
+    response_model=list[LeaderboardEntry],
+    responses=responses(404, 422),
+)
+def get_leaderboard(
+    request: Request, study: StudyKey, top: Annotated[int, Query(ge=1, le=1000)] = 10
+) -> list[LeaderboardEntry]:
+    """The best complete trials, best first."""
+    return results.leaderboard(_url(request), study, top)
+
+
+@router.get(
+    "/studies/{study}/trials", response_model=Page[TrialSummary], responses=responses(404, 422)
+)
+def get_trials(
+    request: Request,
+    study: StudyKey,
+    state: TrialStateName | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> Page[TrialSummary]:
+    """Trials by number, optionally of one state."""
+    return results.list_trials(_url(request), study, state, limit, offset)
+
+
+@router.get(
+    "/studies/{study}/trials/{number}", response_model=TrialDetail, responses=responses(404, 422)
+)
+def get_trial(request: Request, study: StudyKey, number: TrialNumber) -> TrialDetail:
+    """One trial with its learning curve."""
+    return results.trial_detail(_url(request), study, number)
+
+
+@router.get(
+    "/studies/{study}/trials/{number}/model",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "torch.save'd weights"},
+        **responses(404, 422),
+    },
+)
+def get_model(request: Request, study: StudyKey, number: TrialNumber) -> Response:
+    """The trained weights (a `state_dict` for `torch.load`) of one of the best trials."""
+    payload = results.model_weights(_url(request), study, number)
+    filename = f"{study}-trial-{number}.pt"
+    return Response(
+        payload,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.post(
+    "/studies/{study}/pause", response_model=StudySummary, responses=responses(404, 409, 422)
+)
+def pause(request: Request, study: StudyKey) -> StudySummary:
+    """Start no new trials (running ones finish); 409 unless queued or running."""
+    state = change_state(_url(request), study, "pause")
+    return results.study_summary(_url(request), state.id)
+
+
+@router.post(
+    "/studies/{study}/cancel", response_model=StudySummary, responses=responses(404, 409, 422)
+)
+def cancel(request: Request, study: StudyKey) -> StudySummary:
+    """Stop the study for good; its results stay. 409 once completed or cancelled."""
+    state = change_state(_url(request), study, "cancel")
+    return results.study_summary(_url(request), state.id)
+
+
+@router.post(
+    "/studies/{study}/resume", response_model=ResumedStudy, responses=responses(404, 409, 422)
+)
+def resume(request: Request, study: StudyKey) -> ResumedStudy:
+    """Run the study again and free the trials of crashed workers now (not after the grace
+    period); they resume from their checkpoints."""
+    state, freed = resume_study(_url(request), study)
+    summary = results.study_summary(_url(request), state.id)
+    return ResumedStudy(**summary.model_dump(), freed_trials=freed)
+
+
+class Extension(BaseModel):
+    n_trials: int = Field(ge=1, le=1_000_000, description="trials to add to the budget")
+
+
+@router.post(
+    "/studies/{study}/extend", response_model=StudySummary, responses=responses(404, 409, 413, 422)
+)
+def extend(request: Request, study: StudyKey, extension: Extension) -> StudySummary:
+    """Raise the budget; a completed study runs again."""
+    state = change_state(_url(request), study, "extend", extension.n_trials)
+    return results.study_summary(_url(request), state.id)
+
+
+@router.delete("/studies/{study}", status_code=204, responses=responses(404, 409, 422))
+def remove_study(request: Request, study: StudyKey) -> Response:
+    """Delete the study with its trials, checkpoints and kept weights (409 while it runs:
+    pause or cancel it first)."""
+    delete_study(_url(request), study)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/datasets", status_code=201, response_model=DatasetView, responses=responses(413, 422)
+)
+def upload_dataset(
+    request: Request,
+    file: Annotated[UploadFile, File(description="a .csv, .parquet or .npz file")],
+    target: Annotated[
+        str,
+        Form(
+            max_length=4096,
+            description="the label column; comma-separated columns for a multilabel target",
+        ),
+    ],
+) -> DatasetView:
+    """Store a data set in the database, after checking that it can be trained on; a study
+    uses it with `dataset: {source: uploaded, id: N}`."""
+    content = file.file.read()  # already spooled to disk within the size limit
+    return add_dataset(_url(request), file.filename or "upload", content, parse_target(target))
+
+
+@router.get("/datasets", response_model=list[DatasetView])
+def get_datasets(request: Request) -> list[DatasetView]:
+    return list_datasets(_url(request))
+
+
+@router.get("/datasets/{dataset_id}", response_model=DatasetView, responses=responses(404, 422))
+def get_one_dataset(
+    request: Request, dataset_id: Annotated[int, Path(ge=1, le=2**31 - 1)]
+) -> DatasetView:
+    return get_dataset(_url(request), dataset_id)
+
+
+@router.get("/workers", response_model=list[WorkerView])
+def get_workers(request: Request) -> list[WorkerView]:
+    """Workers that have not stopped, with device, heartbeat and current trial."""
+    return results.list_workers(_url(request))

@@ -1,0 +1,29 @@
+"""What the API server is configured with; read from the environment once, at start."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from hpsearch.tokens import env_token_hashes
+from storage import default_url
+
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = field(default_factory=default_url)
+    # Tokens from $HPSEARCH_API_TOKENS, hashed; those made with `hpsearch token create` are
+    # read from the database at each request, so a new or revoked token needs no restart.
+    env_token_hashes: tuple[str, ...] = ()
+    max_spec_bytes: int = 1 * MB
+    max_upload_bytes: int = 100 * MB
+
+    @classmethod
+    def from_env(cls, database_url: str | None = None) -> Settings:
+        return cls(
+            database_url=database_url or default_url(),
+            env_token_hashes=tuple(env_token_hashes()),
+            max_upload_bytes=int(float(os.environ.get("HPSEARCH_MAX_UPLOAD_MB", "100")) * MB),
+        )

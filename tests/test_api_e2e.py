@@ -1,0 +1,228 @@
+"""End to end: `hpsearch serve` as a real uvicorn process with a token, two `hpsearch worker`
+processes on PostgreSQL, and a client speaking HTTP (httpx, and the CLI's `--api` mode)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from hpsearch.data import load_dataset
+from hpsearch.model import build_mlp
+from hpsearch.spec import parse_spec
+from tests.conftest import REPO, hpsearch_command
+
+pytestmark = pytest.mark.postgres
+
+TOKEN = "hps_end-to-end-token"
+SPEC: dict[str, Any] = {
+    "name": "digits-e2e",
+    "dataset": {"source": "builtin", "name": "digits"},
+    "model": {"hidden": [64]},
+    "search_space": {
+        "learning_rate": {"low": 1e-3, "high": 3e-2, "log": True},
+        "dropout": {"low": 0.0, "high": 0.3},
+    },
+    "training": {"max_epochs": 12, "early_stopping_patience": None},
+    "sampler": {"name": "tpe", "seed": 0},
+    "budget": {"n_trials": 8},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def environment(tmp_path: Path) -> dict[str, str]:
+    return os.environ | {"HPSEARCH_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
+
+
+@pytest.fixture
+def server(postgres_url: str, tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = environment(tmp_path) | {"HPSEARCH_API_TOKENS": TOKEN}
+    log = (tmp_path / "server.log").open("w")
+    process = subprocess.Popen(
+        hpsearch_command("serve", "--port", str(port), "--db", postgres_url),
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited: {(tmp_path / 'server.log').read_text()}")
+        try:
+            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 60, "the API server")
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def workers(postgres_url: str, tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    processes = [
+        subprocess.Popen(
+            hpsearch_command("worker", "--db", postgres_url, "--device", "cpu"),
+            cwd=tmp_path,
+            env=environment(tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / f"worker-{i}.log").open("w"),
+        )
+        for i in range(2)
+    ]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            assert process.wait(timeout=60) == 0
+
+
+def test_a_study_submitted_over_http_runs_on_workers_and_is_served_back(
+    server: str, workers: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    api = httpx.Client(
+        base_url=f"{server}/api/v1", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30
+    )
+    assert httpx.get(f"{server}/api/v1/studies").status_code == 401
+
+    created = api.post("/studies", json=SPEC)
+    assert created.status_code == 201, created.text
+    study_id = created.json()["id"]
+
+    def progress() -> dict[str, int]:
+        return api.get(f"/studies/{study_id}").json()["progress"]
+
+    # Pause once a trial finished: the running ones finish, no new one starts.
+    wait_for(lambda: progress()["finished"] >= 1, 120, "the first finished trial")
+    assert api.post("/studies/digits-e2e/pause").json()["state"] == "paused"
+    wait_for(lambda: progress()["running"] == 0, 60, "the running trials to finish")
+    paused = progress()
+    time.sleep(3)
+    assert progress() == paused
+    assert paused["finished"] < SPEC["budget"]["n_trials"]
+    assert api.post("/studies/digits-e2e/pause").status_code == 409
+
+    assert api.post("/studies/digits-e2e/resume").json()["state"] == "running"
+    wait_for(
+        lambda: api.get(f"/studies/{study_id}").json()["state"] == "completed",
+        240,
+        "the study to complete",
+        every=0.5,
+    )
+    done = progress()
+    assert (done["finished"], done["running"], done["failed"]) == (8, 0, 0)
+
+    # The leaderboard is the complete trials ranked by value.
+    board = api.get("/studies/digits-e2e/leaderboard", params={"top": 5}).json()
+    complete = api.get("/studies/digits-e2e/trials", params={"state": "complete"}).json()
+    ranked = sorted(complete["items"], key=lambda t: (-t["value"], t["number"]))
+    assert [(r["rank"], r["number"], r["value"]) for r in board] == [
+        (i + 1, t["number"], t["value"]) for i, t in enumerate(ranked[:5])
+    ]
+
+    # The best trial's learning curve has one point per epoch it trained.
+    best = api.get(f"/studies/digits-e2e/trials/{board[0]['number']}").json()
+    assert len(best["curve"]) == best["epochs"] == 12
+    assert [p["epoch"] for p in best["curve"]] == list(range(1, 13))
+    assert max(p["value"] for p in best["curve"]) == pytest.approx(best["value"])
+    assert best["has_model"] is True
+
+    # Its downloaded weights load into the network and score the stored test accuracy.
+    weights = api.get(f"/studies/digits-e2e/trials/{board[0]['number']}/model")
+    assert weights.headers["content-type"] == "application/octet-stream"
+    state = torch.load(io.BytesIO(weights.content), weights_only=True)
+    spec = parse_spec(SPEC)
+    data = load_dataset(spec)
+    network = build_mlp(data.n_features, data.n_outputs, [64], dropout=best["params"]["dropout"])
+    network.load_state_dict(state)
+    network.eval()
+    with torch.no_grad():
+        predicted = network(data.x_test).argmax(dim=1)
+    accuracy = (predicted == data.y_test).float().mean().item()
+    assert accuracy == pytest.approx(best["metrics"]["test_accuracy"], abs=1e-6)
+
+    workers_seen = api.get("/workers").json()
+    assert len(workers_seen) == 2 and all(w["alive"] and w["device"] == "cpu" for w in workers_seen)
+
+    # The client CLI over --api prints the same leaderboard.
+    cli = run_client(tmp_path, "leaderboard", "digits-e2e", "--top", "5", "--json", api=server)
+    assert cli.returncode == 0, cli.stderr
+    assert [row["number"] for row in json.loads(cli.stdout)] == [r["number"] for r in board]
+    table = run_client(tmp_path, "studies", api=server)
+    assert "digits-e2e" in table.stdout and "8/8" in table.stdout
+
+    # Cancel and delete: a second study is cancelled before any worker takes it, then both go.
+    other = api.post("/studies", json={**SPEC, "name": "cancelled-e2e"}).json()
+    assert api.post(f"/studies/{other['id']}/cancel").json()["state"] == "cancelled"
+    time.sleep(3)  # workers poll every 2 s; a cancelled study gets no trial
+    assert api.get("/studies/cancelled-e2e").json()["progress"]["finished"] == 0
+    assert api.get("/studies/cancelled-e2e").json()["progress"]["running"] == 0
+    assert api.delete("/studies/cancelled-e2e").status_code == 204
+    assert api.delete("/studies/digits-e2e").status_code == 204
+    assert api.get("/studies").json()["total"] == 0
+    assert api.get("/studies/digits-e2e/trials/0/model").status_code == 404
+
+
+def run_client(
+    tmp_path: Path, *args: str, api: str, token: str = TOKEN
+) -> subprocess.CompletedProcess[str]:
+    env = environment(tmp_path) | {"HPSEARCH_API_TOKEN": token}
+    return subprocess.run(
+        hpsearch_command(*args, "--api", api),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_client_says_in_one_line_when_the_api_is_down_or_refuses_it(
+    server: str, tmp_path: Path
+) -> None:
+    refused = run_client(tmp_path, "studies", api=server, token="hps_wrong")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().startswith("error: the API at")
+    assert "refused the request (a wrong token): set HPSEARCH_API_TOKEN" in refused.stderr
+    down = run_client(tmp_path, "studies", api=f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 2
+    assert "cannot reach the API at http://127.0.0.1:" in down.stderr
+    for result in (refused, down):
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    missing = run_client(tmp_path, "status", "nope", api=server)
+    assert missing.returncode == 2 and "no study 'nope'" in missing.stderr
