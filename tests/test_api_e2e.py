@@ -226,3 +226,35 @@ def test_the_client_says_in_one_line_when_the_api_is_down_or_refuses_it(
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     missing = run_client(tmp_path, "status", "nope", api=server)
     assert missing.returncode == 2 and "no study 'nope'" in missing.stderr
+
+
+def test_without_a_token_the_server_listens_on_loopback_only_and_says_so(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in environment(tmp_path).items() if k != "HPSEARCH_API_TOKENS"}
+    process = subprocess.Popen(
+        hpsearch_command(
+            "serve", "--host", "0.0.0.0", "--port", str(port), "--db", f"sqlite:///{tmp_path}/o.db"
+        ),
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).is_success
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 60, "the API server")
+        sockets = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        assert [line.split()[3] for line in sockets] == [f"127.0.0.1:{port}"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert "no API token configured: listening on 127.0.0.1 only" in stderr

@@ -3,17 +3,21 @@ checked against what Optuna itself says about the same trials."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
+from typer.testing import CliRunner
 
 from hpsearch import results
+from hpsearch.cli import app
 from hpsearch.errors import Conflict
 from hpsearch.service import StudyNotFound, change_state, delete_study, submit_study
 from hpsearch.spec import parse_spec
+from hpsearch.tokens import hash_token, stored_token_hashes
 from storage import optuna_storage
 
 
@@ -132,3 +136,43 @@ def test_delete_removes_the_study_and_its_trials_but_not_while_it_runs(url: str)
     with pytest.raises(StudyNotFound):
         results.study_detail(url, "doomed")
     submit_study(url, make_spec("doomed"))  # the name is free again
+
+
+def test_client_commands_on_the_database_print_tables_and_json(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    submit_study(url, make_spec("shown"))
+    fill(url, "shown", [0.25, 0.75, None], history=True)
+    runner = CliRunner()
+
+    def cli(*args: str) -> str:
+        result = runner.invoke(app, [*args, "--db", url], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "shown" in cli("studies") and "3/20" in cli("studies")
+    status = cli("status", "shown")
+    assert "best: trial 1, val_accuracy = 0.75" in status
+    assert "2 complete, 1 pruned" in status
+    rows = json.loads(cli("leaderboard", "shown", "--json"))
+    assert [(r["rank"], r["number"]) for r in rows] == [(1, 1), (2, 0)]
+    assert "learning curve" in cli("trial", "shown", "1")
+    assert json.loads(cli("trial", "shown", "1", "--json"))["curve"][1]["val_loss"] == 0.6
+    missing = runner.invoke(app, ["trial", "shown", "9", "--db", url])
+    assert missing.exit_code == 2 and "has no trial 9" in missing.output
+
+
+def test_token_commands(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'tokens.db'}"
+    runner = CliRunner()
+    created = runner.invoke(app, ["token", "create", "alice", "--db", url])
+    assert created.exit_code == 0
+    token = created.stdout.strip().splitlines()[-1]
+    assert token.startswith("hps_") and len(token) > 40
+    assert stored_token_hashes(url) == ([hash_token(token)], True)
+    again = runner.invoke(app, ["token", "create", "alice", "--db", url])
+    assert again.exit_code == 2 and "exists already" in again.output
+    assert "alice" in runner.invoke(app, ["token", "list", "--db", url]).output
+    assert runner.invoke(app, ["token", "revoke", "alice", "--db", url]).exit_code == 0
+    assert stored_token_hashes(url) == ([], True)
+    gone = runner.invoke(app, ["token", "revoke", "alice", "--db", url])
+    assert gone.exit_code == 2 and "no active token named 'alice'" in gone.output
