@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import math
 import os
-import platform
-import re
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
+from report import environment, write_section
 
 from hpsearch.search import make_sampler, suggest_params
 from hpsearch.spec import StudySpec, parse_spec
@@ -40,8 +36,6 @@ CHECKPOINTS = (10, 20, 30)
 ASK_SIZES = (30, 200)  # finished trials in the study when the asks are timed
 N_TIMED_ASKS = 5
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "BENCHMARKS.md"
 SECTION = "## Samplers on test functions"
 COMMAND = ".venv/bin/python bench/samplers.py"
 
@@ -214,41 +208,13 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo (Linux), else whatever platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def package_version(name: str) -> str:
-    """The installed version of a distribution, or "not installed"."""
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def environment() -> str:
-    """Machine, date and versions, so that numbers from different runs can be compared.
+def environment_lines() -> str:
+    """Machine, date and versions.
 
     greenlet is listed because without it Optuna's GPSampler optimises its acquisition
     function sequentially, which makes `gp` asks about twice as slow.
     """
-    versions = ", ".join(
-        f"{name} {package_version(name)}"
-        for name in ("optuna", "scikit-optimize", "torch", "greenlet")
-    )
-    return (
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores\n"
-        f"- Date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC\n"
-        f"- Python {platform.python_version()}, {versions}\n"
-        f"- Command: `{COMMAND}`"
-    )
+    return environment(COMMAND, ("optuna", "scikit-optimize", "torch", "greenlet"))
 
 
 def section(quality: list[str], timing: str, run_seconds: float, load: float) -> str:
@@ -259,7 +225,7 @@ def section(quality: list[str], timing: str, run_seconds: float, load: float) ->
     )
     return f"""{SECTION}
 
-{environment()}
+{environment_lines()}
 - Run time: {run_seconds:.0f} s; load average {load:.1f} when it started (other processes
   on the machine slow every sampler, `gp` and `bayes` most)
 
@@ -286,19 +252,6 @@ already holding that many finished random trials.
 """
 
 
-def write_section(text: str) -> None:
-    """Replace our section of BENCHMARKS.md (or append it), keeping every other section."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    if not old.startswith("# Benchmarks"):
-        old = "# Benchmarks\n\n" + old
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(old):
-        new = pattern.sub(lambda _: text + "\n", old, count=1).rstrip("\n") + "\n"
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     """Run every problem, sampler and seed, time the asks, then print and record the tables."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -319,7 +272,7 @@ def main() -> None:
     print(f"### Time per ask\n\n{timing_table(seconds)}\n")
     run_seconds = time.perf_counter() - start
     print(f"Run time: {run_seconds:.0f} s")
-    write_section(section(quality, timing_table(seconds), run_seconds, load))
+    write_section(SECTION, section(quality, timing_table(seconds), run_seconds, load))
 
 
 if __name__ == "__main__":

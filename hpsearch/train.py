@@ -184,6 +184,10 @@ class _Checkpoints:
     def hand_out(self, run: _Run) -> None:
         if self.deliver is not None:
             self.deliver(run.checkpoint(), run.epoch)
+        self.restart()
+
+    def restart(self) -> None:
+        """Count the interval from now (a checkpoint was just handed out)."""
         self.last = time.monotonic()
 
 
@@ -381,6 +385,16 @@ def evaluate(
     model.eval()
     out = torch.cat([model(x[i : i + _EVAL_CHUNK]) for i in range(0, x.shape[0], _EVAL_CHUNK)])
     model.train(was_training)
+    metrics = metric_tensors(out, y, data, loss_fn)
+    values = torch.stack([v.float() for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values, strict=True))
+
+
+def metric_tensors(
+    out: torch.Tensor, y: torch.Tensor, data: TensorData, loss_fn: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Loss and the task's metrics of the outputs `out` for targets `y`, still on the device
+    (so a caller can read many back in one transfer)."""
     metrics = {"loss": loss_fn(out, y)}
     if data.task == "regression":
         pred, true = out * data.y_std + data.y_mean, y * data.y_std + data.y_mean
@@ -403,8 +417,7 @@ def evaluate(
             nn.functional.one_hot(pred, n_classes).bool(),
             nn.functional.one_hot(y, n_classes).bool(),
         )
-    values = torch.stack([v.float() for v in metrics.values()]).tolist()
-    return dict(zip(metrics, values, strict=True))
+    return metrics
 
 
 def _macro_f1(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:

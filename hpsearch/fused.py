@@ -1,0 +1,564 @@
+"""Training a pack of trials as one horizontally fused network.
+
+Trials of one study that share an architecture differ only in numbers: learning rate,
+dropout, weight decay, momentum, gradient clipping, batch size. Their weights are stacked
+(`[K, in, out]` per layer) and trained together with batched matmuls, so one kernel does the
+work of K and a small network keeps a GPU busy instead of waiting on the host between tiny
+kernels. On a CPU the same code saves the per-step Python and dispatch overhead K times.
+
+Batch sizes: every member keeps its own. An epoch is `ceil(n / b_k)` steps for member k,
+each an index slice of its own permutation of the training rows, exactly the batches it
+would see alone. Fused step s trains every member that still has a step s in the epoch.
+Members are kept sorted by batch size, largest first, so those still stepping are always a
+contiguous slice `[lo:]` of the stacked tensors (a view, no copy): the large-batch members
+finish their epoch first, and a step pads each member's batch to the largest batch of the
+slice, with the padding rows weighted 0 in the loss. Only the interleaving with the other
+members differs from training alone, and the dropout masks, which come from the pack's own
+random stream.
+
+Per member: learning rate and its scheduler, optimiser state and step count, gradient-norm
+clipping, early stopping with the best weights kept, divergence, pruning. A member that
+stops leaves the pack at once (`on_done` gets its result), and the others go on in smaller
+tensors.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpsearch.data import TensorData
+from hpsearch.model import ACTIVATIONS
+from hpsearch.train import (
+    CHECKPOINT_FORMAT,
+    EXPLOSION_FACTOR,
+    EpochRecord,
+    TrainResult,
+    TrialConfig,
+    _better,
+    _check_fits,
+    _Checkpoints,
+    _data_shape,
+    _load_checkpoint,
+    _load_optimizer,
+    _loss_function,
+    _optimizer,
+    _prefixed,
+    _records,
+    _restore_rng,
+    _rng_state,
+    _scheduler,
+    _step_scheduler,
+    _to_cpu,
+    build_model,
+    evaluate,
+    metric_tensors,
+)
+
+_EVAL_CHUNK = 16384  # validation rows per fused forward pass, to bound K x rows x width
+_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as the single-trial path uses
+_ADAM_EPS = 1e-8
+_RMSPROP_ALPHA, _RMSPROP_EPS = 0.99, 1e-8
+
+# Called after each epoch of a member with its position in the caller's list; True prunes it.
+MemberEpoch = Callable[[int, EpochRecord], bool]
+# Called once when a member leaves the pack, with its position and its result.
+MemberDone = Callable[[int, TrainResult], None]
+# Receives a member's checkpoint (in `train`'s format, so either path resumes it) and epoch.
+MemberCheckpoint = Callable[[int, bytes, int], None]
+
+
+def pack_key(config: TrialConfig) -> tuple[Any, ...]:
+    """Trials with equal keys can share a pack: same network shape and update rule."""
+    return (
+        config.hidden,
+        config.activation,
+        config.init,
+        config.batch_norm,
+        config.optimizer,
+        config.scheduler,
+        config.max_epochs,
+        config.metric,
+        config.maximize,
+    )
+
+
+def train_pack(
+    configs: list[TrialConfig],
+    data: TensorData,
+    on_epoch: MemberEpoch | None = None,
+    on_done: MemberDone | None = None,
+    *,
+    on_checkpoint: MemberCheckpoint | None = None,
+    checkpoint_every_s: float = 30.0,
+    checkpoint_now: threading.Event | None = None,
+    stop_after_checkpoint: bool = False,
+    resume_from: list[bytes | None] | None = None,
+) -> list[TrainResult]:
+    """Train the trials together; results in the order of `configs`, each as `train` would
+    return it (best weights restored, scored on val and test).
+
+    Checkpoints and resuming work as in `train`, per member: every member hands out a
+    checkpoint in `train`'s format when one is due, so a member's retry resumes alone or
+    in another pack; `resume_from[i]` continues member i from one (members of one pack may
+    stand at different epochs). With `stop_after_checkpoint`, a set `checkpoint_now` ends
+    every member as interrupted after its checkpoint.
+    """
+    if len({pack_key(c) for c in configs}) != 1:
+        raise ValueError("a pack needs trials with one architecture, optimiser and scheduler")
+    if configs[0].batch_norm:
+        raise ValueError("batch norm is not fused; train these trials one at a time")
+    results: dict[int, TrainResult] = {}
+
+    def done(index: int, result: TrainResult) -> None:
+        results[index] = result
+        if on_done is not None:
+            on_done(index, result)
+
+    pack = _Pack(configs, data, resume_from or [None] * len(configs))
+    checkpoints = _Checkpoints(None, checkpoint_every_s, checkpoint_now)
+    pack.fit(on_epoch, done, on_checkpoint, checkpoints, stop_after_checkpoint)
+    return [results[i] for i in range(len(configs))]
+
+
+@dataclass
+class _Member:
+    """What the pack knows of one trial besides its slices of the stacked tensors."""
+
+    index: int
+    config: TrialConfig
+    generator: torch.Generator  # its batch order, seeded as training it alone would be
+    scheduler: Any  # a torch scheduler driving a stand-in optimizer that holds the member's lr
+    explosion: float = math.inf
+    best_value: float = math.nan
+    best_epoch: int = 0
+    best_weights: list[torch.Tensor] = field(default_factory=list)
+    history: list[EpochRecord] = field(default_factory=list)
+    seconds_before: float = 0.0  # spent before the checkpoint it resumed from
+    resumed_from_epoch: int | None = None
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.optimizer.param_groups[0]["lr"]
+
+    @property
+    def epoch(self) -> int:
+        """The last epoch it completed."""
+        return len(self.history)
+
+
+class _Pack:
+    def __init__(
+        self, configs: list[TrialConfig], data: TensorData, resume_from: list[bytes | None]
+    ) -> None:
+        self.started = time.perf_counter()
+        self.data, self.device = data, data.device
+        self.loss_fn = _loss_function(data.task)
+        self.activation = ACTIVATIONS[configs[0].activation]()
+        order = sorted(range(len(configs)), key=lambda i: -configs[i].batch_size)
+        self.members = [self._member(i, configs[i]) for i in order]
+        self.params = self._stacked_initial_weights()
+        self.state = [torch.zeros_like(p) for p in self.params for _ in range(2)]
+        self.steps = torch.zeros(len(self.members), device=self.device)
+        self.dropout_generator = torch.Generator(device=self.device).manual_seed(
+            configs[0].seed + 1
+        )
+        for k, member in enumerate(self.members):
+            payload = resume_from[member.index]
+            if payload is not None:
+                self._restore(k, _load_checkpoint(payload))
+        self._set_hyperparameters()
+
+    def _member(self, index: int, config: TrialConfig) -> _Member:
+        holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
+        generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        return _Member(index, config, generator, _scheduler(config, holder) or _Constant(holder))
+
+    def _stacked_initial_weights(self) -> list[torch.Tensor]:
+        """Each member's weights initialised exactly as its network alone would be, stacked
+        per layer as `[K, in, out]` (weights) and `[K, 1, out]` (biases)."""
+        layers = []
+        for member in self.members:
+            torch.manual_seed(member.config.seed)
+            model = build_model(member.config, self.data)
+            layers.append([m for m in model if isinstance(m, nn.Linear)])
+        params = []
+        for depth in range(len(layers[0])):
+            weights = torch.stack([ls[depth].weight.detach().T for ls in layers])
+            biases = torch.stack([ls[depth].bias.detach()[None, :] for ls in layers])
+            params += [weights.to(self.device), biases.to(self.device)]
+        return [p.contiguous().requires_grad_() for p in params]
+
+    def _set_hyperparameters(self) -> None:
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, device=self.device, dtype=torch.float32).view(-1, 1, 1)
+
+        configs = [m.config for m in self.members]
+        self.lr = column([m.lr for m in self.members])
+        self.weight_decay = column([c.weight_decay for c in configs])
+        self.momentum = column([c.momentum for c in configs])
+        self.keep = column([1.0 - c.dropout for c in configs])
+        self.clip = column([c.grad_clip_norm or math.inf for c in configs]).view(-1)
+        self.batch = torch.tensor([c.batch_size for c in configs], device=self.device)
+        self.has_dropout = any(c.dropout > 0 for c in configs)
+
+    # --- the epoch loop ----------------------------------------------------------------
+
+    def fit(
+        self,
+        on_epoch: MemberEpoch | None,
+        on_done: MemberDone,
+        on_checkpoint: MemberCheckpoint | None,
+        checkpoints: _Checkpoints,
+        stop: bool,
+    ) -> None:
+        self._start()
+        while self.members:
+            train_losses = self._train_epoch()
+            val = self._evaluate_val()
+            leaving: dict[int, str] = {}
+            for k, member in enumerate(self.members):
+                ending = self._after_epoch(member, train_losses[k], val[k], on_epoch)
+                if ending is not None:
+                    leaving[k] = ending
+            for k, ending in leaving.items():
+                on_done(self.members[k].index, self._result(self.members[k], ending))
+            self._set_lr()
+            if leaving:
+                self._keep([k for k in range(len(self.members)) if k not in leaving])
+            if self.members and checkpoints.due():
+                forced = checkpoints.forced()
+                for k, member in enumerate(self.members):
+                    if on_checkpoint is not None:
+                        on_checkpoint(member.index, self.checkpoint(k), member.epoch)
+                checkpoints.restart()
+                if forced and stop:
+                    for member in self.members:
+                        on_done(member.index, self._result(member, "interrupted"))
+                    return
+
+    def _start(self) -> None:
+        """The untrained networks are the first best, and the yardstick for explosions;
+        resumed members bring theirs."""
+        fresh = [k for k, m in enumerate(self.members) if m.resumed_from_epoch is None]
+        if not fresh:
+            return
+        untrained_all = self._evaluate_val()
+        for k in fresh:
+            member, untrained = self.members[k], untrained_all[k]
+            member.explosion = EXPLOSION_FACTOR * max(untrained["loss"], 1.0)
+            member.best_value = untrained[member.config.metric]
+            member.best_weights = [p[k].detach().clone() for p in self.params]
+
+    def _after_epoch(
+        self, member: _Member, loss: float, val: dict[str, float], on_epoch: MemberEpoch | None
+    ) -> str | None:
+        """Record the member's next epoch; how it ends, when this epoch ends it."""
+        config, epoch = member.config, member.epoch + 1
+        if not (math.isfinite(loss) and math.isfinite(val["loss"])) or loss > member.explosion:
+            return "diverged"
+        record = EpochRecord(epoch, loss, val["loss"], val[config.metric], member.lr)
+        member.history.append(record)
+        k = self.members.index(member)
+        if member.best_epoch == 0 or _better(record.value, member.best_value, config.maximize):
+            member.best_value, member.best_epoch = record.value, epoch
+            member.best_weights = [p[k].detach().clone() for p in self.params]
+        if on_epoch is not None and on_epoch(member.index, record):
+            return "pruned"
+        patience = config.early_stopping_patience
+        stalled = patience is not None and epoch - member.best_epoch >= patience
+        if epoch >= config.max_epochs:
+            return "completed"
+        if stalled:
+            return "stopped_early"
+        _step_scheduler(member.scheduler, record.val_loss)
+        return None
+
+    def _set_lr(self) -> None:
+        lrs = [m.lr for m in self.members]
+        self.lr = torch.tensor(lrs, device=self.device, dtype=torch.float32).view(-1, 1, 1)
+
+    def _keep(self, ks: list[int]) -> None:
+        """Drop the members that left: every stacked tensor keeps the rows of `ks`."""
+        index = torch.tensor(ks, device=self.device)
+        self.members = [self.members[k] for k in ks]
+        if not self.members:
+            return
+        self.params = [p.detach()[index].requires_grad_() for p in self.params]
+        self.state = [s[index] for s in self.state]
+        self.steps = self.steps[index]
+        for name in ("lr", "weight_decay", "momentum", "keep", "clip", "batch"):
+            setattr(self, name, getattr(self, name)[index])
+        self.has_dropout = any(m.config.dropout > 0 for m in self.members)
+
+    # --- one epoch -----------------------------------------------------------------------
+
+    def _train_epoch(self) -> list[float]:
+        """One epoch of every member; their mean training losses, read back once."""
+        n = self.data.x_train.shape[0]
+        perms = torch.stack(
+            [torch.randperm(n, device=self.device, generator=m.generator) for m in self.members]
+        )
+        sizes = [m.config.batch_size for m in self.members]  # largest first
+        steps = [math.ceil(n / b) for b in sizes]
+        total = torch.zeros(len(self.members), device=self.device)
+        lo = 0
+        for s in range(steps[-1]):
+            while steps[lo] <= s:
+                lo += 1
+            total[lo:] += self._step(perms[lo:], s, lo, sizes[lo], n)
+        return (total / n).tolist()
+
+    def _step(self, perms: torch.Tensor, s: int, lo: int, width: int, n: int) -> torch.Tensor:
+        """Step s of members [lo:], each on its own batch padded to `width` rows; returns
+        each member's summed loss over its real rows."""
+        batch = self.batch[lo:, None]
+        column = torch.arange(width, device=self.device)[None, :]
+        position = s * batch + column
+        real = (column < batch) & (position < n)
+        rows = perms.gather(1, position.clamp(max=n - 1))
+        row_loss = self._row_loss(
+            self._forward(self.data.x_train[rows], lo), self.data.y_train[rows]
+        )
+        weight = real.to(row_loss.dtype)
+        counts = weight.sum(dim=1)
+        member_loss = (row_loss * weight).sum(dim=1) / counts
+        for p in self.params:
+            p.grad = None
+        member_loss.sum().backward()  # each member's gradient is that of its own mean loss
+        with torch.no_grad():
+            self._clip(lo)
+            self._update(lo)
+        return member_loss.detach() * counts
+
+    def _forward(self, x: torch.Tensor, lo: int, train: bool = True) -> torch.Tensor:
+        """The members [lo:] on their own rows: x is [K, rows, features]."""
+        hidden = len(self.params) // 2 - 1
+        h = x
+        for depth in range(hidden):
+            weight, bias = self.params[2 * depth][lo:], self.params[2 * depth + 1][lo:]
+            h = self.activation(torch.baddbmm(bias, h, weight))
+            if train and self.has_dropout:
+                keep = self.keep[lo:]
+                draw = torch.rand(h.shape, device=self.device, generator=self.dropout_generator)
+                h = h * (draw < keep) / keep
+        return torch.baddbmm(self.params[-1][lo:], h, self.params[-2][lo:])
+
+    def _row_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of every row of every member: [K, rows]."""
+        functional = nn.functional
+        task = self.data.task
+        if task == "regression":
+            return (out.squeeze(-1) - y).square()
+        if task == "multilabel":
+            return functional.binary_cross_entropy_with_logits(out, y, reduction="none").mean(-1)
+        k, rows, classes = out.shape
+        flat = functional.cross_entropy(out.reshape(-1, classes), y.reshape(-1), reduction="none")
+        return flat.view(k, rows)
+
+    def _clip(self, lo: int) -> None:
+        """Each member's gradients scaled to its own norm limit, as clip_grad_norm_ does."""
+        clip = self.clip[lo:]
+        if not bool(torch.isfinite(clip).any()):
+            return
+        grads = [p.grad[lo:] for p in self.params]
+        norm = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
+        scale = (clip / (norm + 1e-6)).clamp(max=1.0).view(-1, 1, 1)
+        for g in grads:
+            g.mul_(scale)
+
+    def _update(self, lo: int) -> None:
+        """The members' optimiser step, vectorised: torch.optim's update rules with each
+        member's own learning rate, weight decay, momentum and step count."""
+        name = self.members[0].config.optimizer
+        lr, wd = self.lr[lo:], self.weight_decay[lo:]
+        self.steps[lo:] += 1
+        step = self.steps[lo:].view(-1, 1, 1)
+        for i, p in enumerate(self.params):
+            param, grad = p.data[lo:], p.grad[lo:]
+            first, second = self.state[2 * i][lo:], self.state[2 * i + 1][lo:]
+            if name == "adamw":
+                param.mul_(1 - lr * wd)
+            elif bool((wd > 0).any()):
+                grad = grad + wd * param  # L2, as torch's Adam, SGD and RMSprop apply it
+            if name in ("adam", "adamw"):
+                beta1, beta2 = _BETAS
+                first.mul_(beta1).add_(grad, alpha=1 - beta1)
+                second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (second / (1 - beta2**step)).sqrt_().add_(_ADAM_EPS)
+                param.sub_(lr / (1 - beta1**step) * first / denom)
+            elif name == "sgd":
+                first.mul_(self.momentum[lo:]).add_(grad)
+                param.sub_(lr * first)
+            elif name == "rmsprop":
+                second.mul_(_RMSPROP_ALPHA).addcmul_(grad, grad, value=1 - _RMSPROP_ALPHA)
+                param.sub_(lr * grad / (second.sqrt() + _RMSPROP_EPS))
+            else:
+                raise ValueError(f"unknown optimizer {name!r}")
+
+    @torch.no_grad()
+    def _evaluate_val(self) -> list[dict[str, float]]:
+        """Loss and metrics of every member on the validation set, read back once."""
+        x, y = self.data.x_val, self.data.y_val
+        count = len(self.members)
+        chunks = [
+            self._forward(x[i : i + _EVAL_CHUNK].expand(count, -1, -1), 0, train=False)
+            for i in range(0, x.shape[0], _EVAL_CHUNK)
+        ]
+        out = torch.cat(chunks, dim=1)
+        if self.data.task == "regression":
+            out = out.squeeze(-1)  # the single network's head is flattened the same way
+        per_member = [metric_tensors(out[k], y, self.data, self.loss_fn) for k in range(count)]
+        names = list(per_member[0])
+        values = torch.stack([torch.stack([m[n].float() for n in names]) for m in per_member])
+        return [dict(zip(names, row, strict=True)) for row in values.tolist()]
+
+    # --- a member's result ---------------------------------------------------------------
+
+    def _result(self, member: _Member, ending: str) -> TrainResult:
+        model = self._network(member)
+        data = self.data
+        return TrainResult(
+            value=member.best_value,
+            best_epoch=member.best_epoch,
+            epochs_run=len(member.history) + int(ending == "diverged"),
+            stopped_early=ending == "stopped_early",
+            diverged=ending == "diverged",
+            pruned=ending == "pruned",
+            val_metrics=_prefixed(
+                "val", evaluate(model, data.x_val, data.y_val, data, self.loss_fn)
+            ),
+            test_metrics=_prefixed(
+                "test", evaluate(model, data.x_test, data.y_test, data, self.loss_fn)
+            ),
+            seconds=member.seconds_before + time.perf_counter() - self.started,
+            history=member.history,
+            model=model,
+            interrupted=ending == "interrupted",
+            resumed_from_epoch=member.resumed_from_epoch,
+        )
+
+    def _network(self, member: _Member, weights: list[torch.Tensor] | None = None) -> nn.Sequential:
+        """The member's best weights (or `weights`) in the network `train` would return."""
+        model = build_model(member.config, self.data).to(self.device)
+        with torch.no_grad():
+            for param, stacked in zip(
+                model.parameters(), weights or member.best_weights, strict=True
+            ):
+                param.copy_(_unstacked(stacked, param))
+        return model
+
+    # --- checkpoints, in `train`'s format ------------------------------------------------
+
+    def checkpoint(self, k: int) -> bytes:
+        """Member k's state as `hpsearch.train` writes a checkpoint: a single network, a
+        torch optimizer's state_dict, its scheduler, its batch-order stream."""
+        member = self.members[k]
+        model = self._network(member, [p[k].detach() for p in self.params])
+        optimizer = _optimizer(member.config, model, self.device)
+        scheduler = _scheduler(member.config, optimizer)
+        step = self.steps[k].detach().clone()
+        for i, param in enumerate(model.parameters()):
+            first = _unstacked(self.state[2 * i][k], param).clone()
+            second = _unstacked(self.state[2 * i + 1][k], param).clone()
+            optimizer.state[param] = _torch_state(member.config, step, first, second)
+        for group in optimizer.param_groups:
+            group["lr"] = member.lr
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": asdict(member.config),
+            "data": _data_shape(self.data),
+            "epoch": member.epoch,
+            "seconds": member.seconds_before + time.perf_counter() - self.started,
+            "history": [asdict(r) for r in member.history],
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else member.scheduler.state_dict(),
+            "rng": _rng_state(member.generator, self.device),
+            "best_value": member.best_value,
+            "best_epoch": member.best_epoch,
+            "best_state": self._network(member).state_dict(),
+            "explosion": member.explosion,
+        }
+        buffer = io.BytesIO()
+        torch.save(_to_cpu(state), buffer)
+        return buffer.getvalue()
+
+    def _restore(self, k: int, state: dict[str, Any]) -> None:
+        """Put a checkpoint (from a pack or a single run) into member k's slices."""
+        member = self.members[k]
+        _check_fits(state, member.config, self.data)
+        model = build_model(member.config, self.data).to(self.device)
+        model.load_state_dict(state["model"])
+        optimizer = _optimizer(member.config, model, self.device)
+        _load_optimizer(optimizer, state["optimizer"])
+        with torch.no_grad():
+            for i, param in enumerate(model.parameters()):
+                self.params[i][k].copy_(_stacked(param, self.params[i][k]))
+                saved = optimizer.state.get(param, {})
+                first = saved.get("exp_avg", saved.get("momentum_buffer"))
+                second = saved.get("exp_avg_sq", saved.get("square_avg"))
+                for slot, tensor in ((2 * i, first), (2 * i + 1, second)):
+                    if tensor is not None:
+                        self.state[slot][k].copy_(_stacked(tensor, self.state[slot][k]))
+                if "step" in saved:
+                    self.steps[k] = float(saved["step"])
+        if state["scheduler"] is not None:
+            member.scheduler.load_state_dict(state["scheduler"])
+        member.scheduler.optimizer.param_groups[0]["lr"] = state["optimizer"]["param_groups"][0][
+            "lr"
+        ]
+        member.history = _records(state["history"])
+        member.seconds_before = state["seconds"]
+        member.resumed_from_epoch = member.epoch
+        member.best_value, member.best_epoch = state["best_value"], state["best_epoch"]
+        best = build_model(member.config, self.data).to(self.device)
+        best.load_state_dict(state["best_state"])
+        member.best_weights = [
+            _stacked(param.detach(), self.params[i][k]).clone()
+            for i, param in enumerate(best.parameters())
+        ]
+        member.explosion = state["explosion"]
+        _restore_rng(state["rng"], member.generator, self.device, member.config.seed + member.epoch)
+
+
+def _unstacked(stacked: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A member's slice in nn.Linear's layout: weights [in, out] -> [out, in], biases
+    [1, out] -> [out]."""
+    return stacked.T if like.dim() == 2 else stacked[0]
+
+
+def _stacked(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of `_unstacked`, on the pack's device."""
+    tensor = tensor.to(like.device)
+    return tensor.T if tensor.dim() == 2 else tensor[None, :]
+
+
+def _torch_state(
+    config: TrialConfig, step: torch.Tensor, first: torch.Tensor, second: torch.Tensor
+) -> dict[str, Any]:
+    """One parameter's optimizer state under torch.optim's names; each its own step
+    tensor, since torch increments them in place."""
+    if config.optimizer in ("adam", "adamw"):
+        return {"step": step.clone(), "exp_avg": first, "exp_avg_sq": second}
+    if config.optimizer == "sgd":
+        return {"momentum_buffer": first}
+    return {"step": step.clone(), "square_avg": second}
+
+
+class _Constant:
+    """The scheduler of a member whose learning rate never changes."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def step(self, *_: Any) -> None:
+        pass

@@ -1,0 +1,195 @@
+"""A fused pack trains each member as it would train alone: same batches, same update rule,
+its own learning rate, dropout, batch size, early stopping, pruning and divergence."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from hpsearch.data import load_dataset
+from hpsearch.fused import train_pack
+from hpsearch.spec import parse_spec
+from hpsearch.train import TrainResult, TrialConfig, train
+
+MEMBERS: list[dict[str, Any]] = [
+    {"learning_rate": 3e-3, "batch_size": 32, "dropout": 0.0},
+    {"learning_rate": 1e-3, "batch_size": 50, "dropout": 0.1},
+    {"learning_rate": 1e-2, "batch_size": 256, "dropout": 0.2, "weight_decay": 1e-4},
+    {"learning_rate": 3e-3, "batch_size": 128, "dropout": 0.0, "grad_clip_norm": 0.5},
+]
+
+
+def make(dataset: dict[str, Any], **training: Any) -> Any:
+    return parse_spec(
+        {
+            "name": "fused",
+            "dataset": dataset,
+            "split": {"val": 0.2, "test": 0.2},
+            "model": {"hidden": [32]},
+            "training": {"max_epochs": 6, **training},
+            "budget": {"n_trials": 4},
+        }
+    )
+
+
+SYNTHETIC = {"source": "synthetic", "n_samples": 10_000, "n_features": 20, "n_classes": 3}
+
+
+def configs_of(spec: Any, members: list[dict[str, Any]] = MEMBERS) -> list[TrialConfig]:
+    return [TrialConfig.from_spec(spec, params) for params in members]
+
+
+def test_a_pack_of_four_matches_the_same_trials_trained_alone() -> None:
+    spec = make(SYNTHETIC, max_epochs=10)
+    data = load_dataset(spec)
+    configs = configs_of(spec)
+    alone = [train(config, data) for config in configs]
+    packed = train_pack(configs, data)
+    for single, member in zip(alone, packed, strict=True):
+        gap = abs(single.test_metrics["test_accuracy"] - member.test_metrics["test_accuracy"])
+        assert gap <= 0.01  # within 1 point, on 2,000 test rows
+        assert member.epochs_run == single.epochs_run == 10
+        assert [r.epoch for r in member.history] == list(range(1, 11))
+    # Without dropout a member sees exactly the batches and updates it would alone; only
+    # the summation order of batched matmuls differs.
+    for k in (0, 3):
+        assert packed[k].value == pytest.approx(alone[k].value, abs=2e-3)
+        assert packed[k].history[-1].train_loss == pytest.approx(
+            alone[k].history[-1].train_loss, rel=1e-2
+        )
+
+
+def test_the_member_network_holds_the_best_weights_and_scores_its_metrics() -> None:
+    spec = make({"source": "builtin", "name": "iris"})
+    data = load_dataset(spec)
+    (result, *_) = train_pack(configs_of(spec), data)
+    model = result.model.eval()
+    with torch.no_grad():
+        accuracy = (model(data.x_val).argmax(1) == data.y_val).float().mean().item()
+    assert accuracy == pytest.approx(result.val_metrics["val_accuracy"])
+    assert result.value == pytest.approx(result.val_metrics["val_accuracy"])
+
+
+def test_a_pruned_member_leaves_at_once_and_the_others_finish() -> None:
+    spec = make({**SYNTHETIC, "n_samples": 2000})
+    data = load_dataset(spec)
+    events: list[tuple[str, int, int]] = []
+
+    def on_epoch(index: int, record: Any) -> bool:
+        events.append(("epoch", index, record.epoch))
+        return index == 1 and record.epoch == 2
+
+    def on_done(index: int, result: TrainResult) -> None:
+        events.append(("done", index, result.epochs_run))
+
+    results = train_pack(configs_of(spec), data, on_epoch=on_epoch, on_done=on_done)
+    assert results[1].pruned and results[1].epochs_run == 2
+    assert ("done", 1, 2) in events
+    assert events.index(("done", 1, 2)) < events.index(("epoch", 0, 3))  # told before epoch 3
+    assert ("epoch", 1, 3) not in events
+    for k in (0, 2, 3):
+        assert not results[k].pruned and results[k].epochs_run == 6
+
+
+def test_divergence_and_early_stopping_are_per_member() -> None:
+    iris = {"source": "builtin", "name": "iris"}
+    spec = make(iris, max_epochs=300, early_stopping_patience=3, optimizer="sgd")
+    data = load_dataset(spec)
+    members = [{"learning_rate": 50.0, "batch_size": 16}, {"learning_rate": 0.05, "batch_size": 16}]
+    exploding, healthy = train_pack(configs_of(spec, members), data)
+    assert exploding.diverged and exploding.epochs_run <= 3
+    assert healthy.stopped_early and not healthy.diverged
+    assert healthy.epochs_run - healthy.best_epoch == 3
+    assert healthy.epochs_run < 300
+    assert healthy.value > exploding.value
+
+
+@pytest.mark.parametrize(
+    ("dataset", "metric"),
+    [
+        ({"source": "builtin", "name": "diabetes"}, "val_rmse"),
+        (
+            {"source": "synthetic", "task": "multilabel", "n_samples": 600, "n_classes": 4},
+            "val_f1",
+        ),
+    ],
+)
+def test_regression_and_multilabel_packs(dataset: dict[str, Any], metric: str) -> None:
+    spec = make(dataset)
+    data = load_dataset(spec)
+    members = [{"learning_rate": 3e-3, "batch_size": 32}, {"learning_rate": 1e-3, "batch_size": 64}]
+    configs = configs_of(spec, members)
+    packed = train_pack(configs, data)
+    alone = [train(config, data) for config in configs]
+    for member, single in zip(packed, alone, strict=True):
+        assert member.val_metrics[metric] == pytest.approx(single.val_metrics[metric], rel=1e-2)
+
+
+def test_a_pack_refuses_trials_of_different_networks() -> None:
+    spec = make({"source": "builtin", "name": "iris"})
+    wide = TrialConfig.from_spec(spec, {"hidden_units": 64, "n_layers": 1})
+    with pytest.raises(ValueError, match="one architecture"):
+        train_pack([*configs_of(spec)[:1], wide], load_dataset(spec))
+
+
+def interrupted_pack(spec: Any, data: Any, at_epoch: int) -> tuple[list[TrainResult], dict]:
+    """Run the pack until `at_epoch`, then checkpoint every member and stop."""
+    stop, payloads = threading.Event(), {}
+
+    def on_epoch(index: int, record: Any) -> bool:
+        if record.epoch == at_epoch:
+            stop.set()
+        return False
+
+    def on_checkpoint(index: int, payload: bytes, epoch: int) -> None:
+        payloads[index] = (payload, epoch)
+
+    results = train_pack(
+        configs_of(spec),
+        data,
+        on_epoch,
+        on_checkpoint=on_checkpoint,
+        checkpoint_every_s=3600,
+        checkpoint_now=stop,
+        stop_after_checkpoint=True,
+    )
+    return results, payloads
+
+
+def test_members_checkpoint_and_resume_in_a_pack_or_alone() -> None:
+    spec = make({**SYNTHETIC, "n_samples": 3000}, max_epochs=6, early_stopping_patience=None)
+    data = load_dataset(spec)
+    configs = configs_of(spec)
+    whole = train_pack(configs, data)
+    stopped, payloads = interrupted_pack(spec, data, at_epoch=3)
+    assert all(r.interrupted and r.epochs_run == 3 for r in stopped)
+    assert sorted(payloads) == [0, 1, 2, 3] and {e for _, e in payloads.values()} == {3}
+    resumed = train_pack(configs, data, resume_from=[payloads[i][0] for i in range(4)])
+    alone = [train(c, data, resume_from=payloads[i][0]) for i, c in enumerate(configs)]
+    for k in range(4):
+        for result in (resumed[k], alone[k]):
+            assert result.resumed_from_epoch == 3 and result.epochs_run == 6
+            assert [r.epoch for r in result.history] == list(range(1, 7))
+            assert result.history[:3] == stopped[k].history
+    for k in (0, 3):  # no dropout: the resumed runs continue the same batches and moments
+        assert resumed[k].value == pytest.approx(whole[k].value, abs=2e-3)
+        assert alone[k].history[-1].train_loss == pytest.approx(
+            whole[k].history[-1].train_loss, rel=1e-2
+        )
+
+
+def test_a_single_runs_checkpoint_resumes_in_a_pack() -> None:
+    spec = make({**SYNTHETIC, "n_samples": 3000}, max_epochs=5, early_stopping_patience=None)
+    data = load_dataset(spec)
+    configs = configs_of(spec)
+    saved: list[bytes] = []
+    train(configs[0], data, on_checkpoint=lambda p, e: saved.append(p), checkpoint_every_s=0)
+    payload = saved[1]  # after epoch 2
+    whole = train(configs[0], data)
+    (resumed, fresh) = train_pack(configs[:1] + configs[3:], data, resume_from=[payload, None])
+    assert resumed.resumed_from_epoch == 2 and resumed.epochs_run == 5
+    assert fresh.resumed_from_epoch is None and fresh.epochs_run == 5
+    assert resumed.value == pytest.approx(whole.value, abs=2e-3)
