@@ -48,6 +48,15 @@ DbOption = Annotated[
 ]
 
 
+PackOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Trials trained together as one fused network [default: 8 on a GPU, 1 on a CPU]",
+    ),
+]
+
+
 def user_errors(command: F) -> F:
     """Print an error a user can act on as one clear line (no traceback) and exit 2."""
 
@@ -80,6 +89,7 @@ def run(
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Local worker processes")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     top: Annotated[int, typer.Option(min=1, help="Rows of the leaderboard")] = 10,
+    pack: PackOption = None,
 ) -> None:
     """Run a study here until its budget is spent; running it again resumes it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -99,7 +109,7 @@ def run(
     )
     try:
         with progress_bar(spec) as update:
-            codes = run_workers(state, url, jobs, devices, update)
+            codes = run_workers(state, url, jobs, devices, update, pack=pack)
     except KeyboardInterrupt:
         _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
         errors.print("interrupted: run the same command again to resume")
@@ -263,6 +273,7 @@ def worker(
     idle_exit: Annotated[
         float | None, typer.Option(min=0, help="Stop after this many seconds with nothing to do")
     ] = None,
+    pack: PackOption = None,
 ) -> None:
     """Claim and train trials of the runnable studies in the database until stopped.
 
@@ -272,7 +283,7 @@ def worker(
     url = db or default_url()
     devices = resolve_devices(device)
     options = WorkerOptions(
-        url, studies=tuple(study or ()), max_trials=max_trials, idle_exit_s=idle_exit
+        url, studies=tuple(study or ()), max_trials=max_trials, idle_exit_s=idle_exit, pack=pack
     )
     raise typer.Exit(run_worker_processes(options, devices))
 

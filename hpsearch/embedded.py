@@ -38,6 +38,7 @@ def run_workers(
     devices: list[str],
     on_progress: Callable[[StudyProgress], None],
     poll_s: float = 0.5,
+    pack: int | None = None,
 ) -> list[int]:
     """Start `jobs` worker processes on the study and poll its progress until they exit.
 
@@ -51,7 +52,7 @@ def run_workers(
     workers = [
         context.Process(
             target=_worker_main,
-            args=(state, url, devices[i], i, threads, deadline),
+            args=(state, url, devices[i], i, threads, deadline, pack),
             name=f"hpsearch-worker-{i}",
         )
         for i in range(jobs)
@@ -88,13 +89,25 @@ def read_progress(study: optuna.Study) -> StudyProgress:
 
 
 def _worker_main(
-    state: StudyState, url: str, device: str, stream: int, threads: int, deadline: float | None
+    state: StudyState,
+    url: str,
+    device: str,
+    stream: int,
+    threads: int,
+    deadline: float | None,
+    pack: int | None,
 ) -> None:
     """A worker process serving this one study until its budget is claimed, the deadline
     passes, or Ctrl-C (which checkpoints the running trial and hands it back)."""
     worker = Worker(
         WorkerOptions(
-            url, device, studies=(state.name,), idle_exit_s=0, deadline=deadline, stream=stream
+            url,
+            device,
+            studies=(state.name,),
+            idle_exit_s=0,
+            deadline=deadline,
+            stream=stream,
+            pack=pack,
         )
     )
     stop_on_signals(worker.stop)

@@ -208,7 +208,15 @@ class _Pack:
         self.keep = column([1.0 - c.dropout for c in configs])
         self.clip = column([c.grad_clip_norm or math.inf for c in configs]).view(-1)
         self.batch = torch.tensor([c.batch_size for c in configs], device=self.device)
+        self._set_flags()
+
+    def _set_flags(self) -> None:
+        """What the members need at all, decided on the host: a step never waits on the
+        device to find out."""
+        configs = [m.config for m in self.members]
         self.has_dropout = any(c.dropout > 0 for c in configs)
+        self.has_clipping = any(c.grad_clip_norm for c in configs)
+        self.has_weight_decay = any(c.weight_decay > 0 for c in configs)
 
     # --- the epoch loop ----------------------------------------------------------------
 
@@ -297,7 +305,7 @@ class _Pack:
         self.steps = self.steps[index]
         for name in ("lr", "weight_decay", "momentum", "keep", "clip", "batch"):
             setattr(self, name, getattr(self, name)[index])
-        self.has_dropout = any(m.config.dropout > 0 for m in self.members)
+        self._set_flags()
 
     # --- one epoch -----------------------------------------------------------------------
 
@@ -366,9 +374,9 @@ class _Pack:
 
     def _clip(self, lo: int) -> None:
         """Each member's gradients scaled to its own norm limit, as clip_grad_norm_ does."""
-        clip = self.clip[lo:]
-        if not bool(torch.isfinite(clip).any()):
+        if not self.has_clipping:
             return
+        clip = self.clip[lo:]
         grads = [p.grad[lo:] for p in self.params]
         norm = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
         scale = (clip / (norm + 1e-6)).clamp(max=1.0).view(-1, 1, 1)
@@ -387,7 +395,7 @@ class _Pack:
             first, second = self.state[2 * i][lo:], self.state[2 * i + 1][lo:]
             if name == "adamw":
                 param.mul_(1 - lr * wd)
-            elif bool((wd > 0).any()):
+            elif self.has_weight_decay:
                 grad = grad + wd * param  # L2, as torch's Adam, SGD and RMSprop apply it
             if name in ("adam", "adamw"):
                 beta1, beta2 = _BETAS

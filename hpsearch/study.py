@@ -12,12 +12,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
 from hpsearch.data import TensorData
+from hpsearch.fused import pack_key, train_pack
 from hpsearch.search import make_pruner, make_sampler, suggest_params
 from hpsearch.service import RUNNABLE_STATES, StudyState, mark_running
 from hpsearch.spec import StudySpec
@@ -193,20 +195,11 @@ def run_trial(
 
     An error fails the trial with the message recorded (failed trials use no budget).
     """
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("device", str(data.device))
+    _sign(trial, data)
     try:
         with _heartbeat(study, trial):
             result = train_trial(trial, spec, data, context)
-        if result.pruned:
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, result.value)
-            if context is not None and result.model is not None:
-                _keep_if_among_the_best(study, trial, result, context)
-        if context is not None:
-            _forget_checkpoints(trial, context)
-        return TrialState.PRUNED if result.pruned else TrialState.COMPLETE
+        return _tell(study, trial, result, context)
     except TrialHandedBack:
         hand_back(study, trial, context)
         return None
@@ -215,9 +208,120 @@ def run_trial(
     except DATABASE_ERRORS:
         raise  # telling would fail too; the trial goes stale and resumes from its checkpoint
     except Exception as exc:  # a failed trial must not take the worker down
-        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
-        study.tell(trial, state=TrialState.FAIL)
-        return TrialState.FAIL
+        return _fail(study, trial, exc)
+
+
+def run_pack(
+    study: optuna.Study,
+    trials: list[optuna.Trial],
+    spec: StudySpec,
+    data: TensorData,
+    context: TrialContext,
+) -> list[TrialState | None]:
+    """Run claimed trials of one architecture as a fused pack (`hpsearch.fused`), each
+    reported, pruned, checkpointed, resumed and told as `run_trial` does it alone; a
+    member is told the moment it leaves the pack."""
+    configs = [TrialConfig.from_spec(spec, suggest_params(t, spec)) for t in trials]
+    resume_from = [_checkpoint_to_resume(t, context) for t in trials]
+    outcomes: list[TrialState | None] = [None] * len(trials)
+    lost: set[int] = set()  # members failed as stale elsewhere: never written to again
+    for trial, payload in zip(trials, resume_from, strict=True):
+        _sign(trial, data)
+        for record in checkpoint_history(payload) if payload else []:
+            trial.report(record.value, record.epoch)
+
+    def report(i: int, record: EpochRecord) -> bool:
+        if i in lost:
+            return False
+        trials[i].report(record.value, record.epoch)
+        return trials[i].should_prune()
+
+    def save(i: int, payload: bytes, epoch: int) -> None:
+        if i not in lost:
+            try:
+                _save_checkpoint(trials[i], context, payload, epoch)
+            except LeaseLost:
+                lost.add(i)
+
+    def done(i: int, result: TrainResult) -> None:
+        if i in lost:
+            return
+        if result.interrupted:
+            hand_back(study, trials[i], context)
+            return
+        _record(trials[i], result)
+        try:
+            outcomes[i] = _tell(study, trials[i], result, context)
+        except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
+            lost.add(i)
+
+    try:
+        with keep_alive(study, trials):
+            train_pack(
+                configs,
+                data,
+                report,
+                done,
+                on_checkpoint=save,
+                checkpoint_every_s=spec.training.checkpoint_every_s,
+                checkpoint_now=context.stop,
+                stop_after_checkpoint=True,
+                resume_from=resume_from,
+            )
+    except DATABASE_ERRORS:
+        raise
+    except Exception as exc:  # fail the members still training; the worker goes on
+        for i, trial in enumerate(trials):
+            if outcomes[i] is None and i not in lost:
+                outcomes[i] = _fail(study, trial, exc)
+    return outcomes
+
+
+def packs(trials: list[optuna.Trial], spec: StudySpec) -> list[list[optuna.Trial]]:
+    """The claimed trials grouped into what can train as one fused pack (same network and
+    update rule, `hpsearch.fused.pack_key`), in claim order; batch-norm trials alone."""
+    groups: dict[Any, list[optuna.Trial]] = {}
+    for trial in trials:
+        config = TrialConfig.from_spec(spec, suggest_params(trial, spec))
+        key = ("alone", trial.number) if config.batch_norm else pack_key(config)
+        groups.setdefault(key, []).append(trial)
+    return list(groups.values())
+
+
+@contextmanager
+def keep_alive(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]:
+    """Heartbeats for every trial until the block ends: claimed trials waiting for their
+    turn must not look abandoned."""
+    with contextlib.ExitStack() as beats:
+        for trial in trials:
+            beats.enter_context(_heartbeat(study, trial))
+        yield
+
+
+def _sign(trial: optuna.Trial, data: TensorData) -> None:
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("device", str(data.device))
+
+
+def _tell(
+    study: optuna.Study, trial: optuna.Trial, result: TrainResult, context: TrialContext | None
+) -> TrialState:
+    """Tell how a training ended; keep the weights of the best trials; drop checkpoints."""
+    if result.pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, result.value)
+        if context is not None and result.model is not None:
+            _keep_if_among_the_best(study, trial, result, context)
+    if context is not None:
+        _forget_checkpoints(trial, context)
+    return TrialState.PRUNED if result.pruned else TrialState.COMPLETE
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, exc: Exception) -> TrialState:
+    trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+    study.tell(trial, state=TrialState.FAIL)
+    return TrialState.FAIL
 
 
 def _keep_if_among_the_best(

@@ -28,7 +28,16 @@ from sqlalchemy import func, update
 from hpsearch.data import load_dataset
 from hpsearch.errors import HpsearchError
 from hpsearch.service import StudyState, mark_completed_if_done, runnable_studies
-from hpsearch.study import FINISHED_STATES, TrialContext, claim_trial, open_study, run_trial
+from hpsearch.study import (
+    FINISHED_STATES,
+    TrialContext,
+    claim_trial,
+    keep_alive,
+    open_study,
+    packs,
+    run_pack,
+    run_trial,
+)
 from storage import (
     DATABASE_ERRORS,
     WorkerRecord,
@@ -39,6 +48,7 @@ from storage import (
 )
 
 IDLE_POLL_S = 2.0
+DEFAULT_GPU_PACK = 8
 MAX_CONSECUTIVE_FAILURES = 3
 
 
@@ -51,6 +61,14 @@ class WorkerOptions:
     idle_exit_s: float | None = None  # stop after this long with nothing to claim
     deadline: float | None = None  # a time.time() after which no trial is started
     stream: int = 0  # offsets sampler seeds, so parallel workers draw different points
+    pack: int | None = None  # trials trained together as one fused network; None = auto
+
+    @property
+    def pack_size(self) -> int:
+        """`pack`, else 8 on a GPU (one small trial leaves it idle) and 1 on a CPU."""
+        if self.pack is not None:
+            return self.pack
+        return DEFAULT_GPU_PACK if self.device.startswith("cuda") else 1
 
 
 @dataclass
@@ -92,9 +110,9 @@ class Worker:
                     return 0
                 self.stop.wait(IDLE_POLL_S)
                 continue
-            outcome = self._run(*claimed)
-            done += 1
-            failures = failures + 1 if outcome == optuna.trial.TrialState.FAIL else 0
+            for outcome in self._run(*claimed):
+                done += 1
+                failures = failures + 1 if outcome == optuna.trial.TrialState.FAIL else 0
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 return 3
             if self.options.max_trials is not None and done >= self.options.max_trials:
@@ -102,19 +120,32 @@ class Worker:
             idle_since = time.monotonic()
         return 0
 
-    def _claim(self) -> tuple[StudyState, optuna.Study, optuna.Trial] | None:
-        """A trial of the next runnable study in turn: the turn rotates so that every
-        study gets trials while several share the workers."""
+    def _claim(self) -> tuple[StudyState, optuna.Study, list[optuna.Trial]] | None:
+        """Trials of the next runnable study in turn (up to the pack size, fewer when its
+        budget runs out): the turn rotates so every study gets trials while several share
+        the workers."""
         candidates = self._runnable()
         for offset in range(len(candidates)):
             state = candidates[(self._turn + offset) % len(candidates)]
             study = self._study(state)
             claim = functools.partial(claim_trial, study, state, self.options.url)
-            trial = with_retries(claim, url=self.options.url)
-            if trial is not None:
+            trials: list[optuna.Trial] = []
+            while len(trials) < self._pack_limit():
+                trial = with_retries(claim, url=self.options.url)
+                if trial is None:
+                    break
+                trials.append(trial)
+            if trials:
                 self._turn = (self._turn + offset + 1) % len(candidates)
-                return state, study, trial
+                return state, study, trials
         return None
+
+    def _pack_limit(self) -> int:
+        """Trials to claim at once: the pack size, but never more than --max-trials."""
+        limit = self.options.pack_size
+        if self.options.max_trials is not None:
+            limit = min(limit, self.options.max_trials)
+        return limit
 
     def _runnable(self) -> list[StudyState]:
         find = functools.partial(runnable_studies, self.options.url, self.options.studies)
@@ -126,20 +157,29 @@ class Worker:
         return self._studies[state.id]
 
     def _run(
-        self, state: StudyState, study: optuna.Study, trial: optuna.Trial
-    ) -> optuna.trial.TrialState | None:
-        self._set(state="busy", current_study_id=state.id, current_trial_number=trial.number)
+        self, state: StudyState, study: optuna.Study, trials: list[optuna.Trial]
+    ) -> list[optuna.trial.TrialState | None]:
+        """Train the claimed trials: those of one architecture as fused packs, the others
+        alone, all kept alive by heartbeats until their turn comes."""
+        first = trials[0].number
+        self._set(state="busy", current_study_id=state.id, current_trial_number=first)
         data = load_dataset(state.spec, self.options.device, self.options.url)  # cached
         context = TrialContext(self.options.url, state.id, self.stop)
+        outcomes: list[optuna.trial.TrialState | None] = []
         try:
-            outcome = run_trial(study, trial, state.spec, data, context)
+            with keep_alive(study, trials):
+                for group in packs(trials, state.spec):
+                    if len(group) == 1:
+                        outcomes.append(run_trial(study, group[0], state.spec, data, context))
+                    else:
+                        outcomes += run_pack(study, group, state.spec, data, context)
         except DATABASE_ERRORS as exc:
             print(
-                f"worker {os.getpid()}: lost the database during trial {trial.number} "
-                f"({type(exc).__name__}); it will be retried from its checkpoint",
+                f"worker {os.getpid()}: lost the database during trials "
+                f"{[t.number for t in trials]} ({type(exc).__name__}); they will be retried "
+                "from their checkpoints",
                 file=sys.stderr,
             )
-            outcome = None
         finished = with_retries(
             lambda: len(study.get_trials(deepcopy=False, states=FINISHED_STATES)),
             url=self.options.url,
@@ -149,7 +189,7 @@ class Worker:
             url=self.options.url,
         )
         self._set(state="idle", current_study_id=None, current_trial_number=None)
-        return outcome
+        return outcomes
 
     def _past_deadline(self) -> bool:
         return self.options.deadline is not None and time.time() >= self.options.deadline

@@ -6,13 +6,17 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import optuna
 import pytest
 import torch
 
 from hpsearch.data import load_dataset
 from hpsearch.fused import train_pack
+from hpsearch.search import suggest_params
 from hpsearch.spec import parse_spec
+from hpsearch.study import packs
 from hpsearch.train import TrainResult, TrialConfig, train
+from hpsearch.worker import WorkerOptions
 
 MEMBERS: list[dict[str, Any]] = [
     {"learning_rate": 3e-3, "batch_size": 32, "dropout": 0.0},
@@ -193,3 +197,37 @@ def test_a_single_runs_checkpoint_resumes_in_a_pack() -> None:
     assert resumed.resumed_from_epoch == 2 and resumed.epochs_run == 5
     assert fresh.resumed_from_epoch is None and fresh.epochs_run == 5
     assert resumed.value == pytest.approx(whole.value, abs=2e-3)
+
+
+def test_claimed_trials_are_grouped_by_network_and_batch_norm_trains_alone() -> None:
+    spec = parse_spec(
+        {
+            "name": "grouped",
+            "dataset": {"source": "builtin", "name": "iris"},
+            "search_space": {
+                "hidden_units": {"choices": [8, 16]},
+                "learning_rate": {"low": 1e-3, "high": 1e-1, "log": True},
+            },
+            "sampler": {"name": "random", "seed": 1},
+            "budget": {"n_trials": 8},
+        }
+    )
+    study = optuna.create_study(direction="maximize")
+    trials = [study.ask() for _ in range(8)]
+    for trial in trials:
+        suggest_params(trial, spec)
+    groups = packs(trials, spec)
+    assert sorted(t.number for g in groups for t in g) == list(range(8))
+    assert len(groups) == 2
+    for group in groups:
+        assert len({t.params["hidden_units"] for t in group}) == 1
+    with_batch_norm = spec.model_copy(
+        update={"model": spec.model.model_copy(update={"batch_norm": True})}
+    )
+    assert [len(g) for g in packs(trials, with_batch_norm)] == [1] * 8
+
+
+def test_workers_pack_eight_trials_on_a_gpu_and_one_on_a_cpu() -> None:
+    assert WorkerOptions("sqlite://", "cuda:0").pack_size == 8
+    assert WorkerOptions("sqlite://", "cpu").pack_size == 1
+    assert WorkerOptions("sqlite://", "cpu", pack=4).pack_size == 4

@@ -315,6 +315,22 @@ def assert_resumed_whole(retry: FrozenTrial, max_epochs: int, from_epoch: int) -
     assert sorted(retry.intermediate_values) == list(range(1, max_epochs + 1)), info
 
 
+def assert_each_retried_once(
+    trials: list[FrozenTrial], orphaned: dict[int, int], max_epochs: int
+) -> list[FrozenTrial]:
+    """Each orphaned trial (number -> epoch of its checkpoint) failed and was retried once,
+    with its params, resuming from that checkpoint to the end; returns the retries."""
+    found = []
+    for number, epoch in orphaned.items():
+        assert trials[number].state == TrialState.FAIL, summary(trials)
+        retries = [t for t in trials if original_of(t) == number]
+        assert len(retries) == 1, summary(trials)
+        assert retries[0].params == trials[number].params
+        assert_resumed_whole(retries[0], max_epochs, from_epoch=epoch)
+        found.append(retries[0])
+    return found
+
+
 def running_checkpointed(db: Db, study: str, min_epoch: int, count: int = 1) -> dict[int, int]:
     """The checkpoints (number -> epoch) of running trials, once `count` of them reached
     `min_epoch`; otherwise an empty dict."""
@@ -438,12 +454,7 @@ def test_all_workers_killed_then_resume_frees_and_resumes_every_trial(
     assert all("Traceback" not in workers.stderr(p) for p in fresh), report
     assert_budget_never_exceeded(snapshots, name, n_trials)
     trials = assert_finished_exactly(postgres_url, name, n_trials)
-    for number, epoch in orphaned.items():
-        assert trials[number].state == TrialState.FAIL, summary(trials)
-        retries = [t for t in trials if original_of(t) == number]
-        assert len(retries) == 1, summary(trials)
-        assert retries[0].params == trials[number].params
-        assert_resumed_whole(retries[0], max_epochs, from_epoch=epoch)
+    assert_each_retried_once(trials, orphaned, max_epochs)
 
 
 @pytest.mark.postgres
@@ -589,3 +600,33 @@ def test_workers_survive_a_database_restart(tmp_path: Path, workers: Workers) ->
                 (retry,) = [t for t in trials if original_of(t) == number]
                 assert retry.user_attrs.get("resumed_from_epoch", 0) >= epoch, summary(trials)
         db.close()
+
+
+@pytest.mark.postgres
+def test_a_killed_pack_worker_resumes_every_member_from_its_checkpoint(
+    tmp_path: Path, postgres_url: str, workers: Workers
+) -> None:
+    name, n_trials, max_epochs = "pack-kill", 4, 40
+    spec = crash_spec(name, n_trials, max_epochs=max_epochs)
+    spec["search_space"]["batch_size"] = {"choices": [8, 16, 32]}
+    submit(postgres_url, tmp_path, spec)
+    db = Db(postgres_url)
+    first = workers.start(postgres_url, "--pack", "4")
+    wait_for(
+        "four members with checkpoints of epoch 2",
+        lambda: running_checkpointed(db, name, 2, count=4),
+        workers,
+    )
+    workers.kill(first)
+    orphaned = running_checkpointed(db, name, 1)
+    assert len(orphaned) == 4, (orphaned, db.snapshot())
+
+    second = workers.start(postgres_url, "--pack", "4", "--idle-exit", "1")
+    snapshots = watch_until_exit(db, workers)
+
+    assert second.returncode == 0, workers.report()
+    assert "Traceback" not in workers.stderr(second), workers.report()
+    assert_budget_never_exceeded(snapshots, name, n_trials)
+    trials = assert_finished_exactly(postgres_url, name, n_trials)
+    retries = assert_each_retried_once(trials, orphaned, max_epochs)
+    assert all(t.user_attrs["worker"].endswith(f":{second.pid}") for t in retries)
