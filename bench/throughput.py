@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import re
 import statistics
 import time
@@ -232,8 +233,8 @@ def run(workload: str, args: argparse.Namespace, device: torch.device) -> str:
 
 def device_label(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} threads"
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    return f"CPU: {torch.get_num_threads()} threads"
 
 
 def main() -> None:
@@ -245,16 +246,19 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     args = parser.parse_args()
     device = torch.device(args.device)
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     parts = [run(workload, args, device) for workload in args.workloads]
     label = device_label(device)
     command = "python bench/throughput.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if k != "workloads"
     )
+    gpu = label.removeprefix("GPU: ") if device.type == "cuda" else None
     body = (
-        f"### {'GPU' if device.type == 'cuda' else 'CPU'}: {label}\n\n"
-        f"{environment(command, ('torch', 'numpy'), label)}\n"
-        f"- Run time: {time.perf_counter() - started:.0f} s\n\n" + "\n".join(parts)
+        f"### {label}\n\n"
+        f"{environment(command, ('torch', 'numpy'), gpu)}\n"
+        f"- Run time: {time.perf_counter() - started:.0f} s; load average {load:.1f} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end (other processes slow every method)\n\n"
+        + "\n".join(parts)
     )
     print(body)
     write_section(SECTION, merged_section(body, device.type))

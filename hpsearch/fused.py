@@ -156,6 +156,10 @@ class _Member:
 
 
 class _Pack:
+    """A pack in training: the members (largest batch first), their stacked weights and
+    optimiser state (two slots per weight: first and second moment, or momentum buffer),
+    and their hyperparameters as [K, 1, 1] columns."""
+
     def __init__(
         self, configs: list[TrialConfig], data: TensorData, resume_from: list[bytes | None]
     ) -> None:
