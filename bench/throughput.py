@@ -277,9 +277,8 @@ def merged_section(body: str, kind: str) -> str:
         f"{SECTION}\n\n"
         "`bench/throughput.py`: the same trials three ways (see its docstring). (c) trains "
         "every member on exactly the batches it would see alone (each its own batch size and "
-        "permutation); a fused step pads the members' batches to a common width (on a CPU per "
-        "run of similar batch sizes, on a GPU to the largest of the members still stepping), "
-        "so differing batch sizes cost padding, not correctness.\n\n"
+        "permutation); a fused step pads the members' batches to the largest one among the "
+        "members still stepping, so differing batch sizes cost padding, not correctness.\n\n"
     )
     parts = [body, keep] if kind == "cpu" else [keep, body]
     return intro + "".join(p for p in parts if p).rstrip() + "\n"

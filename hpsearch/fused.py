@@ -10,13 +10,11 @@ Batch sizes: every member keeps its own. An epoch is `ceil(n / b_k)` steps for m
 each an index slice of its own permutation of the training rows, exactly the batches it
 would see alone. Fused step s trains every member that still has a step s in the epoch.
 Members are kept sorted by batch size, largest first, so those still stepping are always a
-contiguous slice `[lo:]` of the stacked tensors (a view, no copy), and the large-batch
-members finish their epoch first. Batches are padded to a common width, the padding rows
-weighted 0 in the loss: on a GPU the whole slice to its largest batch (one set of kernels;
-launches, not rows, cost time there), on a CPU runs of members whose batch sizes are within
-SLICE_RATIO of each other, each to its own largest (arithmetic costs time there). Only the
-interleaving with the other members differs from training alone, and the dropout masks,
-which come from the pack's own random stream.
+contiguous slice `[lo:]` of the stacked tensors (a view, no copy): the large-batch members
+finish their epoch first, and a step pads each member's batch to the largest batch of the
+slice, with the padding rows weighted 0 in the loss. Only the interleaving with the other
+members differs from training alone, and the dropout masks, which come from the pack's own
+random stream.
 
 Per member: learning rate and its scheduler, optimiser state and step count, gradient-norm
 clipping, early stopping with the best weights kept, divergence, pruning. A member that
@@ -27,7 +25,6 @@ tensors.
 from __future__ import annotations
 
 import io
-import itertools
 import math
 import threading
 import time
@@ -66,7 +63,6 @@ from hpsearch.train import (
     metric_tensors,
 )
 
-SLICE_RATIO = 1.25  # on a CPU, batch sizes padded to one width differ by at most this
 _EVAL_CHUNK = 16384  # validation rows per fused forward pass, to bound K x rows x width
 _BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as the single-trial path uses
 _ADAM_EPS = 1e-8
@@ -225,12 +221,6 @@ class _Pack:
         self.has_dropout = any(c.dropout > 0 for c in configs)
         self.has_clipping = any(c.grad_clip_norm for c in configs)
         self.has_weight_decay = any(c.weight_decay > 0 for c in configs)
-        self.slice_starts = [0]
-        if self.device.type != "cuda":
-            for k in range(1, len(configs)):
-                first = configs[self.slice_starts[-1]].batch_size
-                if configs[k].batch_size * SLICE_RATIO < first:
-                    self.slice_starts.append(k)
 
     # --- the epoch loop ----------------------------------------------------------------
 
@@ -336,63 +326,43 @@ class _Pack:
         for s in range(steps[-1]):
             while steps[lo] <= s:
                 lo += 1
-            total[lo:] += self._step(perms, s, lo, n)
+            total[lo:] += self._step(perms[lo:], s, lo, sizes[lo], n)
         return (total / n).tolist()
 
-    def _step(self, perms: torch.Tensor, s: int, lo: int, n: int) -> torch.Tensor:
-        """Step s of members [lo:], each on its own batch; returns each member's summed
-        loss over its real rows."""
-        losses, counts = [], []
-        for start, end in self._slices(lo):
-            loss, count = self._slice_loss(perms, s, start, end, n)
-            losses.append(loss)
-            counts.append(count)
-        member_loss, count = torch.cat(losses), torch.cat(counts)
+    def _step(self, perms: torch.Tensor, s: int, lo: int, width: int, n: int) -> torch.Tensor:
+        """Step s of members [lo:], each on its own batch padded to `width` rows; returns
+        each member's summed loss over its real rows."""
+        batch = self.batch[lo:, None]
+        column = torch.arange(width, device=self.device)[None, :]
+        position = s * batch + column
+        real = (column < batch) & (position < n)
+        rows = perms.gather(1, position.clamp(max=n - 1))
+        row_loss = self._row_loss(
+            self._forward(self.data.x_train[rows], lo), self.data.y_train[rows]
+        )
+        weight = real.to(row_loss.dtype)
+        counts = weight.sum(dim=1)
+        member_loss = (row_loss * weight).sum(dim=1) / counts
         for p in self.params:
             p.grad = None
         member_loss.sum().backward()  # each member's gradient is that of its own mean loss
         with torch.no_grad():
             self._clip(lo)
             self._update(lo)
-        return member_loss.detach() * count
+        return member_loss.detach() * counts
 
-    def _slices(self, lo: int) -> list[tuple[int, int]]:
-        """The members [lo:] as slices that share one padded batch width. On a GPU one
-        slice: its time goes to kernel launches, not to padding rows. On a CPU, whose time
-        goes to arithmetic, a slice holds batch sizes within SLICE_RATIO of each other."""
-        starts = [lo, *(b for b in self.slice_starts if b > lo)]
-        return list(itertools.pairwise([*starts, len(self.members)]))
-
-    def _slice_loss(
-        self, perms: torch.Tensor, s: int, start: int, end: int, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss of members [start:end] on step s of their batches, padded to the
-        slice's largest batch (padding rows weigh 0), and their real row counts."""
-        width = self.members[start].config.batch_size
-        batch = self.batch[start:end, None]
-        column = torch.arange(width, device=self.device)[None, :]
-        position = s * batch + column
-        real = (column < batch) & (position < n)
-        rows = perms[start:end].gather(1, position.clamp(max=n - 1))
-        out = self._forward(self.data.x_train[rows], start, end)
-        row_loss = self._row_loss(out, self.data.y_train[rows])
-        weight = real.to(row_loss.dtype)
-        count = weight.sum(dim=1)
-        return (row_loss * weight).sum(dim=1) / count, count
-
-    def _forward(self, x: torch.Tensor, start: int, end: int, train: bool = True) -> torch.Tensor:
-        """The members [start:end] on their own rows: x is [K, rows, features]."""
+    def _forward(self, x: torch.Tensor, lo: int, train: bool = True) -> torch.Tensor:
+        """The members [lo:] on their own rows: x is [K, rows, features]."""
         hidden = len(self.params) // 2 - 1
         h = x
         for depth in range(hidden):
-            weight = self.params[2 * depth][start:end]
-            bias = self.params[2 * depth + 1][start:end]
+            weight, bias = self.params[2 * depth][lo:], self.params[2 * depth + 1][lo:]
             h = self.activation(torch.baddbmm(bias, h, weight))
             if train and self.has_dropout:
-                keep = self.keep[start:end]
+                keep = self.keep[lo:]
                 draw = torch.rand(h.shape, device=self.device, generator=self.dropout_generator)
                 h = h * (draw < keep) / keep
-        return torch.baddbmm(self.params[-1][start:end], h, self.params[-2][start:end])
+        return torch.baddbmm(self.params[-1][lo:], h, self.params[-2][lo:])
 
     def _row_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss of every row of every member: [K, rows]."""
@@ -452,7 +422,7 @@ class _Pack:
         x, y = self.data.x_val, self.data.y_val
         count = len(self.members)
         chunks = [
-            self._forward(x[i : i + _EVAL_CHUNK].expand(count, -1, -1), 0, count, train=False)
+            self._forward(x[i : i + _EVAL_CHUNK].expand(count, -1, -1), 0, train=False)
             for i in range(0, x.shape[0], _EVAL_CHUNK)
         ]
         out = torch.cat(chunks, dim=1)
