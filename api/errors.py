@@ -75,10 +75,7 @@ def install(app: FastAPI, database_url: str) -> None:
 
     @app.exception_handler(DatasetError)
     async def invalid_data(_: Request, exc: DatasetError) -> JSONResponse:
-        field, _, reason = str(exc).partition(": ")
-        if field in ("file", "target"):
-            return _problems([(field, reason)])
-        return _problems([("file", str(exc))])
+        return _problems([(exc.field, str(exc))])
 
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound) -> JSONResponse:

@@ -31,7 +31,7 @@ def parse_target(target: str) -> str | list[str]:
     """`label` is one target column; `a,b,c` are the columns of a multilabel target."""
     names = [name.strip() for name in target.split(",") if name.strip()]
     if not names:
-        raise DatasetError("target: give the name of the label column")
+        raise DatasetError("give the name of the label column", field="target")
     return names if len(names) > 1 else names[0]
 
 
@@ -41,7 +41,7 @@ def add_dataset(url: str, filename: str, content: bytes, target: str | list[str]
     fmt = FORMATS.get(PurePath(filename).suffix.lower())
     if fmt is None:
         raise DatasetError(
-            f"file: cannot tell the format of {filename!r}; name it .csv, .parquet or .npz"
+            f"cannot tell the format of {filename!r}; name it .csv, .parquet or .npz"
         )
     frame = read_table(io.BytesIO(content), fmt, target, filename)
     task = inspect_table(frame, target, filename)

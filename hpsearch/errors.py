@@ -18,7 +18,12 @@ class SpecError(HpsearchError):
 
 
 class DatasetError(HpsearchError):
-    """Data that cannot be loaded or trained on; the message names the column or file."""
+    """Data that cannot be loaded or trained on; the message names the column or file.
+    `field` is the upload form field at fault ("file" or "target") for the API's 422."""
+
+    def __init__(self, message: str, field: str = "file") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class NotFound(HpsearchError):

@@ -237,8 +237,8 @@ class _Pack:
             train_losses = self._train_epoch()
             val = self._evaluate_val()
             leaving: dict[int, str] = {}
-            for k, member in enumerate(self.members):
-                ending = self._after_epoch(member, train_losses[k], val[k], on_epoch)
+            for k in range(len(self.members)):
+                ending = self._after_epoch(k, train_losses[k], val[k], on_epoch)
                 if ending is not None:
                     leaving[k] = ending
             for k, ending in leaving.items():
@@ -271,15 +271,15 @@ class _Pack:
             member.best_weights = [p[k].detach().clone() for p in self.params]
 
     def _after_epoch(
-        self, member: _Member, loss: float, val: dict[str, float], on_epoch: MemberEpoch | None
+        self, k: int, loss: float, val: dict[str, float], on_epoch: MemberEpoch | None
     ) -> str | None:
-        """Record the member's next epoch; how it ends, when this epoch ends it."""
+        """Record member k's next epoch; how it ends, when this epoch ends it."""
+        member = self.members[k]
         config, epoch = member.config, member.epoch + 1
         if not (math.isfinite(loss) and math.isfinite(val["loss"])) or loss > member.explosion:
             return "diverged"
         record = EpochRecord(epoch, loss, val["loss"], val[config.metric], member.lr)
         member.history.append(record)
-        k = self.members.index(member)
         if member.best_epoch == 0 or _better(record.value, member.best_value, config.maximize):
             member.best_value, member.best_epoch = record.value, epoch
             member.best_weights = [p[k].detach().clone() for p in self.params]
