@@ -475,12 +475,17 @@ class _Pack:
         torch optimizer's state_dict, its scheduler, its batch-order stream."""
         member = self.members[k]
         model = self._network(member, [p[k].detach() for p in self.params])
-        optimizer = _optimizer(member.config, model, self.device)
+        optimizer = _optimizer(member.config, model)
         scheduler = _scheduler(member.config, optimizer)
         step = self.steps[k].detach().clone()
         for i, param in enumerate(model.parameters()):
-            first = _unstacked(self.state[2 * i][k], param).clone()
-            second = _unstacked(self.state[2 * i + 1][k], param).clone()
+            # Contiguous copies: torch's fused optimizers read their state as if it were.
+            first = _unstacked(self.state[2 * i][k], param).clone(
+                memory_format=torch.contiguous_format
+            )
+            second = _unstacked(self.state[2 * i + 1][k], param).clone(
+                memory_format=torch.contiguous_format
+            )
             optimizer.state[param] = _torch_state(member.config, step, first, second)
         for group in optimizer.param_groups:
             group["lr"] = member.lr
@@ -510,7 +515,7 @@ class _Pack:
         _check_fits(state, member.config, self.data)
         model = build_model(member.config, self.data).to(self.device)
         model.load_state_dict(state["model"])
-        optimizer = _optimizer(member.config, model, self.device)
+        optimizer = _optimizer(member.config, model)
         _load_optimizer(optimizer, state["optimizer"])
         with torch.no_grad():
             for i, param in enumerate(model.parameters()):

@@ -206,7 +206,7 @@ class _Run:
         self.config, self.data, self.device = config, data, data.device
         self.model = build_model(config, data).to(self.device)
         self.loss_fn = _loss_function(data.task)
-        self.optimizer = _optimizer(config, self.model, self.device)
+        self.optimizer = _optimizer(config, self.model)
         self.scheduler = _scheduler(config, self.optimizer)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.history: list[EpochRecord] = []
@@ -438,21 +438,19 @@ def _loss_function(task: str) -> nn.Module:
     }[task]
 
 
-def _optimizer(
-    config: TrialConfig, model: nn.Module, device: torch.device
-) -> torch.optim.Optimizer:
+def _optimizer(config: TrialConfig, model: nn.Module) -> torch.optim.Optimizer:
     params, lr, wd = model.parameters(), config.learning_rate, config.weight_decay
-    # Fused kernels on CUDA; elsewhere the multi-tensor (foreach) update, which saves a
-    # Python loop over the parameters at every step.
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # The fused kernels (CPU and CUDA) update every parameter in one pass per tensor: for
+    # the small steps of an MLP the optimiser is otherwise a quarter of a step's time.
+    # RMSprop has no fused kernel; it gets the multi-tensor (foreach) one.
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd, **fused)
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, fused=True)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **fused)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=True)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=config.momentum)
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=config.momentum, fused=True)
     if config.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=wd)
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=wd, foreach=True)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 
