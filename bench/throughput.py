@@ -8,7 +8,8 @@ evaluated on the validation set after every epoch (a pruner needs that value):
 - (a) baseline: a fresh `nn.Sequential` per trial, `TensorDataset` + `DataLoader(shuffle=True)`,
       every batch copied to the device, Adam, `loss.item()` per step as tutorials log it;
 - (b) hpsearch, one trial at a time: `hpsearch.train.train` on device-resident data;
-- (c) hpsearch fused: `hpsearch.fused.train_pack` on all 32 at once.
+- (c) hpsearch fused: `hpsearch.fused.train_pack` on all 32 at once;
+- (d) hpsearch fused, bf16: (c) with the forward pass under bf16 autocast (`--no-bf16` skips it).
 
 Workloads: digits (1,797 x 64, a 64-128-10 network) and a synthetic MNIST-sized set (60,000 x
 784, 10 classes, 784-128-10). Accuracy agreement is the best validation accuracy per trial.
@@ -27,7 +28,7 @@ import os
 import re
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -175,12 +176,16 @@ def run(workload: str, args: argparse.Namespace, device: torch.device) -> str:
     data = load_dataset(spec, device)
     # Warm-up: allocator, kernels, threads; not timed.
     fused(configs[:2], data), one_at_a_time(configs[:1], data)
+    methods = {
+        "(a) baseline": lambda: baseline(configs, data, device),
+        "(b) one at a time": lambda: one_at_a_time(configs, data),
+        "(c) fused": lambda: fused(configs, data),
+    }
+    if args.bf16:
+        bf16 = [replace(config, precision="bf16") for config in configs]
+        methods["(d) fused, bf16"] = lambda: fused(bf16, data)
     outcomes = {}
-    for name, method in (
-        ("(a) baseline", lambda: baseline(configs, data, device)),
-        ("(b) one at a time", lambda: one_at_a_time(configs, data)),
-        ("(c) fused", lambda: fused(configs, data)),
-    ):
+    for name, method in methods.items():
         synchronize(device)
         outcomes[name] = method()
         synchronize(device)
@@ -244,13 +249,21 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also (d): fused with the forward pass under bf16 autocast",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     started, load = time.perf_counter(), os.getloadavg()[0]
     parts = [run(workload, args, device) for workload in args.workloads]
     label = device_label(device)
     command = "python bench/throughput.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if k != "workloads"
+        (f"--{k}" if v else f"--no-{k}") if isinstance(v, bool) else f"--{k} {v}"
+        for k, v in vars(args).items()
+        if k != "workloads"
     )
     gpu = label.removeprefix("GPU: ") if device.type == "cuda" else None
     body = (
@@ -277,11 +290,13 @@ def merged_section(body: str, kind: str) -> str:
         f"{SECTION}\n\n"
         "`bench/throughput.py`: the same trials three ways (see its docstring). (c) trains "
         "every member on exactly the batches it would see alone (each its own batch size and "
-        "permutation); a fused step pads the members' batches to the largest one among the "
-        "members still stepping, so differing batch sizes cost padding, not correctness.\n\n"
+        "permutation); a fused step pads the members' batches to a common width (on a GPU the "
+        "largest among the members still stepping, on a CPU the largest of each run of batch "
+        "sizes within 1.5x of each other), so differing batch sizes cost padding, not "
+        "correctness.\n\n"
     )
     parts = [body, keep] if kind == "cpu" else [keep, body]
-    return intro + "".join(p for p in parts if p).rstrip() + "\n"
+    return intro + "\n".join(p.rstrip() + "\n" for p in parts if p)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,21 @@ Trials of one study that share an architecture differ only in numbers: learning 
 dropout, weight decay, momentum, gradient clipping, batch size. Their weights are stacked
 (`[K, in, out]` per layer) and trained together with batched matmuls, so one kernel does the
 work of K and a small network keeps a GPU busy instead of waiting on the host between tiny
-kernels. On a CPU the same code saves the per-step Python and dispatch overhead K times.
+kernels. On a CPU the same code saves the per-step Python and dispatch overhead K times,
+but the stacked tensors no longer fit the caches, so there it is about as fast as K
+trials one after the other (BENCHMARKS.md, "Throughput").
 
 Batch sizes: every member keeps its own. An epoch is `ceil(n / b_k)` steps for member k,
 each an index slice of its own permutation of the training rows, exactly the batches it
 would see alone. Fused step s trains every member that still has a step s in the epoch.
 Members are kept sorted by batch size, largest first, so those still stepping are always a
-contiguous slice `[lo:]` of the stacked tensors (a view, no copy): the large-batch members
-finish their epoch first, and a step pads each member's batch to the largest batch of the
-slice, with the padding rows weighted 0 in the loss. Only the interleaving with the other
-members differs from training alone, and the dropout masks, which come from the pack's own
-random stream.
+contiguous slice `[lo:]` of the stacked tensors (a view, no copy), and the large-batch
+members finish their epoch first. A step pads each member's batch to a common width, the
+padding rows weighted 0 in the loss: on a GPU the whole slice to its largest batch (one set
+of kernels; launches, not rows, cost time there), on a CPU runs of members whose batch sizes
+are within WIDTH_RATIO of each other, each to its own largest (arithmetic costs time there).
+Only the interleaving with the other members differs from training alone, and the dropout
+masks, which come from the pack's own random stream.
 
 Per member: learning rate and its scheduler, optimiser state and step count, gradient-norm
 clipping, early stopping with the best weights kept, divergence, pruning. A member that
@@ -25,6 +29,7 @@ tensors.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import threading
 import time
@@ -58,11 +63,13 @@ from hpsearch.train import (
     _scheduler,
     _step_scheduler,
     _to_cpu,
+    autocast,
     build_model,
     evaluate,
     metric_tensors,
 )
 
+WIDTH_RATIO = 1.5  # on a CPU, batch sizes padded to one width differ by less than this
 _EVAL_CHUNK = 16384  # validation rows per fused forward pass, to bound K x rows x width
 _BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as the single-trial path uses
 _ADAM_EPS = 1e-8
@@ -86,6 +93,7 @@ def pack_key(config: TrialConfig) -> tuple[Any, ...]:
         config.optimizer,
         config.scheduler,
         config.max_epochs,
+        config.precision,
         config.metric,
         config.maximize,
     )
@@ -171,6 +179,7 @@ class _Pack:
         self.members = [self._member(i, configs[i]) for i in order]
         self.params = self._stacked_initial_weights()
         self.state = [torch.zeros_like(p) for p in self.params for _ in range(2)]
+        self.scratch = [torch.empty_like(p) for p in self.params]
         self.steps = torch.zeros(len(self.members), device=self.device)
         self.dropout_generator = torch.Generator(device=self.device).manual_seed(
             configs[0].seed + 1
@@ -199,7 +208,7 @@ class _Pack:
             weights = torch.stack([ls[depth].weight.detach().T for ls in layers])
             biases = torch.stack([ls[depth].bias.detach()[None, :] for ls in layers])
             params += [weights.to(self.device), biases.to(self.device)]
-        return [p.contiguous().requires_grad_() for p in params]
+        return [p.contiguous() for p in params]
 
     def _set_hyperparameters(self) -> None:
         def column(values: list[float]) -> torch.Tensor:
@@ -221,6 +230,11 @@ class _Pack:
         self.has_dropout = any(c.dropout > 0 for c in configs)
         self.has_clipping = any(c.grad_clip_norm for c in configs)
         self.has_weight_decay = any(c.weight_decay > 0 for c in configs)
+        self.width_starts = [0]
+        if self.device.type != "cuda":
+            for k, config in enumerate(configs):
+                if config.batch_size * WIDTH_RATIO < configs[self.width_starts[-1]].batch_size:
+                    self.width_starts.append(k)
 
     # --- the epoch loop ----------------------------------------------------------------
 
@@ -304,8 +318,9 @@ class _Pack:
         self.members = [self.members[k] for k in ks]
         if not self.members:
             return
-        self.params = [p.detach()[index].requires_grad_() for p in self.params]
+        self.params = [p[index] for p in self.params]
         self.state = [s[index] for s in self.state]
+        self.scratch = [torch.empty_like(p) for p in self.params]
         self.steps = self.steps[index]
         for name in ("lr", "weight_decay", "momentum", "keep", "clip", "batch"):
             setattr(self, name, getattr(self, name)[index])
@@ -326,43 +341,64 @@ class _Pack:
         for s in range(steps[-1]):
             while steps[lo] <= s:
                 lo += 1
-            total[lo:] += self._step(perms[lo:], s, lo, sizes[lo], n)
+            total[lo:] += self._step(perms, s, lo, n)
         return (total / n).tolist()
 
-    def _step(self, perms: torch.Tensor, s: int, lo: int, width: int, n: int) -> torch.Tensor:
-        """Step s of members [lo:], each on its own batch padded to `width` rows; returns
-        each member's summed loss over its real rows."""
-        batch = self.batch[lo:, None]
-        column = torch.arange(width, device=self.device)[None, :]
+    def _step(self, perms: torch.Tensor, s: int, lo: int, n: int) -> torch.Tensor:
+        """Step s of members [lo:], each on its own batch; returns each member's summed
+        loss over its real rows."""
+        parts = [self._slice_gradients(perms, s, a, b, n) for a, b in self._slices(lo)]
+        losses, grads = zip(*parts, strict=True)
+        grads = [torch.cat(g) if len(g) > 1 else g[0] for g in zip(*grads, strict=True)]
+        with torch.no_grad():
+            self._clip(lo, grads)
+            self._update(lo, grads)
+        return torch.cat(losses)
+
+    def _slices(self, lo: int) -> list[tuple[int, int]]:
+        """Members [lo:] as runs that share one padded batch width. On a GPU a single run:
+        its time goes to kernel launches, not to padding rows. On a CPU, whose time goes to
+        arithmetic, runs of batch sizes within WIDTH_RATIO of each other."""
+        starts = [lo, *(k for k in self.width_starts if k > lo)]
+        return list(itertools.pairwise([*starts, len(self.members)]))
+
+    def _slice_gradients(
+        self, perms: torch.Tensor, s: int, a: int, b: int, n: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Members [a:b] on step s of their batches, padded to the widest (padding rows
+        weigh 0): their summed losses, and the gradients of their mean losses."""
+        batch = self.batch[a:b, None]
+        column = torch.arange(self.members[a].config.batch_size, device=self.device)[None, :]
         position = s * batch + column
         real = (column < batch) & (position < n)
-        rows = perms.gather(1, position.clamp(max=n - 1))
-        row_loss = self._row_loss(
-            self._forward(self.data.x_train[rows], lo), self.data.y_train[rows]
-        )
+        rows = perms[a:b].gather(1, position.clamp(max=n - 1))
+        # The slices themselves are the leaves: gradients come out [b - a, ...], and no
+        # full-size gradient of the stacked tensors is zeroed and filled at every step.
+        leaves = [p[a:b].detach().requires_grad_() for p in self.params]
+        with autocast(self.members[0].config, self.device):
+            out = self._forward(self.data.x_train[rows], leaves, a, b)
+            row_loss = self._row_loss(out, self.data.y_train[rows])
         weight = real.to(row_loss.dtype)
         counts = weight.sum(dim=1)
         member_loss = (row_loss * weight).sum(dim=1) / counts
-        for p in self.params:
-            p.grad = None
-        member_loss.sum().backward()  # each member's gradient is that of its own mean loss
-        with torch.no_grad():
-            self._clip(lo)
-            self._update(lo)
-        return member_loss.detach() * counts
+        # Each member's gradient is that of its own mean loss.
+        grads = torch.autograd.grad(member_loss.sum(), leaves)
+        return member_loss.detach() * counts, grads
 
-    def _forward(self, x: torch.Tensor, lo: int, train: bool = True) -> torch.Tensor:
-        """The members [lo:] on their own rows: x is [K, rows, features]."""
-        hidden = len(self.params) // 2 - 1
+    def _forward(
+        self, x: torch.Tensor, params: list[torch.Tensor], a: int, b: int, train: bool = True
+    ) -> torch.Tensor:
+        """Members [a:b] with weights `params` on their own rows: x is [b - a, rows, features]."""
+        hidden = len(params) // 2 - 1
         h = x
         for depth in range(hidden):
-            weight, bias = self.params[2 * depth][lo:], self.params[2 * depth + 1][lo:]
+            weight, bias = params[2 * depth], params[2 * depth + 1]
             h = self.activation(torch.baddbmm(bias, h, weight))
             if train and self.has_dropout:
-                keep = self.keep[lo:]
-                draw = torch.rand(h.shape, device=self.device, generator=self.dropout_generator)
-                h = h * (draw < keep) / keep
-        return torch.baddbmm(self.params[-1][lo:], h, self.params[-2][lo:])
+                keep = self.keep[a:b]
+                mask = torch.rand(h.shape, device=self.device, generator=self.dropout_generator)
+                h = h * mask.lt_(keep).div_(keep)  # kept units scaled by 1 / keep
+        return torch.baddbmm(params[-1], h, params[-2])
 
     def _row_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss of every row of every member: [K, rows]."""
@@ -376,18 +412,18 @@ class _Pack:
         flat = functional.cross_entropy(out.reshape(-1, classes), y.reshape(-1), reduction="none")
         return flat.view(k, rows)
 
-    def _clip(self, lo: int) -> None:
-        """Each member's gradients scaled to its own norm limit, as clip_grad_norm_ does."""
+    def _clip(self, lo: int, grads: list[torch.Tensor]) -> None:
+        """Members [lo:]'s gradients scaled each to its own norm limit, as clip_grad_norm_
+        does."""
         if not self.has_clipping:
             return
         clip = self.clip[lo:]
-        grads = [p.grad[lo:] for p in self.params]
         norm = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
         scale = (clip / (norm + 1e-6)).clamp(max=1.0).view(-1, 1, 1)
         for g in grads:
             g.mul_(scale)
 
-    def _update(self, lo: int) -> None:
+    def _update(self, lo: int, grads: list[torch.Tensor]) -> None:
         """The members' optimiser step, vectorised: torch.optim's update rules with each
         member's own learning rate, weight decay, momentum and step count."""
         name = self.members[0].config.optimizer
@@ -395,24 +431,30 @@ class _Pack:
         self.steps[lo:] += 1
         step = self.steps[lo:].view(-1, 1, 1)
         for i, p in enumerate(self.params):
-            param, grad = p.data[lo:], p.grad[lo:]
+            param, grad = p[lo:], grads[i]
             first, second = self.state[2 * i][lo:], self.state[2 * i + 1][lo:]
+            # In place, into preallocated scratch: the stacked tensors outgrow the caches,
+            # so every extra pass over them (or fresh allocation) costs memory bandwidth.
+            denom = self.scratch[i][lo:]
             if name == "adamw":
                 param.mul_(1 - lr * wd)
             elif self.has_weight_decay:
-                grad = grad + wd * param  # L2, as torch's Adam, SGD and RMSprop apply it
+                grad.addcmul_(param, wd)  # L2, as torch's Adam, SGD and RMSprop apply it
             if name in ("adam", "adamw"):
                 beta1, beta2 = _BETAS
-                first.mul_(beta1).add_(grad, alpha=1 - beta1)
+                first.lerp_(grad, 1 - beta1)
                 second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (second / (1 - beta2**step)).sqrt_().add_(_ADAM_EPS)
-                param.sub_(lr / (1 - beta1**step) * first / denom)
+                # param -= lr / bc1 * first / (sqrt(second) / sqrt(bc2) + eps), as torch's Adam
+                step_size = lr / (1 - beta1**step)
+                torch.sqrt(second, out=denom).div_((1 - beta2**step).sqrt_()).add_(_ADAM_EPS)
+                param.addcdiv_(first, denom.div_(step_size), value=-1)
             elif name == "sgd":
                 first.mul_(self.momentum[lo:]).add_(grad)
-                param.sub_(lr * first)
+                param.addcmul_(first, lr, value=-1)
             elif name == "rmsprop":
                 second.mul_(_RMSPROP_ALPHA).addcmul_(grad, grad, value=1 - _RMSPROP_ALPHA)
-                param.sub_(lr * grad / (second.sqrt() + _RMSPROP_EPS))
+                torch.sqrt(second, out=denom).add_(_RMSPROP_EPS)
+                param.addcdiv_(grad, denom.div_(lr), value=-1)
             else:
                 raise ValueError(f"unknown optimizer {name!r}")
 
@@ -422,7 +464,9 @@ class _Pack:
         x, y = self.data.x_val, self.data.y_val
         count = len(self.members)
         chunks = [
-            self._forward(x[i : i + _EVAL_CHUNK].expand(count, -1, -1), 0, train=False)
+            self._forward(
+                x[i : i + _EVAL_CHUNK].expand(count, -1, -1), self.params, 0, count, train=False
+            )
             for i in range(0, x.shape[0], _EVAL_CHUNK)
         ]
         out = torch.cat(chunks, dim=1)

@@ -56,6 +56,7 @@ class TrialConfig:
     max_epochs: int
     early_stopping_patience: int | None
     grad_clip_norm: float | None
+    precision: str  # fp32 | bf16 (autocast of the forward pass)
     seed: int
     metric: str  # the objective, without the "val_" prefix: loss, accuracy, f1, rmse, mae, r2
     maximize: bool
@@ -82,6 +83,7 @@ class TrialConfig:
             max_epochs=spec.training.max_epochs,
             early_stopping_patience=spec.training.early_stopping_patience,
             grad_clip_norm=settings["grad_clip_norm"],
+            precision=spec.training.precision,
             seed=spec.training.seed,
             metric=spec.objective.metric.removeprefix("val_"),
             maximize=spec.objective.direction == "maximize",
@@ -364,7 +366,8 @@ def _train_epoch(
         index = order[start : start + config.batch_size]
         if index.numel() < 2 and config.batch_norm:
             continue  # batch norm cannot normalise a single row
-        loss = loss_fn(model(data.x_train[index]), data.y_train[index])
+        with autocast(config, data.device):
+            loss = loss_fn(model(data.x_train[index]), data.y_train[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip_norm:
@@ -372,6 +375,12 @@ def _train_epoch(
         optimizer.step()
         total += loss.detach() * index.numel()
     return (total / n).item()
+
+
+def autocast(config: TrialConfig, device: torch.device) -> torch.autocast:
+    """The training forward pass in bf16 when the trial asks for it. Weights, optimizer
+    moments, losses and every evaluation stay fp32, so metrics compare across precisions."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 
 @torch.no_grad()

@@ -66,6 +66,20 @@ def test_a_pack_of_four_matches_the_same_trials_trained_alone() -> None:
         )
 
 
+def test_bf16_autocast_keeps_accuracy_alone_and_in_a_pack() -> None:
+    fp32 = make(SYNTHETIC, max_epochs=10)
+    bf16 = make(SYNTHETIC, max_epochs=10, precision="bf16")
+    data = load_dataset(fp32)
+    reference = [train(config, data) for config in configs_of(fp32)]
+    alone = [train(config, data) for config in configs_of(bf16)]
+    packed = train_pack(configs_of(bf16), data)
+    for full, single, member in zip(reference, alone, packed, strict=True):
+        assert single.history != full.history  # the forward pass did run in bf16
+        accuracy = [r.test_metrics["test_accuracy"] for r in (full, single, member)]
+        assert abs(accuracy[0] - accuracy[1]) <= 0.015
+        assert abs(accuracy[1] - accuracy[2]) <= 0.01
+
+
 def test_the_member_network_holds_the_best_weights_and_scores_its_metrics() -> None:
     spec = make({"source": "builtin", "name": "iris"})
     data = load_dataset(spec)

@@ -139,6 +139,7 @@ def test_regression_defaults_to_rmse_minimised() -> None:
             "needs both",
         ),
         ({"colour": "blue"}, "colour", "Extra inputs are not permitted"),
+        ({"training": {"precision": "fp16"}}, "training.precision", "'bf16'"),
         ({"budget": {"n_trials": 0}}, "budget.n_trials", "greater than or equal to 1"),
         (
             {"sampler": {"name": "grid"}, "search_space": {"dropout": {"low": 0.1, "high": 0.5}}},
