@@ -248,11 +248,11 @@ class _Pack:
     ) -> None:
         self._start()
         while self.members:
-            train_losses = self._train_epoch()
+            train_losses, grad_norms = self._train_epoch()
             val = self._evaluate_val()
             leaving: dict[int, str] = {}
             for k in range(len(self.members)):
-                ending = self._after_epoch(k, train_losses[k], val[k], on_epoch)
+                ending = self._after_epoch(k, train_losses[k], grad_norms[k], val[k], on_epoch)
                 if ending is not None:
                     leaving[k] = ending
             for k, ending in leaving.items():
@@ -285,14 +285,19 @@ class _Pack:
             member.best_weights = [p[k].detach().clone() for p in self.params]
 
     def _after_epoch(
-        self, k: int, loss: float, val: dict[str, float], on_epoch: MemberEpoch | None
+        self,
+        k: int,
+        loss: float,
+        grad_norms: tuple[float, ...],
+        val: dict[str, float],
+        on_epoch: MemberEpoch | None,
     ) -> str | None:
         """Record member k's next epoch; how it ends, when this epoch ends it."""
         member = self.members[k]
         config, epoch = member.config, member.epoch + 1
         if not (math.isfinite(loss) and math.isfinite(val["loss"])) or loss > member.explosion:
             return "diverged"
-        record = EpochRecord(epoch, loss, val["loss"], val[config.metric], member.lr)
+        record = EpochRecord(epoch, loss, val["loss"], val[config.metric], member.lr, grad_norms)
         member.history.append(record)
         if member.best_epoch == 0 or _better(record.value, member.best_value, config.maximize):
             member.best_value, member.best_epoch = record.value, epoch
@@ -328,21 +333,25 @@ class _Pack:
 
     # --- one epoch -----------------------------------------------------------------------
 
-    def _train_epoch(self) -> list[float]:
-        """One epoch of every member; their mean training losses, read back once."""
+    def _train_epoch(self) -> tuple[list[float], list[tuple[float, ...]]]:
+        """One epoch of every member: their mean training losses and their layers' gradient
+        norms on their last full batch (as `hpsearch.train` records them), read back once."""
         n = self.data.x_train.shape[0]
         perms = torch.stack(
             [torch.randperm(n, device=self.device, generator=m.generator) for m in self.members]
         )
         sizes = [m.config.batch_size for m in self.members]  # largest first
         steps = [math.ceil(n / b) for b in sizes]
+        self.last_full_step = [max(0, n - b) // b for b in sizes]
+        self.grad_norms = torch.zeros(len(self.members), len(self.params) // 2, device=self.device)
         total = torch.zeros(len(self.members), device=self.device)
         lo = 0
         for s in range(steps[-1]):
             while steps[lo] <= s:
                 lo += 1
             total[lo:] += self._step(perms, s, lo, n)
-        return (total / n).tolist()
+        rows = torch.cat([(total / n)[:, None], self.grad_norms], dim=1).tolist()
+        return [row[0] for row in rows], [tuple(row[1:]) for row in rows]
 
     def _step(self, perms: torch.Tensor, s: int, lo: int, n: int) -> torch.Tensor:
         """Step s of members [lo:], each on its own batch; returns each member's summed
@@ -350,10 +359,20 @@ class _Pack:
         parts = [self._slice_gradients(perms, s, a, b, n) for a, b in self._slices(lo)]
         losses, grads = zip(*parts, strict=True)
         grads = [torch.cat(g) if len(g) > 1 else g[0] for g in zip(*grads, strict=True)]
+        self._record_grad_norms(s, lo, grads)
         with torch.no_grad():
             self._clip(lo, grads)
             self._update(lo, grads)
         return torch.cat(losses)
+
+    def _record_grad_norms(self, s: int, lo: int, grads: list[torch.Tensor]) -> None:
+        """The weights' gradient norms (before clipping) of the members whose last full
+        batch is step s: a contiguous run, as the last full step grows with k."""
+        run = [k for k in range(lo, len(self.members)) if self.last_full_step[k] == s]
+        if run:
+            a, b = run[0] - lo, run[-1] + 1 - lo
+            norms = [g[a:b].flatten(1).norm(dim=1) for g in grads[::2]]
+            self.grad_norms[run[0] : run[-1] + 1] = torch.stack(norms, dim=1)
 
     def _slices(self, lo: int) -> list[tuple[int, int]]:
         """Members [lo:] as runs that share one padded batch width. On a GPU a single run:

@@ -97,6 +97,9 @@ class EpochRecord:
     val_loss: float
     value: float  # the objective on the validation set
     lr: float
+    # The gradient norm of each layer's weights (first to last) on the epoch's last full
+    # batch: one reading per epoch, enough to see gradients vanish or explode.
+    grad_norms: tuple[float, ...] = ()
 
 
 @dataclass
@@ -251,14 +254,14 @@ class _Run:
 
     def _run_epoch(self, epoch: int) -> EpochRecord | None:
         """One epoch, recorded and kept as the best if it is; None when the loss diverged."""
-        loss = _train_epoch(
+        loss, norms = _train_epoch(
             self.model, self.data, self.loss_fn, self.optimizer, self.config, self.generator
         )
         val = self._evaluate_val()
         if not (math.isfinite(loss) and math.isfinite(val["loss"])) or loss > self.explosion:
             return None
         lr = self.optimizer.param_groups[0]["lr"]
-        record = EpochRecord(epoch, loss, val["loss"], val[self.config.metric], lr)
+        record = EpochRecord(epoch, loss, val["loss"], val[self.config.metric], lr, norms)
         self.history.append(record)
         if self.best_epoch == 0 or _better(record.value, self.best_value, self.config.maximize):
             self.best_value, self.best_epoch = record.value, epoch
@@ -355,13 +358,17 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     config: TrialConfig,
     generator: torch.Generator,
-) -> float:
-    """One pass over a fresh permutation; the summed loss stays on the device until the end."""
+) -> tuple[float, tuple[float, ...]]:
+    """One pass over a fresh permutation: the mean training loss and the layers' gradient
+    norms on the last full batch, both kept on the device and read back once at the end."""
     model.train()
     n = data.x_train.shape[0]
     order = torch.randperm(n, device=data.device, generator=generator)
     total = torch.zeros((), device=data.device)
     params = list(model.parameters())
+    weights = [m.weight for m in model if isinstance(m, nn.Linear)]
+    last_full = max(0, n - config.batch_size) // config.batch_size * config.batch_size
+    norms = torch.zeros(len(weights), device=data.device)
     for start in range(0, n, config.batch_size):
         index = order[start : start + config.batch_size]
         if index.numel() < 2 and config.batch_norm:
@@ -370,11 +377,14 @@ def _train_epoch(
             loss = loss_fn(model(data.x_train[index]), data.y_train[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if start == last_full:  # before clipping, which would hide an explosion
+            norms = torch.stack([w.grad.detach().norm() for w in weights])
         if config.grad_clip_norm:
             nn.utils.clip_grad_norm_(params, config.grad_clip_norm, foreach=True)
         optimizer.step()
         total += loss.detach() * index.numel()
-    return (total / n).item()
+    loss, *layer_norms = torch.cat([(total / n).view(1), norms.float()]).tolist()
+    return loss, tuple(layer_norms)
 
 
 def autocast(config: TrialConfig, device: torch.device) -> torch.autocast:
@@ -529,7 +539,7 @@ def _check_fits(state: dict[str, Any], config: TrialConfig, data: TensorData) ->
 
 
 def _records(rows: list[dict[str, Any]]) -> list[EpochRecord]:
-    return [EpochRecord(**row) for row in rows]
+    return [EpochRecord(**row | {"grad_norms": tuple(row.get("grad_norms", ()))}) for row in rows]
 
 
 def _load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
