@@ -127,7 +127,7 @@ class BayesSampler(BaseSampler):
         """Sample every param of the space jointly: at random during startup, else by GP."""
         if not search_space:
             return {}
-        dims = [_to_dimension(dist) for dist in search_space.values()]
+        dims = [to_dimension(dist) for dist in search_space.values()]
         finished, pending = _observations(study, trial, search_space)
         random_state = self._derived_seed(trial.number)
         if len(finished) < max(self._n_startup_trials, 1):  # a GP needs one point at least
@@ -135,7 +135,7 @@ class BayesSampler(BaseSampler):
         else:
             point = self._ask_gp(dims, finished, pending, random_state)
         return {
-            name: _from_skopt(dist, x)
+            name: from_skopt(dist, x)
             for (name, dist), x in zip(search_space.items(), point, strict=True)
         }
 
@@ -194,11 +194,12 @@ class BayesSampler(BaseSampler):
             return optimizer.ask()
 
 
-def _to_dimension(dist: BaseDistribution) -> Dimension:
-    """The skopt dimension a distribution is searched in (see ``_from_skopt`` for the way back).
+def to_dimension(dist: BaseDistribution) -> Dimension:
+    """The skopt dimension a distribution is searched in (see ``from_skopt`` for the way back).
 
     Categoricals are searched over choice indices, since skopt cannot hold None or mixed
     types; non-log ints over the index k of ``low + k * step``, so every point is on the grid.
+    Public so that a plain scikit-optimize loop can search exactly the sampler's space.
     """
     if isinstance(dist, CategoricalDistribution):
         return Categorical(list(range(len(dist.choices))))
@@ -212,7 +213,7 @@ def _to_dimension(dist: BaseDistribution) -> Dimension:
 
 
 def _to_skopt(dist: BaseDistribution, value: Any) -> Any:
-    """A stored param value as a coordinate of the dimension from ``_to_dimension``."""
+    """A stored param value as a coordinate of the dimension from ``to_dimension``."""
     if isinstance(dist, CategoricalDistribution):
         return _choice_index(dist, value)
     if isinstance(dist, IntDistribution):
@@ -220,7 +221,7 @@ def _to_skopt(dist: BaseDistribution, value: Any) -> Any:
     return float(value)
 
 
-def _from_skopt(dist: BaseDistribution, x: Any) -> Any:
+def from_skopt(dist: BaseDistribution, x: Any) -> Any:
     """A skopt coordinate as a plain Python param value inside the distribution.
 
     skopt returns numpy scalars, which Optuna's storages cannot always serialise.
