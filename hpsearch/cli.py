@@ -115,7 +115,7 @@ def run(
         errors.print("interrupted: run the same command again to resume")
         raise typer.Exit(130) from None
     _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
-    left = read_progress(study)
+    left = read_progress(url, study)
     if left.finished < spec.budget.n_trials and left.running:
         errors.print(
             f"{left.running} trial(s) still running elsewhere or left by a crashed process; "
@@ -468,6 +468,7 @@ def status_view(study: StudyDetail) -> Group:
     ]
     if study.reason:
         lines.append(f"reason: {study.reason}")
+    lines += [f"advice: {sentence}" for sentence in study.advice]
     best = study.best_trial
     if best is None:
         lines.append("no completed trial yet")
@@ -495,6 +496,7 @@ def trial_view(trial: TrialDetail) -> Group:
         "train loss",
         "val loss",
         "lr",
+        "grad norm per layer",
         title="learning curve",
         box=box.SIMPLE_HEAD,
     )
@@ -505,6 +507,7 @@ def trial_view(trial: TrialDetail) -> Group:
             _fmt(point.train_loss),
             _fmt(point.val_loss),
             _fmt(point.learning_rate),
+            " ".join(f"{norm:.2g}" for norm in point.grad_norms or []),
         )
     return Group(escape(head), facts, curve)
 

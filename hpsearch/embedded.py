@@ -21,7 +21,8 @@ from hpsearch.errors import HpsearchError
 from hpsearch.service import StudyState
 from hpsearch.study import FINISHED_STATES
 from hpsearch.worker import Worker, WorkerOptions, stop_on_signals
-from storage import StorageError, optuna_storage
+from storage import StorageError, optuna_storage, session_scope
+from storage.queries import STATE_NAMES, best_values, trial_counts
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def run_workers(
     study = optuna.load_study(study_name=state.name, storage=optuna_storage(url))
     try:
         while any(w.is_alive() for w in workers):
-            on_progress(read_progress(study))
+            on_progress(read_progress(url, study))
             time.sleep(poll_s)
     except KeyboardInterrupt:
         for worker in workers:
@@ -72,19 +73,22 @@ def run_workers(
             worker.join()
         raise
     finally:
-        on_progress(read_progress(study))
+        on_progress(read_progress(url, study))
     return [w.exitcode if w.exitcode is not None else 1 for w in workers]
 
 
-def read_progress(study: optuna.Study) -> StudyProgress:
-    trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in FINISHED_STATES]
-    completed = [t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+def read_progress(url: str, study: optuna.Study) -> StudyProgress:
+    """Counts and the best value, aggregated by the database: polled twice a second, so it
+    must not load the study's trials."""
+    study_id = study._study_id
+    with session_scope(url) as session:
+        counts = trial_counts(session, [study_id]).get(study_id, {})
+        low_high = best_values(session, [study_id]).get(study_id)
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     return StudyProgress(
-        finished=len(finished),
-        running=sum(t.state == optuna.trial.TrialState.RUNNING for t in trials),
-        best=(max(completed) if maximize else min(completed)) if completed else None,
+        finished=sum(counts.get(STATE_NAMES[s], 0) for s in FINISHED_STATES),
+        running=counts.get(STATE_NAMES[optuna.trial.TrialState.RUNNING], 0),
+        best=None if low_high is None else low_high[1 if maximize else 0],
     )
 
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -245,10 +244,10 @@ def resume_study(url: str, study: str | int) -> tuple[StudyState, int]:
     state = change_state(url, study, "resume")
     storage = optuna_storage(url, grace_s=2 * heartbeat_interval_s())
     optuna_study = optuna.load_study(study_name=state.name, storage=storage)
-    with claim_study(url, state.id):  # failing and queueing the retry count as one step
-        before = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    with claim_study(url, state.id) as claim:  # failing and queueing the retry: one step
+        before = claim.trial_counts().get("failed", 0)
         optuna.storages.fail_stale_trials(optuna_study)
-        after = len(optuna_study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        after = claim.trial_counts().get("failed", 0)
     return state, after - before
 
 

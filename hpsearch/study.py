@@ -19,6 +19,7 @@ import torch
 from optuna.trial import TrialState
 
 from hpsearch.data import TensorData
+from hpsearch.diagnosis import diagnose
 from hpsearch.fused import pack_key, train_pack
 from hpsearch.search import make_pruner, make_sampler, suggest_params
 from hpsearch.service import RUNNABLE_STATES, StudyState, mark_running
@@ -35,14 +36,19 @@ from storage import (
     optuna_storage,
     save_checkpoint,
     session_scope,
+    set_trial_user_attrs,
     with_retries,
 )
 from storage.engine import MAX_RETRIES
+from storage.queries import STATE_NAMES, trial_counts
 
 KEEP_BEST_MODELS = 5  # the trained weights of this many best trials per study are kept
 # Trials that count against n_trials: finished, running, and retries waiting to resume.
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+# (storage, trial id) of the trials whose heartbeats a `_heartbeat` block records now.
+_BEATING: set[tuple[int, int]] = set()
+_BEATING_LOCK = threading.Lock()
 
 
 def open_study(state: StudyState, url: str, stream: int = 0) -> optuna.Study:
@@ -60,25 +66,34 @@ def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Tria
     cancelled, ...) or its budget is spent.
 
     Counting and creating happen under the study's claim lock, and the params are stored
-    before the lock is released, so a parallel sampler sees them (constant liar).
+    before the lock is released, so a parallel sampler sees them (constant liar). The budget
+    is counted by the database, so a claim costs the same in a study of 10 or 10,000 trials.
     """
-    with claim_study(url, state.id) as record:
-        if record.state not in RUNNABLE_STATES:
+    with claim_study(url, state.id) as claim:
+        if claim.record.state not in RUNNABLE_STATES:
             return None
         optuna.storages.fail_stale_trials(study)  # their retries wait in the queue
-        counted = study.get_trials(deepcopy=False, states=BUDGET_STATES)
-        retry_waiting = any(t.state == TrialState.WAITING for t in counted)
-        if not retry_waiting and len(counted) >= record.n_trials:
+        counts = claim.trial_counts()
+        used = sum(counts.get(STATE_NAMES[s], 0) for s in BUDGET_STATES)
+        retry_waiting = counts.get(STATE_NAMES[TrialState.WAITING], 0) > 0
+        if not retry_waiting and used >= claim.record.n_trials:
             return None
         trial = study.ask()  # a waiting retry first, with its params
         # A first heartbeat at once: a trial orphaned by a crash right after this point
         # still goes stale and is retried, instead of holding budget for ever.
         study._storage.record_heartbeat(trial._trial_id)
         suggest_params(trial, state.spec)
-        first = record.state == "queued"
+        first = claim.record.state == "queued"
     if first:
         mark_running(url, state.id)
     return trial
+
+
+def count_finished(url: str, study: optuna.Study) -> int:
+    """The study's complete and pruned trials, counted by the database (not by loading them)."""
+    with session_scope(url) as session:
+        counts = trial_counts(session, [study._study_id]).get(study._study_id, {})
+    return sum(counts.get(STATE_NAMES[s], 0) for s in FINISHED_STATES)
 
 
 @dataclass(frozen=True)
@@ -143,7 +158,7 @@ def train_trial(
     )
     if result.interrupted:
         raise TrialHandedBack
-    _record(trial, result)
+    _record(trial, result, context)
     return result
 
 
@@ -178,9 +193,14 @@ def _save_checkpoint(
 
 
 def _retried_trial_ids(trial: optuna.Trial) -> list[int]:
-    system_attrs = trial.study._storage.get_trial_system_attrs(trial._trial_id)
-    trials = trial.study.get_trials(deepcopy=False)
-    return [trials[number]._trial_id for number in system_attrs.get("retry_history", [])]
+    """The ids of the trials this one retries (oldest first), looked up by number one by
+    one: a trial that retries none, as most do, costs no lookup at all."""
+    storage = trial.study._storage
+    numbers = storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+    return [
+        storage.get_trial_id_from_study_id_trial_number(trial.study._study_id, number)
+        for number in numbers
+    ]
 
 
 def run_trial(
@@ -195,7 +215,7 @@ def run_trial(
 
     An error fails the trial with the message recorded (failed trials use no budget).
     """
-    _sign(trial, data)
+    _sign(trial, data, context)
     try:
         with _heartbeat(study, trial):
             result = train_trial(trial, spec, data, context)
@@ -226,7 +246,7 @@ def run_pack(
     outcomes: list[TrialState | None] = [None] * len(trials)
     lost: set[int] = set()  # members failed as stale elsewhere: never written to again
     for trial, payload in zip(trials, resume_from, strict=True):
-        _sign(trial, data)
+        _sign(trial, data, context)
         for record in checkpoint_history(payload) if payload else []:
             trial.report(record.value, record.epoch)
 
@@ -249,8 +269,8 @@ def run_pack(
         if result.interrupted:
             hand_back(study, trials[i], context)
             return
-        _record(trials[i], result)
         try:
+            _record(trials[i], result, context)
             outcomes[i] = _tell(study, trials[i], result, context)
         except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
             lost.add(i)
@@ -298,23 +318,46 @@ def keep_alive(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None
         yield
 
 
-def _sign(trial: optuna.Trial, data: TensorData) -> None:
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    trial.set_user_attr("device", str(data.device))
+def _sign(trial: optuna.Trial, data: TensorData, context: TrialContext | None) -> None:
+    _set_user_attrs(
+        trial,
+        context,
+        {"worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(data.device)},
+    )
+
+
+def _set_user_attrs(
+    trial: optuna.Trial, context: TrialContext | None, attrs: dict[str, Any]
+) -> None:
+    """Set user attributes of the trial: for a worker in one transaction that checks its
+    lease (LeaseLost once the trial was taken away), instead of Optuna's commit per
+    attribute; without a worker's context through Optuna, so any storage works."""
+    if context is None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+
+    def write() -> None:
+        with session_scope(context.url, immediate=True) as session:
+            set_trial_user_attrs(
+                session, trial_id=trial._trial_id, trial_number=trial.number, attrs=attrs
+            )
+
+    with_retries(write, url=context.url)
 
 
 def _tell(
     study: optuna.Study, trial: optuna.Trial, result: TrainResult, context: TrialContext | None
 ) -> TrialState:
-    """Tell how a training ended; keep the weights of the best trials; drop checkpoints."""
+    """Tell how a training ended; then, in one transaction, keep the weights if the trial is
+    among the best and drop its checkpoints."""
     if result.pruned:
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, result.value)
-        if context is not None and result.model is not None:
-            _keep_if_among_the_best(study, trial, result, context)
     if context is not None:
-        _forget_checkpoints(trial, context)
+        keep = not result.pruned and result.model is not None
+        _keep_and_forget(study, trial, result if keep else None, context)
     return TrialState.PRUNED if result.pruned else TrialState.COMPLETE
 
 
@@ -324,27 +367,31 @@ def _fail(study: optuna.Study, trial: optuna.Trial, exc: Exception) -> TrialStat
     return TrialState.FAIL
 
 
-def _keep_if_among_the_best(
-    study: optuna.Study, trial: optuna.Trial, result: TrainResult, context: TrialContext
+def _keep_and_forget(
+    study: optuna.Study, trial: optuna.Trial, kept: TrainResult | None, context: TrialContext
 ) -> None:
-    buffer = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in result.model.state_dict().items()}, buffer)
+    """Store the weights of `kept` (the best KEEP_BEST_MODELS of the study stay) and delete
+    the checkpoints of the trial and of those it retried, in one transaction. Optuna is
+    asked first: on SQLite its connection would wait for this immediate transaction."""
+    trial_ids = [trial._trial_id, *_retried_trial_ids(trial)]
+    payload = b""
+    if kept is not None and kept.model is not None:
+        buffer = io.BytesIO()
+        torch.save({k: v.cpu() for k, v in kept.model.state_dict().items()}, buffer)
+        payload = buffer.getvalue()
     with session_scope(context.url, immediate=True) as session:
-        keep_best_model(
-            session,
-            study_id=context.study_id,
-            trial_id=trial._trial_id,
-            trial_number=trial.number,
-            value=result.value,
-            payload=buffer.getvalue(),
-            maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE,
-            keep=KEEP_BEST_MODELS,
-        )
-
-
-def _forget_checkpoints(trial: optuna.Trial, context: TrialContext) -> None:
-    with session_scope(context.url) as session:
-        delete_checkpoints(session, [trial._trial_id, *_retried_trial_ids(trial)])
+        if kept is not None and payload:
+            keep_best_model(
+                session,
+                study_id=context.study_id,
+                trial_id=trial._trial_id,
+                trial_number=trial.number,
+                value=kept.value,
+                payload=payload,
+                maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE,
+                keep=KEEP_BEST_MODELS,
+            )
+        delete_checkpoints(session, trial_ids)
 
 
 def hand_back(study: optuna.Study, trial: optuna.Trial, context: TrialContext) -> None:
@@ -359,8 +406,16 @@ def hand_back(study: optuna.Study, trial: optuna.Trial, context: TrialContext) -
 @contextmanager
 def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     """Record the trial's heartbeat now and every interval until the block ends, so a
-    trial whose worker died is recognised as stale and retried."""
+    trial whose worker died is recognised as stale and retried. Inside an enclosing block
+    for the same trial (a worker's `keep_alive`), the enclosing one's beats suffice."""
     storage = study._storage
+    key = (id(storage), trial._trial_id)
+    with _BEATING_LOCK:
+        nested = key in _BEATING
+        _BEATING.add(key)
+    if nested:
+        yield
+        return
     stopped = threading.Event()
 
     def beat() -> None:
@@ -368,36 +423,31 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
             with contextlib.suppress(Exception):  # a missed beat is retried at the next one
                 storage.record_heartbeat(trial._trial_id)
 
-    storage.record_heartbeat(trial._trial_id)
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
-    thread.start()
     try:
-        yield
+        storage.record_heartbeat(trial._trial_id)
+        thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stopped.set()
+            thread.join()
     finally:
-        stopped.set()
-        thread.join()
+        with _BEATING_LOCK:
+            _BEATING.discard(key)
 
 
-def _record(trial: optuna.Trial, result: TrainResult) -> None:
+def _record(trial: optuna.Trial, result: TrainResult, context: TrialContext | None) -> None:
+    attrs: dict[str, Any] = {}
     if trial.user_attrs.get("error"):  # inherited from the failed trial this one retries
-        trial.set_user_attr("error", None)
-    for name, value in (result.val_metrics | result.test_metrics).items():
-        trial.set_user_attr(name, value)
-    trial.set_user_attr("epochs", result.epochs_run)
-    trial.set_user_attr("best_epoch", result.best_epoch)
-    trial.set_user_attr("seconds", round(result.seconds, 3))
-    trial.set_user_attr("diagnosis", _diagnosis(result))
+        attrs["error"] = None
+    attrs |= result.val_metrics | result.test_metrics
+    attrs["epochs"] = result.epochs_run
+    attrs["best_epoch"] = result.best_epoch
+    attrs["seconds"] = round(result.seconds, 3)
+    attrs["diagnosis"] = diagnose(result)
     if result.resumed_from_epoch is not None:
-        trial.set_user_attr("resumed_from_epoch", result.resumed_from_epoch)
-    # Compact: one row [epoch, train_loss, val_loss, value, lr] per epoch.
-    trial.set_user_attr("history", [list(row.values()) for row in result.history_rows()])
-
-
-def _diagnosis(result: TrainResult) -> str:
-    if result.diverged:
-        return "diverged"
-    if result.pruned:
-        return "pruned"
-    if result.stopped_early:
-        return "early_stopped"
-    return "ok"
+        attrs["resumed_from_epoch"] = result.resumed_from_epoch
+    # Compact: one row [epoch, train_loss, val_loss, value, lr, [grad norms]] per epoch.
+    attrs["history"] = [list(row.values()) for row in result.history_rows()]
+    _set_user_attrs(trial, context, attrs)

@@ -29,9 +29,9 @@ from hpsearch.data import load_dataset
 from hpsearch.errors import HpsearchError
 from hpsearch.service import StudyState, mark_completed_if_done, runnable_studies
 from hpsearch.study import (
-    FINISHED_STATES,
     TrialContext,
     claim_trial,
+    count_finished,
     keep_alive,
     open_study,
     packs,
@@ -81,6 +81,7 @@ class Worker:
     _turn: int = 0
     _worker_id: int | None = None
     _finished: threading.Event = field(default_factory=threading.Event)
+    _busy: bool = False
 
     def run(self) -> int:
         upgrade(self.options.url)
@@ -106,6 +107,7 @@ class Worker:
         while not self.stop.is_set() and not self._past_deadline():
             claimed = self._claim()
             if claimed is None:
+                self._idle()
                 if self._idle_too_long(idle_since):
                     return 0
                 self.stop.wait(IDLE_POLL_S)
@@ -163,6 +165,7 @@ class Worker:
         alone, all kept alive by heartbeats until their turn comes."""
         first = trials[0].number
         self._set(state="busy", current_study_id=state.id, current_trial_number=first)
+        self._busy = True
         data = load_dataset(state.spec, self.options.device, self.options.url)  # cached
         context = TrialContext(self.options.url, state.id, self.stop)
         outcomes: list[optuna.trial.TrialState | None] = []
@@ -181,15 +184,20 @@ class Worker:
                 file=sys.stderr,
             )
         finished = with_retries(
-            lambda: len(study.get_trials(deepcopy=False, states=FINISHED_STATES)),
-            url=self.options.url,
+            lambda: count_finished(self.options.url, study), url=self.options.url
         )
         with_retries(
             lambda: mark_completed_if_done(self.options.url, state.id, finished),
             url=self.options.url,
         )
-        self._set(state="idle", current_study_id=None, current_trial_number=None)
         return outcomes
+
+    def _idle(self) -> None:
+        """Show the worker idle once nothing is left to claim (not between two trials: that
+        would cost every trial a write)."""
+        if self._busy:
+            self._set(state="idle", current_study_id=None, current_trial_number=None)
+            self._busy = False
 
     def _past_deadline(self) -> bool:
         return self.options.deadline is not None and time.time() >= self.options.deadline

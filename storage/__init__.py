@@ -4,6 +4,7 @@ with Alembic), sessions, retries, and the locks that keep budgets exact."""
 from storage.db import (
     DATABASE_ERRORS,
     LeaseLost,
+    StudyClaim,
     claim_study,
     delete_checkpoints,
     keep_best_model,
@@ -12,6 +13,7 @@ from storage.db import (
     newest_checkpoint,
     save_checkpoint,
     session_scope,
+    set_trial_user_attrs,
     upgrade,
     with_retries,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "LeaseLost",
     "ModelRecord",
     "StorageError",
+    "StudyClaim",
     "StudyRecord",
     "WorkerRecord",
     "claim_study",
@@ -57,6 +60,7 @@ __all__ = [
     "safe_url",
     "save_checkpoint",
     "session_scope",
+    "set_trial_user_attrs",
     "upgrade",
     "with_retries",
 ]

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,6 +26,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from optuna.storages._rdb.models import TrialUserAttributeModel
 from sqlalchemy import delete, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection
@@ -46,6 +49,7 @@ from storage.engine import (
     sqlite_path,
 )
 from storage.models import CheckpointRecord, ModelRecord, StudyRecord
+from storage.queries import trial_counts
 
 T = TypeVar("T")
 
@@ -238,19 +242,41 @@ def lock_study(session: Session, study_id: int) -> StudyRecord:
     return session.execute(statement).scalar_one()
 
 
+@dataclass(frozen=True)
+class StudyClaim:
+    """A study held under its claim lock: its row as read under the lock, and its trials
+    counted under the same lock whenever the holder asks (after failing stale trials, say)."""
+
+    record: StudyRecord
+    _session: Callable[[], contextlib.AbstractContextManager[Session]]
+
+    def trial_counts(self) -> dict[str, int]:
+        """The study's Optuna trials by state name ("complete", "running", ...), counted by
+        the database now: one grouped query on the (study, state) index, however many
+        trials the study holds."""
+        study_id = self.record.optuna_study_id
+        if study_id is None:
+            return {}
+        with self._session() as session:
+            return dict(trial_counts(session, [study_id]).get(study_id, {}))
+
+
 @contextmanager
-def claim_study(url: str, study_id: int) -> Iterator[StudyRecord]:
+def claim_study(url: str, study_id: int) -> Iterator[StudyClaim]:
     """Hold the study's claim lock and yield its row as read under the lock: counting the
     budget and creating a trial inside it cannot interleave with another worker's claim.
 
-    PostgreSQL: the row is locked (`FOR UPDATE`) until the block ends. SQLite: a file lock
-    beside the database; an immediate transaction cannot be held instead, because Optuna
-    creates the trial on a connection of its own, which would wait for ours for ever.
+    PostgreSQL: the row is locked (`FOR UPDATE`) until the block ends, and trials are
+    counted in that same transaction (read committed: each count sees every trial committed
+    before it), so a claim holds one connection of its own. SQLite: a file lock beside the
+    database; an immediate transaction cannot be held instead, because Optuna creates the
+    trial on a connection of its own, which would wait for ours for ever.
     """
     parsed = parse_url(url)
     if parsed.get_backend_name() == "postgresql":
         with session_scope(url) as session:
-            yield lock_study(session, study_id)
+            record = lock_study(session, study_id)
+            yield StudyClaim(record, lambda: contextlib.nullcontext(session))
         return
     path = sqlite_path(parsed)
     with file_lock(path) if path else contextlib.nullcontext():
@@ -258,7 +284,7 @@ def claim_study(url: str, study_id: int) -> Iterator[StudyRecord]:
             record = session.get(StudyRecord, study_id, populate_existing=True)
         if record is None:
             raise NoResultFound(f"no study with id {study_id}")
-        yield record
+        yield StudyClaim(record, lambda: session_scope(url))
 
 
 class LeaseLost(Exception):
@@ -272,12 +298,7 @@ def save_checkpoint(
     """Insert the trial's checkpoint, or replace the one it has, in one transaction: a trial
     keeps only its newest checkpoint, written whole or not at all, and only while the trial
     is still running (its worker's lease); otherwise raise LeaseLost."""
-    state_query = text("SELECT state FROM trials WHERE trial_id = :trial_id")
-    if session.get_bind().dialect.name == "postgresql":
-        state_query = text("SELECT state FROM trials WHERE trial_id = :trial_id FOR UPDATE")
-    state = session.execute(state_query, {"trial_id": trial_id}).scalar()
-    if state != "RUNNING":
-        raise LeaseLost(f"trial {trial_number} is {str(state).lower()}, no longer this worker's")
+    check_lease(session, trial_id, trial_number)
     values = {
         "study_id": study_id,
         "trial_id": trial_id,
@@ -297,6 +318,37 @@ def save_checkpoint(
             "size_bytes": statement.excluded.size_bytes,
             "updated_at": func.now(),
         },
+    )
+    session.execute(statement)
+
+
+def check_lease(session: Session, trial_id: int, trial_number: int) -> None:
+    """Raise LeaseLost unless the trial is still running; on PostgreSQL its row stays locked
+    until the transaction ends, so it cannot be failed as stale while this one writes."""
+    state_query = text("SELECT state FROM trials WHERE trial_id = :trial_id")
+    if session.get_bind().dialect.name == "postgresql":
+        state_query = text("SELECT state FROM trials WHERE trial_id = :trial_id FOR UPDATE")
+    state = session.execute(state_query, {"trial_id": trial_id}).scalar()
+    if state != "RUNNING":
+        raise LeaseLost(f"trial {trial_number} is {str(state).lower()}, no longer this worker's")
+
+
+def set_trial_user_attrs(
+    session: Session, *, trial_id: int, trial_number: int, attrs: dict[str, Any]
+) -> None:
+    """Set several user attributes of a running trial in one transaction that first checks
+    the lease (LeaseLost otherwise): the rows Optuna's `set_user_attr` writes, without its
+    commit per attribute, which costs a disk flush each on PostgreSQL."""
+    check_lease(session, trial_id, trial_number)
+    if not attrs:
+        return
+    table = TrialUserAttributeModel.__table__
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    statement = insert(table).values(rows)
+    statement = statement.on_conflict_do_update(
+        index_elements=[table.c.trial_id, table.c.key],
+        set_={"value_json": statement.excluded.value_json},
     )
     session.execute(statement)
 
