@@ -2,7 +2,8 @@
 the kept weights, and the workers. The REST routes and the CLI both read through these.
 
 Each function is a fixed handful of SQL queries (`storage.queries`), so a study of 10,000
-trials answers as fast as one of 10.
+trials answers as fast as one of 10; only a study's detail reads every finished trial, for
+the advice it counts from them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from hpsearch.diagnosis import TrialFacts, advise
 from hpsearch.service import StudyNotFound, find_study
 from hpsearch.spec import StudySpec
 from hpsearch.views import (
@@ -30,6 +32,7 @@ from storage import ModelRecord, StudyRecord, WorkerRecord, grace_period_s, sess
 from storage.queries import (
     TrialRow,
     best_values,
+    finished_trials,
     intermediate_values,
     one_trial,
     ranked_trials,
@@ -38,7 +41,7 @@ from storage.queries import (
 )
 
 # Columns of the compact per-epoch history a trial stores (hpsearch.study._record).
-HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "value", "learning_rate")
+HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "value", "learning_rate", "grad_norms")
 
 
 class TrialNotFound(StudyNotFound):
@@ -60,7 +63,7 @@ def list_studies(url: str, limit: int = 100, offset: int = 0) -> Page[StudySumma
 
 
 def study_detail(url: str, study: str | int) -> StudyDetail:
-    """The study's spec, state, progress and best trial."""
+    """The study's spec, state, progress, best trial, and advice from its finished trials."""
     upgrade(url)
     with session_scope(url) as session:
         record = find_study(session, study)
@@ -68,7 +71,18 @@ def study_detail(url: str, study: str | int) -> StudyDetail:
         spec = StudySpec.model_validate(record.spec)
         best = ranked_trials(session, _optuna_id(record), _maximize(spec), top=1)
         best_trial = _trial_summary(best[0]) if best else None
-    return StudyDetail(**summary.model_dump(), spec=spec, best_trial=best_trial)
+        finished = finished_trials(session, _optuna_id(record))
+    advice = advise([_facts(row) for row in finished], spec)
+    return StudyDetail(**summary.model_dump(), spec=spec, best_trial=best_trial, advice=advice)
+
+
+def _facts(row: TrialRow) -> TrialFacts:
+    return TrialFacts(row.params, row.value, _diagnosis_of(row), row.attrs.get("best_epoch"))
+
+
+def _diagnosis_of(row: TrialRow) -> str | None:
+    """The recorded diagnosis; a failed trial (an error, or a worker that died) crashed."""
+    return row.attrs.get("diagnosis") or ("crashed" if row.state == "failed" else None)
 
 
 def study_summary(url: str, study: str | int) -> StudySummary:
@@ -209,7 +223,7 @@ def _trial_summary(row: TrialRow) -> TrialSummary:
         params=row.params,
         epochs=attrs.get("epochs"),
         seconds=row.seconds,
-        diagnosis=attrs.get("diagnosis"),
+        diagnosis=_diagnosis_of(row),
         metrics={k: v for k, v in attrs.items() if k.startswith(("val_", "test_"))},
         started_at=row.started_at,
         completed_at=row.completed_at,
@@ -228,6 +242,7 @@ def _curve(reported: list[tuple[int, float | None]], history: list[list[Any]]) -
                 train_loss=extra.get("train_loss"),
                 val_loss=extra.get("val_loss"),
                 learning_rate=extra.get("learning_rate"),
+                grad_norms=extra.get("grad_norms"),
             )
         )
     return points

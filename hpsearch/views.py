@@ -66,6 +66,10 @@ class LeaderboardEntry(TrialSummary):
 class StudyDetail(StudySummary):
     spec: StudySpec
     best_trial: TrialSummary | None
+    advice: list[str] = Field(
+        default_factory=list,
+        description="what the finished trials' diagnoses suggest changing, with counts",
+    )
 
 
 class ResumedStudy(StudySummary):
@@ -80,6 +84,9 @@ class CurvePoint(BaseModel):
     train_loss: float | None = None
     val_loss: float | None = None
     learning_rate: float | None = None
+    grad_norms: list[float] | None = Field(
+        None, description="each layer's weight gradient norm, first layer first"
+    )
 
 
 class TrialDetail(TrialSummary):

@@ -120,6 +120,14 @@ def trial_page(
     return _with_details(session, _rows(session, query)), total
 
 
+def finished_trials(session: Session, study_id: int) -> list[TrialRow]:
+    """Every complete, pruned or failed trial with its params and small attributes: the
+    evidence a study's advice counts."""
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    query = _trial_query().where(TrialModel.study_id == study_id, TrialModel.state.in_(done))
+    return _with_details(session, _rows(session, query))
+
+
 def one_trial(session: Session, study_id: int, number: int) -> TrialRow | None:
     """The trial with every user attribute, the bulky ones included."""
     query = _trial_query().where(TrialModel.study_id == study_id, TrialModel.number == number)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from api import Settings, create_app
+from hpsearch import results
+from hpsearch.cli import app
 from hpsearch.data import load_dataset
 from hpsearch.diagnosis import TrialFacts, advise, diagnose
+from hpsearch.service import submit_study
 from hpsearch.spec import parse_spec
 from hpsearch.train import EpochRecord, TrainResult, TrialConfig, train
+from hpsearch.worker import Worker, WorkerOptions
 
 DIGITS = {"source": "builtin", "name": "digits"}
 
@@ -128,3 +138,65 @@ def test_advice_says_to_widen_a_range_whose_best_trials_sit_at_its_edge() -> Non
 
 def test_no_advice_from_too_few_trials() -> None:
     assert advise([facts(9.0, "diverged", None)] * 3, spec_of(search_space=SPACE)) == []
+
+
+def finished_study(tmp_path: Path, space: dict[str, Any], n_trials: int, sampler: dict) -> str:
+    """A real study of 3-epoch digits trials run to the end by an in-process worker."""
+    url = f"sqlite:///{tmp_path / 'advice.db'}"
+    spec = spec_of(
+        name="advice",
+        search_space=space,
+        sampler=sampler,
+        pruner={"name": "none"},
+        training={"max_epochs": 3},
+        budget={"n_trials": n_trials},
+    )
+    submit_study(url, spec)
+    assert Worker(WorkerOptions(url, idle_exit_s=0)).run() == 0
+    return url
+
+
+def test_a_study_searching_learning_rates_up_to_10_is_told_which_range_diverged(
+    tmp_path: Path,
+) -> None:
+    space = {"learning_rate": {"low": 1e-4, "high": 10, "log": True}}
+    url = finished_study(tmp_path, space, 16, {"name": "random", "seed": 0})
+    trials = results.list_trials(url, "advice", limit=100).items
+    diverged = [t.params["learning_rate"] for t in trials if t.diagnosis == "diverged"]
+    assert len(trials) == 16 and len(diverged) >= 2
+    advice = results.study_detail(url, "advice").advice
+    found = [
+        re.search(r"(\d+) of (\d+) trials with learning_rate >= (\S+) diverged", a) for a in advice
+    ]
+    match = next(m for m in found if m)
+    count, among, threshold = int(match[1]), int(match[2]), float(match[3])
+    assert count == len(diverged) and count * 2 >= among
+    assert threshold == pytest.approx(min(diverged), rel=0.05)
+    assert among == sum(t.params["learning_rate"] >= min(diverged) for t in trials)
+    shown = CliRunner().invoke(app, ["status", "advice", "--db", url])
+    assert shown.exit_code == 0 and f"{count} of {among} trials with learning_rate" in shown.output
+    as_json = json.loads(
+        CliRunner().invoke(app, ["status", "advice", "--db", url, "--json"]).output
+    )
+    assert as_json["advice"] == advice
+    healthy = next(t for t in trials if t.diagnosis == "ok")
+    curve = results.trial_detail(url, "advice", healthy.number).curve
+    assert len(curve) == 3 and all(len(p.grad_norms) == 2 and min(p.grad_norms) > 0 for p in curve)
+    shown = CliRunner().invoke(app, ["trial", "advice", str(healthy.number), "--db", url])
+    assert "grad norm per layer" in shown.output and "ok" in shown.output.splitlines()[0]
+
+
+def test_a_study_whose_best_trials_sit_at_the_upper_learning_rate_bound_is_told_to_widen_it(
+    tmp_path: Path,
+) -> None:
+    space = {"learning_rate": {"low": 1e-6, "high": 1e-4, "log": True}}
+    sampler = {"name": "tpe", "seed": 0, "n_startup_trials": 5}
+    url = finished_study(tmp_path, space, 15, sampler)
+    best = results.leaderboard(url, "advice", top=3)
+    assert all(t.params["learning_rate"] > 10**-4.2 for t in best)  # the upper tenth
+    advice = results.study_detail(url, "advice").advice
+    assert any("widen search_space.learning_rate past 0.0001" in a for a in advice), advice
+    client = TestClient(create_app(Settings(database_url=url)))
+    assert client.get("/api/v1/studies/advice").json()["advice"] == advice
+    curve = client.get(f"/api/v1/studies/advice/trials/{best[0].number}").json()["curve"]
+    assert len(curve) == 3 and all(len(point["grad_norms"]) == 2 for point in curve)
