@@ -79,9 +79,14 @@ _TRANSIENT_MESSAGES = (
     "failed to resolve host",
     "consuming input failed",
     "ssl syscall error",
+    # Every connection slot (of the server, a database or a role) taken: one frees as soon
+    # as another client disconnects.
+    "too many clients",
+    "too many connections",
 )
-# SQLSTATEs of a lost connection or a server shutting down or starting up.
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "57P")
+# SQLSTATEs (or their classes) of a lost connection, a server shutting down or starting up,
+# or one with all its connection slots taken (53300).
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "57P", "53300")
 
 _engines: dict[tuple[int, str], sqlalchemy.Engine] = {}
 _engines_lock = threading.Lock()

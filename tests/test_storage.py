@@ -8,6 +8,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,34 @@ def locked_sqlite_file(tmp_path: Path) -> Iterator[str]:
     yield f"sqlite:///{path}"
     release.join()
     holder.close()
+
+
+@pytest.mark.postgres
+def test_with_retries_waits_for_a_free_connection_slot(postgres_url: str) -> None:
+    role = f"hps_limited_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 1')
+    limited = sqlalchemy.make_url(postgres_url).set(username=role)
+    engine = sqlalchemy.create_engine(limited, poolclass=sqlalchemy.pool.NullPool)
+    attempts = 0
+
+    def select_one() -> int:
+        nonlocal attempts
+        attempts += 1
+        with engine.connect() as connection:
+            return connection.execute(sqlalchemy.text("SELECT 1")).scalar_one()
+
+    try:
+        holder = engine.connect()  # takes the role's only slot for half a second
+        threading.Timer(0.5, holder.close).start()
+        assert with_retries(select_one, url=postgres_url, total_wait_s=10, base_delay_s=0.05) == 1
+        assert attempts > 1
+    finally:
+        engine.dispose()
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP ROLE IF EXISTS "{role}"')
+        admin.dispose()
 
 
 def test_with_retries_outlasts_a_transient_lock(locked_sqlite_file: str) -> None:
