@@ -169,8 +169,7 @@ def _best_at_an_edge(trials: Sequence[TrialFacts], spec: StudySpec) -> list[str]
     scored.sort(key=lambda t: t.value, reverse=maximize)
     best = scored[: max(3, round(BEST_SHARE * len(scored)))]
     advice = []
-    for key, dim in spec.search_space.model_dump(exclude_none=True).items():
-        dim = Dimension(**dim)
+    for key, dim in spec.search_space.dimensions().items():
         if not dim.is_range or dim.low == dim.high:
             continue
         positions = [_unit(dim, float(t.params[key])) for t in best if key in t.params]
