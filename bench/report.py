@@ -55,3 +55,13 @@ def write_section(title: str, text: str) -> None:
     else:
         new = old.rstrip("\n") + "\n\n" + text
     RESULTS.write_text(new)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table with right-aligned number columns."""
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---:|" * (len(header) - 1),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.trial import TrialState
-from report import environment, write_section
+from report import environment, markdown_table, write_section
 
 from hpsearch.search import make_sampler, suggest_params
 from hpsearch.spec import StudySpec, parse_spec
@@ -196,16 +196,6 @@ def timing_table(seconds: dict[tuple[str, int], float]) -> str:
         [sampler, *(f"{seconds[sampler, n]:.3f}" for n in ASK_SIZES)] for sampler in TIMED_SAMPLERS
     ]
     return markdown_table(header, rows)
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table with right-aligned number columns."""
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|---|" + "---:|" * (len(header) - 1),
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-    return "\n".join(lines)
 
 
 def environment_lines() -> str:

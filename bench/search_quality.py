@@ -43,7 +43,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import optuna
-from report import environment, write_section
+from report import environment, markdown_table, write_section
 from skopt import Optimizer
 
 from hpsearch.bayes import from_skopt, to_dimension
@@ -586,16 +586,6 @@ def plot_pruning(runs: dict[str, list[PruningRun]], path: Path) -> None:
 
 
 # --- report ----------------------------------------------------------------------------
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table with right-aligned number columns."""
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|---|" + "---:|" * (len(header) - 1),
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-    return "\n".join(lines)
 
 
 def quality_section(

@@ -53,8 +53,8 @@ from optuna.storages._rdb.models import (
     TrialValueModel,
 )
 from optuna.trial import TrialState
-from report import environment, write_section
-from samplers import PROBLEMS, ask_seconds, markdown_table
+from report import environment, markdown_table, write_section
+from samplers import PROBLEMS, ask_seconds
 
 import hpsearch.study
 from hpsearch.bayes import _MAX_BEST as BAYES_BEST
