@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from sqlalchemy import select, update
+from optuna.storages._rdb.models import TrialModel
+from optuna.trial import TrialState
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from hpsearch.data import resolve_task
@@ -213,9 +215,19 @@ def mark_running(url: str, study_id: int) -> None:
     _transition(url, study_id, "queued", "running")
 
 
-def mark_completed_if_done(url: str, study_id: int, finished: int) -> None:
-    """running -> completed once `finished` trials fill the budget (read fresh, so an
-    `extend` meanwhile keeps the study running)."""
+def mark_completed_if_done(url: str, study_id: int) -> None:
+    """running -> completed once the study's complete and pruned trials fill its budget:
+    counted and compared by the database in one statement, so an `extend` meanwhile keeps
+    the study running."""
+    finished = (
+        select(func.count())
+        .select_from(TrialModel)
+        .where(
+            TrialModel.study_id == StudyRecord.optuna_study_id,
+            TrialModel.state.in_((TrialState.COMPLETE, TrialState.PRUNED)),
+        )
+        .scalar_subquery()
+    )
     with session_scope(url) as session:
         session.execute(
             update(StudyRecord)

@@ -9,6 +9,7 @@ import io
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 from hpsearch.data import TensorData
 from hpsearch.diagnosis import diagnose
 from hpsearch.fused import pack_key, train_pack
+from hpsearch.pruning import StudyPruning
 from hpsearch.search import make_pruner, make_sampler, suggest_params
 from hpsearch.service import RUNNABLE_STATES, StudyState, mark_running
 from hpsearch.spec import StudySpec
@@ -28,21 +30,22 @@ from hpsearch.train import EpochRecord, TrainResult, TrialConfig, checkpoint_his
 from storage import (
     DATABASE_ERRORS,
     LeaseLost,
+    TrialWrite,
     claim_study,
     delete_checkpoints,
     heartbeat_interval_s,
     keep_best_model,
     newest_checkpoint,
     optuna_storage,
-    save_checkpoint,
     session_scope,
-    set_trial_user_attrs,
     with_retries,
+    write_trial,
 )
 from storage.engine import MAX_RETRIES
-from storage.queries import STATE_NAMES, trial_counts
+from storage.queries import STATE_NAMES
 
 KEEP_BEST_MODELS = 5  # the trained weights of this many best trials per study are kept
+WRITE_EVERY_S = 2.0  # a running trial's reports reach the database at least this often
 # Trials that count against n_trials: finished, running, and retries waiting to resume.
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -89,25 +92,100 @@ def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Tria
     return trial
 
 
-def count_finished(url: str, study: optuna.Study) -> int:
-    """The study's complete and pruned trials, counted by the database (not by loading them)."""
-    with session_scope(url) as session:
-        counts = trial_counts(session, [study._study_id]).get(study._study_id, {})
-    return sum(counts.get(STATE_NAMES[s], 0) for s in FINISHED_STATES)
-
-
 @dataclass(frozen=True)
 class TrialContext:
-    """What a worker adds to a trial: where checkpoints go, and a signal to stop early."""
+    """What a worker adds to a trial: where its writes go, its study's pruning, and a signal
+    to stop early."""
 
     url: str
     study_id: int
+    pruning: StudyPruning
     # Set (by SIGTERM or Ctrl-C) to checkpoint at the end of the epoch and hand the trial back.
     stop: threading.Event = field(default_factory=threading.Event)
 
 
+def as_asked(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """Optuna's in-memory copy of a running trial: as it was asked (its params, and the
+    attributes a retry inherits), plus its reports since. Reading it costs no query, where
+    `trial.user_attrs` or `trial.system_attrs` read the whole trial again."""
+    return trial._cached_frozen_trial
+
+
 class TrialHandedBack(Exception):
     """The trial was checkpointed and handed back for another worker to resume."""
+
+
+class TrialWriter:
+    """What is written to one running trial: its reported epochs, user attributes and
+    checkpoints.
+
+    For a worker, reports and attributes wait in memory and go with the trial's next
+    checkpoint, its results, or the first report `WRITE_EVERY_S` after the last write: one
+    lease-checked transaction each (`storage.write_trial`), where Optuna commits every value
+    on its own. The pruner reads the trial's own values from memory, so it decides on every
+    epoch all the same. A crash loses only writes that a retry makes again: it resumes from
+    the newest checkpoint and re-reports that checkpoint's epochs. Without a worker's
+    context (a plain `study.optimize`), everything goes through Optuna at once.
+    """
+
+    def __init__(self, trial: optuna.Trial, context: TrialContext | None) -> None:
+        self.trial = trial
+        self.context = context
+        self._reports: dict[int, float] = {}
+        self._attrs: dict[str, Any] = {}
+        self._written_at = time.monotonic()
+
+    @property
+    def curve(self) -> dict[int, float]:
+        """The trial's reported values by epoch, as Optuna's pruners read them (Optuna's own
+        in-memory copy of the trial, which `trial.report` also fills)."""
+        return as_asked(self.trial).intermediate_values
+
+    def report(self, value: float, epoch: int) -> None:
+        if self.context is None:
+            self.trial.report(value, epoch)
+            return
+        if epoch in self.curve:
+            return  # as with Optuna, the first value reported at an epoch stays
+        self.curve[epoch] = self._reports[epoch] = float(value)
+        if time.monotonic() - self._written_at >= WRITE_EVERY_S:
+            self.write()
+
+    def should_prune(self) -> bool:
+        if self.context is None:
+            return self.trial.should_prune()
+        return self.context.pruning.should_prune(self.trial, self.curve)
+
+    def set_attrs(self, attrs: dict[str, Any]) -> None:
+        if self.context is None:
+            for key, value in attrs.items():
+                self.trial.set_user_attr(key, value)
+            return
+        self._attrs |= attrs
+
+    def write(self, checkpoint: tuple[int, bytes] | None = None) -> None:
+        """Write what waits, with `checkpoint` (epoch, payload), in one transaction; raise
+        LeaseLost once the trial was taken away. Immediate on SQLite, whose deferred
+        transactions cannot turn from reading to writing under load."""
+        context = self.context
+        if context is None:
+            return
+        change = TrialWrite(dict(self._reports), dict(self._attrs), checkpoint)
+
+        def write() -> None:
+            with session_scope(context.url, immediate=True) as session:
+                write_trial(
+                    session,
+                    study_id=context.study_id,
+                    trial_id=self.trial._trial_id,
+                    trial_number=self.trial.number,
+                    write=change,
+                )
+
+        with_retries(write, url=context.url)
+        self._reports.clear()
+        self._attrs.clear()
+        self._written_at = time.monotonic()
 
 
 def objective(
@@ -134,17 +212,19 @@ def train_trial(
     as it trains, and a set `context.stop` checkpoints and raises TrialHandedBack.
     """
     config = TrialConfig.from_spec(spec, suggest_params(trial, spec))
+    writer = TrialWriter(trial, context)
     resume_from = _checkpoint_to_resume(trial, context) if context else None
-    if resume_from is not None:
-        for record in checkpoint_history(resume_from):
-            trial.report(record.value, record.epoch)
+    if context is not None:
+        writer.set_attrs(_signature(data))
+    for record in checkpoint_history(resume_from) if resume_from else []:
+        writer.report(record.value, record.epoch)
 
     def report(record: EpochRecord) -> bool:
-        trial.report(record.value, record.epoch)
-        return trial.should_prune()
+        writer.report(record.value, record.epoch)
+        return writer.should_prune()
 
     def save(payload: bytes, epoch: int) -> None:
-        _save_checkpoint(trial, context, payload, epoch)
+        writer.write(checkpoint=(epoch, payload))
 
     result = train(
         config,
@@ -158,7 +238,7 @@ def train_trial(
     )
     if result.interrupted:
         raise TrialHandedBack
-    _record(trial, result, context)
+    _record(writer, result)
     return result
 
 
@@ -172,31 +252,11 @@ def _checkpoint_to_resume(trial: optuna.Trial, context: TrialContext) -> bytes |
         return None if checkpoint is None else checkpoint.payload
 
 
-def _save_checkpoint(
-    trial: optuna.Trial, context: TrialContext, payload: bytes, epoch: int
-) -> None:
-    """Write the checkpoint in one transaction that first checks the lease; immediate on
-    SQLite, whose deferred transactions cannot turn from reading to writing under load."""
-
-    def write() -> None:
-        with session_scope(context.url, immediate=True) as session:
-            save_checkpoint(
-                session,
-                study_id=context.study_id,
-                trial_id=trial._trial_id,
-                trial_number=trial.number,
-                epoch=epoch,
-                payload=payload,
-            )
-
-    with_retries(write, url=context.url)
-
-
 def _retried_trial_ids(trial: optuna.Trial) -> list[int]:
     """The ids of the trials this one retries (oldest first), looked up by number one by
     one: a trial that retries none, as most do, costs no lookup at all."""
     storage = trial.study._storage
-    numbers = storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+    numbers = as_asked(trial).system_attrs.get("retry_history", [])
     return [
         storage.get_trial_id_from_study_id_trial_number(trial.study._study_id, number)
         for number in numbers
@@ -215,7 +275,6 @@ def run_trial(
 
     An error fails the trial with the message recorded (failed trials use no budget).
     """
-    _sign(trial, data, context)
     try:
         with _heartbeat(study, trial):
             result = train_trial(trial, spec, data, context)
@@ -243,23 +302,27 @@ def run_pack(
     member is told the moment it leaves the pack."""
     configs = [TrialConfig.from_spec(spec, suggest_params(t, spec)) for t in trials]
     resume_from = [_checkpoint_to_resume(t, context) for t in trials]
+    writers = [TrialWriter(t, context) for t in trials]
     outcomes: list[TrialState | None] = [None] * len(trials)
     lost: set[int] = set()  # members failed as stale elsewhere: never written to again
-    for trial, payload in zip(trials, resume_from, strict=True):
-        _sign(trial, data, context)
+    for writer, payload in zip(writers, resume_from, strict=True):
+        writer.set_attrs(_signature(data))
         for record in checkpoint_history(payload) if payload else []:
-            trial.report(record.value, record.epoch)
+            writer.report(record.value, record.epoch)
 
     def report(i: int, record: EpochRecord) -> bool:
-        if i in lost:
-            return False
-        trials[i].report(record.value, record.epoch)
-        return trials[i].should_prune()
+        if i not in lost:
+            try:
+                writers[i].report(record.value, record.epoch)
+                return writers[i].should_prune()
+            except LeaseLost:
+                lost.add(i)
+        return False
 
     def save(i: int, payload: bytes, epoch: int) -> None:
         if i not in lost:
             try:
-                _save_checkpoint(trials[i], context, payload, epoch)
+                writers[i].write(checkpoint=(epoch, payload))
             except LeaseLost:
                 lost.add(i)
 
@@ -270,7 +333,7 @@ def run_pack(
             hand_back(study, trials[i], context)
             return
         try:
-            _record(trials[i], result, context)
+            _record(writers[i], result)
             outcomes[i] = _tell(study, trials[i], result, context)
         except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
             lost.add(i)
@@ -318,32 +381,9 @@ def keep_alive(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None
         yield
 
 
-def _sign(trial: optuna.Trial, data: TensorData, context: TrialContext | None) -> None:
-    _set_user_attrs(
-        trial,
-        context,
-        {"worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(data.device)},
-    )
-
-
-def _set_user_attrs(
-    trial: optuna.Trial, context: TrialContext | None, attrs: dict[str, Any]
-) -> None:
-    """Set user attributes of the trial: for a worker in one transaction that checks its
-    lease (LeaseLost once the trial was taken away), instead of Optuna's commit per
-    attribute; without a worker's context through Optuna, so any storage works."""
-    if context is None:
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return
-
-    def write() -> None:
-        with session_scope(context.url, immediate=True) as session:
-            set_trial_user_attrs(
-                session, trial_id=trial._trial_id, trial_number=trial.number, attrs=attrs
-            )
-
-    with_retries(write, url=context.url)
+def _signature(data: TensorData) -> dict[str, Any]:
+    """The user attributes that tell which worker process, on which device, runs a trial."""
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "device": str(data.device)}
 
 
 def _tell(
@@ -356,6 +396,9 @@ def _tell(
     else:
         study.tell(trial, result.value)
     if context is not None:
+        if not result.pruned:
+            curve = {r.epoch: r.value for r in result.history}
+            context.pruning.completed_here(trial._trial_id, curve)
         keep = not result.pruned and result.model is not None
         _keep_and_forget(study, trial, result if keep else None, context)
     return TrialState.PRUNED if result.pruned else TrialState.COMPLETE
@@ -405,9 +448,10 @@ def hand_back(study: optuna.Study, trial: optuna.Trial, context: TrialContext) -
 
 @contextmanager
 def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """Record the trial's heartbeat now and every interval until the block ends, so a
-    trial whose worker died is recognised as stale and retried. Inside an enclosing block
-    for the same trial (a worker's `keep_alive`), the enclosing one's beats suffice."""
+    """Record the trial's heartbeat every interval until the block ends, so a trial whose
+    worker died is recognised as stale and retried; its claim (`claim_trial`) recorded the
+    first. Inside an enclosing block for the same trial (a worker's `keep_alive`), the
+    enclosing one's beats suffice."""
     storage = study._storage
     key = (id(storage), trial._trial_id)
     with _BEATING_LOCK:
@@ -424,7 +468,6 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
                 storage.record_heartbeat(trial._trial_id)
 
     try:
-        storage.record_heartbeat(trial._trial_id)
         thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
         thread.start()
         try:
@@ -437,9 +480,12 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
             _BEATING.discard(key)
 
 
-def _record(trial: optuna.Trial, result: TrainResult, context: TrialContext | None) -> None:
+def _record(writer: TrialWriter, result: TrainResult) -> None:
+    """Write the results of a finished training with the reports still waiting."""
     attrs: dict[str, Any] = {}
-    if trial.user_attrs.get("error"):  # inherited from the failed trial this one retries
+    if as_asked(writer.trial).user_attrs.get(
+        "error"
+    ):  # inherited from the failed trial this one retries
         attrs["error"] = None
     attrs |= result.val_metrics | result.test_metrics
     attrs["epochs"] = result.epochs_run
@@ -450,4 +496,5 @@ def _record(trial: optuna.Trial, result: TrainResult, context: TrialContext | No
         attrs["resumed_from_epoch"] = result.resumed_from_epoch
     # Compact: one row [epoch, train_loss, val_loss, value, lr, [grad norms]] per epoch.
     attrs["history"] = [list(row.values()) for row in result.history_rows()]
-    _set_user_attrs(trial, context, attrs)
+    writer.set_attrs(attrs)
+    writer.write()

@@ -27,11 +27,11 @@ from sqlalchemy import func, update
 
 from hpsearch.data import load_dataset
 from hpsearch.errors import HpsearchError
+from hpsearch.pruning import StudyPruning
 from hpsearch.service import StudyState, mark_completed_if_done, runnable_studies
 from hpsearch.study import (
     TrialContext,
     claim_trial,
-    count_finished,
     keep_alive,
     open_study,
     packs,
@@ -78,6 +78,7 @@ class Worker:
     options: WorkerOptions
     stop: threading.Event = field(default_factory=threading.Event)
     _studies: dict[int, optuna.Study] = field(default_factory=dict)
+    _pruning: dict[int, StudyPruning] = field(default_factory=dict)
     _turn: int = 0
     _worker_id: int | None = None
     _finished: threading.Event = field(default_factory=threading.Event)
@@ -155,7 +156,9 @@ class Worker:
 
     def _study(self, state: StudyState) -> optuna.Study:
         if state.id not in self._studies:
-            self._studies[state.id] = open_study(state, self.options.url, self.options.stream)
+            study = open_study(state, self.options.url, self.options.stream)
+            self._studies[state.id] = study
+            self._pruning[state.id] = StudyPruning(self.options.url, study, state.spec.pruner)
         return self._studies[state.id]
 
     def _run(
@@ -167,7 +170,7 @@ class Worker:
         self._set(state="busy", current_study_id=state.id, current_trial_number=first)
         self._busy = True
         data = load_dataset(state.spec, self.options.device, self.options.url)  # cached
-        context = TrialContext(self.options.url, state.id, self.stop)
+        context = TrialContext(self.options.url, state.id, self._pruning[state.id], self.stop)
         outcomes: list[optuna.trial.TrialState | None] = []
         try:
             with keep_alive(study, trials):
@@ -183,12 +186,8 @@ class Worker:
                 "from their checkpoints",
                 file=sys.stderr,
             )
-        finished = with_retries(
-            lambda: count_finished(self.options.url, study), url=self.options.url
-        )
         with_retries(
-            lambda: mark_completed_if_done(self.options.url, state.id, finished),
-            url=self.options.url,
+            lambda: mark_completed_if_done(self.options.url, state.id), url=self.options.url
         )
         return outcomes
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +26,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from optuna.storages._rdb.models import TrialUserAttributeModel
+from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialUserAttributeModel
 from sqlalchemy import delete, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection
@@ -297,34 +297,72 @@ class LeaseLost(Exception):
     its old worker must drop it, not write to it."""
 
 
-def save_checkpoint(
-    session: Session, *, study_id: int, trial_id: int, trial_number: int, epoch: int, payload: bytes
+@dataclass(frozen=True)
+class TrialWrite:
+    """What a worker writes to its running trial in one transaction: the epochs reported
+    since its last write ({epoch: value}), user attributes, and its newest checkpoint."""
+
+    reports: dict[int, float] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: tuple[int, bytes] | None = None  # (epoch, payload)
+
+
+def write_trial(
+    session: Session, *, study_id: int, trial_id: int, trial_number: int, write: TrialWrite
 ) -> None:
-    """Insert the trial's checkpoint, or replace the one it has, in one transaction: a trial
-    keeps only its newest checkpoint, written whole or not at all, and only while the trial
-    is still running (its worker's lease); otherwise raise LeaseLost."""
+    """Write to a running trial in one transaction that first checks the lease (LeaseLost
+    otherwise): the rows Optuna's `report` and `set_user_attr` write, without their commit per
+    value, which costs a disk flush each on PostgreSQL; and the checkpoint, whole or not at
+    all (a trial keeps only its newest)."""
     check_lease(session, trial_id, trial_number)
-    values = {
-        "study_id": study_id,
-        "trial_id": trial_id,
-        "trial_number": trial_number,
-        "epoch": epoch,
-        "payload": payload,
-        "size_bytes": len(payload),
-    }
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    statement = insert(CheckpointRecord).values(values)
-    statement = statement.on_conflict_do_update(
-        index_elements=[CheckpointRecord.trial_id],
-        set_={
-            "trial_number": statement.excluded.trial_number,
-            "epoch": statement.excluded.epoch,
-            "payload": statement.excluded.payload,
-            "size_bytes": statement.excluded.size_bytes,
-            "updated_at": func.now(),
-        },
-    )
-    session.execute(statement)
+    if write.reports:
+        rows = [_report_row(trial_id, step, value) for step, value in write.reports.items()]
+        # A step stored before keeps its first value, as with Optuna's `report`.
+        session.execute(
+            insert(TrialIntermediateValueModel.__table__).values(rows).on_conflict_do_nothing()
+        )
+    if write.attrs:
+        table = TrialUserAttributeModel.__table__
+        rows = [
+            {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+            for k, v in write.attrs.items()
+        ]
+        statement = insert(table).values(rows)
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[table.c.trial_id, table.c.key],
+                set_={"value_json": statement.excluded.value_json},
+            )
+        )
+    if write.checkpoint is not None:
+        epoch, payload = write.checkpoint
+        statement = insert(CheckpointRecord).values(
+            study_id=study_id,
+            trial_id=trial_id,
+            trial_number=trial_number,
+            epoch=epoch,
+            payload=payload,
+            size_bytes=len(payload),
+        )
+        replaced = ("trial_number", "epoch", "payload", "size_bytes")
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[CheckpointRecord.trial_id],
+                set_={**{c: statement.excluded[c] for c in replaced}, "updated_at": func.now()},
+            )
+        )
+
+
+def _report_row(trial_id: int, step: int, value: float) -> dict[str, Any]:
+    """The row of Optuna's intermediate values table for one report (inf and NaN typed)."""
+    stored, kind = TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
+    return {
+        "trial_id": trial_id,
+        "step": step,
+        "intermediate_value": stored,
+        "intermediate_value_type": kind,
+    }
 
 
 def check_lease(session: Session, trial_id: int, trial_number: int) -> None:
@@ -336,26 +374,6 @@ def check_lease(session: Session, trial_id: int, trial_number: int) -> None:
     state = session.execute(state_query, {"trial_id": trial_id}).scalar()
     if state != "RUNNING":
         raise LeaseLost(f"trial {trial_number} is {str(state).lower()}, no longer this worker's")
-
-
-def set_trial_user_attrs(
-    session: Session, *, trial_id: int, trial_number: int, attrs: dict[str, Any]
-) -> None:
-    """Set several user attributes of a running trial in one transaction that first checks
-    the lease (LeaseLost otherwise): the rows Optuna's `set_user_attr` writes, without its
-    commit per attribute, which costs a disk flush each on PostgreSQL."""
-    check_lease(session, trial_id, trial_number)
-    if not attrs:
-        return
-    table = TrialUserAttributeModel.__table__
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
-    statement = insert(table).values(rows)
-    statement = statement.on_conflict_do_update(
-        index_elements=[table.c.trial_id, table.c.key],
-        set_={"value_json": statement.excluded.value_json},
-    )
-    session.execute(statement)
 
 
 def newest_checkpoint(session: Session, trial_ids: list[int]) -> CheckpointRecord | None:

@@ -112,7 +112,7 @@ class StudyRecord(Base):
 class CheckpointRecord(Base):
     """The newest checkpoint of a running trial, so a retry resumes instead of restarting.
 
-    One row per Optuna trial, replaced in place (`storage.db.save_checkpoint`): older
+    One row per Optuna trial, replaced in place (`storage.db.write_trial`): older
     checkpoints are never needed, and keeping them would grow the database without bound.
     """
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +28,7 @@ from optuna.storages._rdb.models import (
     TrialValueModel,
 )
 from optuna.trial import TrialState
-from sqlalchemy import ColumnElement, Select, and_, case, func, select
+from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 # The names clients see; Optuna's FAIL reads better as "failed" beside the study states.
@@ -44,6 +45,7 @@ _STARTED = TrialModel.__table__.c.datetime_start
 _COMPLETED = TrialModel.__table__.c.datetime_complete
 # User attributes too large for a listing; only the one-trial view carries them.
 BULKY_ATTRS = ("history",)
+IDS_PER_STATEMENT = 500  # within every SQLite build's limit on a statement's parameters
 
 
 @dataclass
@@ -143,6 +145,35 @@ def intermediate_values(session: Session, trial_id: int) -> list[tuple[int, floa
         .order_by(TrialIntermediateValueModel.step)
     )
     return [(step, value) for step, value in session.execute(query)]
+
+
+def trials_since(
+    session: Session, study_id: int, after_trial_id: int, unfinished_ids: Collection[int]
+) -> dict[int, TrialState]:
+    """{trial id: state} of the study's trials with an id above `after_trial_id`, and of the
+    trials `unfinished_ids` (seen running or waiting before): what a view of the study
+    needs to catch up, read on the primary key, never the trials it saw finish (Optuna's
+    trial cache reads the same way)."""
+    newer = and_(TrialModel.study_id == study_id, TrialModel.trial_id > after_trial_id)
+    query = select(TrialModel.trial_id, TrialModel.state).where(
+        or_(newer, TrialModel.trial_id.in_(list(unfinished_ids)))
+    )
+    return {trial_id: state for trial_id, state in session.execute(query)}
+
+
+def reported_values(session: Session, trial_ids: Collection[int]) -> dict[int, dict[int, float]]:
+    """{trial id: {step: value}} of these trials' reports, inf and NaN included, a bounded
+    number of ids per statement (SQLite and PostgreSQL cap a statement's parameters)."""
+    ids = sorted(trial_ids)
+    curves: dict[int, dict[int, float]] = {trial_id: {} for trial_id in ids}
+    model = TrialIntermediateValueModel
+    for low in range(0, len(ids), IDS_PER_STATEMENT):
+        query = select(
+            model.trial_id, model.step, model.intermediate_value, model.intermediate_value_type
+        ).where(model.trial_id.in_(ids[low : low + IDS_PER_STATEMENT]))
+        for trial_id, step, stored, kind in session.execute(query):
+            curves[trial_id][step] = model.stored_repr_to_intermediate_value(stored, kind)
+    return curves
 
 
 def trial_counts_by_study_name(session: Session) -> list[tuple[str, str, int]]:

@@ -24,13 +24,14 @@ from sqlalchemy.exc import IntegrityError
 from storage.db import (
     VERSION_TABLE,
     LeaseLost,
+    TrialWrite,
     keep_best_model,
     lock_study,
     make_engine,
-    save_checkpoint,
     session_scope,
     upgrade,
     with_retries,
+    write_trial,
 )
 from storage.engine import StorageError, optuna_storage
 from storage.models import (
@@ -165,13 +166,12 @@ def test_deleting_a_study_deletes_its_rows(migrated: str) -> None:
     study_id = add_study(migrated)
     trial = running_trial(migrated)
     with session_scope(migrated) as session:
-        save_checkpoint(
+        write_trial(
             session,
             study_id=study_id,
             trial_id=trial._trial_id,
             trial_number=0,
-            epoch=3,
-            payload=b"w",
+            write=TrialWrite(checkpoint=(3, b"w")),
         )
         session.add(
             ModelRecord(study_id=study_id, trial_id=1, trial_number=0, value=0.9, payload=b"m")
@@ -190,13 +190,12 @@ def test_a_trial_keeps_only_its_newest_checkpoint(migrated: str) -> None:
     trial_id = running_trial(migrated)._trial_id
     for epoch, payload in [(1, b"first"), (2, b"second!")]:
         with session_scope(migrated) as session:
-            save_checkpoint(
+            write_trial(
                 session,
                 study_id=study_id,
                 trial_id=trial_id,
                 trial_number=3,
-                epoch=epoch,
-                payload=payload,
+                write=TrialWrite(checkpoint=(epoch, payload)),
             )
     with session_scope(migrated) as session:
         (checkpoint,) = session.scalars(select(CheckpointRecord)).all()
@@ -220,13 +219,12 @@ def test_a_finished_trial_refuses_a_late_checkpoint(migrated: str) -> None:
     trial = running_trial(migrated)
     trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)  # failed as stale, say
     with pytest.raises(LeaseLost, match="trial 0 is fail"), session_scope(migrated) as session:
-        save_checkpoint(
+        write_trial(
             session,
             study_id=study_id,
             trial_id=trial._trial_id,
             trial_number=0,
-            epoch=4,
-            payload=b"x",
+            write=TrialWrite(checkpoint=(4, b"x")),
         )
     with session_scope(migrated) as session:
         assert session.scalar(select(func.count()).select_from(CheckpointRecord)) == 0

@@ -1,0 +1,200 @@
+"""A worker's pruning decisions and reports: the same decisions as Optuna's pruners, from a
+view of the study kept up to date incrementally, and reports written in few transactions."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import sqlalchemy
+from optuna.trial import TrialState
+
+import hpsearch.study
+from hpsearch.pruning import CompletedCurves, StudyPruning, percentile_prunes
+from hpsearch.search import make_pruner
+from hpsearch.service import submit_study
+from hpsearch.spec import PrunerSpec, parse_spec
+from hpsearch.study import TrialContext, TrialWriter
+from hpsearch.worker import Worker, WorkerOptions
+from storage import optuna_storage, upgrade
+
+PRUNERS = [
+    PrunerSpec(name="median"),
+    PrunerSpec(name="median", n_startup_trials=0, n_warmup_steps=0),
+    PrunerSpec(name="percentile", percentile=25.0, n_startup_trials=3, n_warmup_steps=4),
+    PrunerSpec(name="percentile", percentile=80.0, n_startup_trials=0, n_warmup_steps=1),
+]
+
+
+def random_curve(rng: np.random.Generator, length: int) -> dict[int, float]:
+    """A noisy curve over epochs 1..length, now and then NaN or infinite as real ones are."""
+    curve = {epoch: float(rng.normal(epoch / 10, 0.3)) for epoch in range(1, length + 1)}
+    for epoch in curve:
+        if rng.random() < 0.03:
+            curve[epoch] = float(rng.choice([math.nan, math.inf, -math.inf]))
+    return curve
+
+
+@pytest.mark.parametrize("pruner", PRUNERS, ids=lambda p: f"{p.name}-{p.percentile}")
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+@pytest.mark.parametrize("n_completed", [0, 2, 9, 40])
+def test_decisions_match_optunas_pruner(
+    pruner: PrunerSpec, direction: str, n_completed: int
+) -> None:
+    rng = np.random.default_rng(n_completed)
+    study = optuna.create_study(direction=direction)
+    completed = CompletedCurves()
+    for _ in range(n_completed):
+        curve = random_curve(rng, int(rng.integers(1, 15)))
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=0.0, intermediate_values=curve, params={}, distributions={}
+            )
+        )
+        completed.add(curve)
+    optunas = make_pruner(parse_spec(spec_dict("s", pruner=pruner.model_dump())))
+    decisions = []
+    for _ in range(300):
+        curve = random_curve(rng, int(rng.integers(0, 18)))
+        running = optuna.trial.create_trial(
+            state=TrialState.RUNNING, intermediate_values=curve, params={}, distributions={}
+        )
+        ours = percentile_prunes(pruner, direction == "maximize", completed, curve)
+        assert ours == optunas.prune(study, running), curve
+        decisions.append(ours)
+    if n_completed >= pruner.n_startup_trials and n_completed > 0:
+        assert 0 < sum(decisions) < len(decisions)  # the comparison really decides both ways
+
+
+def test_percentiles_are_numpys_nanpercentile() -> None:
+    rng = np.random.default_rng(7)
+    completed = CompletedCurves()
+    values = [float(v) for v in rng.normal(size=101)] + [math.nan, math.nan]
+    for value in values:
+        completed.add({3: value})
+    for q in (0.0, 12.5, 25.0, 50.0, 75.0, 99.0, 100.0):
+        assert completed.percentile(3, q) == pytest.approx(np.nanpercentile(values, q), rel=1e-12)
+    assert math.isnan(completed.percentile(4, 50.0))
+
+
+def spec_dict(name: str, **sections: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "dataset": {"source": "builtin", "name": "iris"},
+        "model": {"hidden": [8]},
+        "search_space": {"learning_rate": {"low": 1e-3, "high": 1e-1, "log": True}},
+        "training": {"max_epochs": 20, "early_stopping_patience": None},
+        "budget": {"n_trials": 10},
+        **sections,
+    }
+
+
+def test_a_workers_view_catches_up_with_trials_finished_elsewhere(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/view.db"
+    upgrade(url)
+    study = optuna.create_study(storage=optuna_storage(url), direction="maximize")
+    pruner = PrunerSpec(name="median", n_startup_trials=0, n_warmup_steps=0)
+    pruning = StudyPruning(url, study, pruner)
+    seen_running = study.ask()
+    seen_running.report(0.5, 1)
+    study.tell(study.ask(), 0.9)  # complete before the view's first look
+    pruned = study.ask()
+    pruned.report(0.2, 1)
+    study.tell(pruned, state=TrialState.PRUNED)
+    mine = study.ask()
+
+    mine.report(0.1, 1)
+    assert pruning.should_prune(mine, {1: 0.1}) is False  # no completed trial reported epoch 1
+    assert pruning.completed.count == 1
+    study.tell(seen_running, 0.6)  # seen running at the first look, complete now
+    later = study.ask()
+    later.report(0.7, 1)
+    study.tell(later, 0.7)
+    pruning.completed_here(later._trial_id, {1: 0.7})  # as if this worker had told it
+    next_trial = study.ask()
+    assert pruning.should_prune(next_trial, {1: 0.55}) is True  # below the median 0.6 of 0.5, 0.7
+    assert pruning.completed.count == 3  # 0.9, seen_running and later, each once
+    assert pruning.completed.percentile(1, 50.0) == pytest.approx(0.6)
+
+
+def test_sha_and_hyperband_go_through_optuna(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/sha.db"
+    upgrade(url)
+    study = optuna.create_study(
+        storage=optuna_storage(url), pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    )
+    pruning = StudyPruning(url, study, PrunerSpec(name="sha"))
+    trial = study.ask()
+    trial.report(1.0, 1)
+    assert pruning.should_prune(trial, {1: 1.0}) is False  # the first trial is promoted
+    assert "completed_rung_0" in study._storage.get_trial_system_attrs(trial._trial_id)
+
+
+def intermediate_rows(url: str) -> list[tuple[int, int, float]]:
+    engine = sqlalchemy.create_engine(url)
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(
+            "SELECT trial_id, step, intermediate_value FROM trial_intermediate_values "
+            "ORDER BY trial_id, step"
+        ).all()
+    engine.dispose()
+    return [tuple(row) for row in rows]
+
+
+def test_reports_wait_for_the_next_write_or_the_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/writes.db"
+    upgrade(url)
+    study = optuna.create_study(storage=optuna_storage(url), direction="maximize")
+    trial = study.ask()
+    context = TrialContext(url, 0, StudyPruning(url, study, PrunerSpec(name="median")))
+    writer = TrialWriter(trial, context)
+    for epoch in (1, 2, 3):
+        writer.report(0.1 * epoch, epoch)
+    writer.report(0.9, 3)  # the first value of an epoch stays, as with Optuna
+    assert intermediate_rows(url) == []
+    assert writer.curve == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3)}  # what the pruner reads
+    writer.set_attrs({"worker": "w"})
+    writer.write()
+    assert [row[1] for row in intermediate_rows(url)] == [1, 2, 3]
+    assert study._storage.get_trial_user_attrs(trial._trial_id) == {"worker": "w"}
+    monkeypatch.setattr(hpsearch.study, "WRITE_EVERY_S", 0.0)
+    writer.report(0.4, 4)  # the interval has passed: written at once
+    assert [row[1] for row in intermediate_rows(url)] == [1, 2, 3, 4]
+
+
+def one_trial_through_a_worker(url: str, max_epochs: int) -> tuple[int, optuna.trial.FrozenTrial]:
+    """The commits of a worker that runs one trial of `max_epochs` epochs, and the trial."""
+    name = f"epochs-{max_epochs}"
+    training = {"max_epochs": max_epochs, "early_stopping_patience": None}
+    submit_study(url, parse_spec(spec_dict(name, training=training, budget={"n_trials": 1})))
+    commits: list[object] = []
+
+    def count(connection: object) -> None:
+        commits.append(connection)
+
+    sqlalchemy.event.listen(sqlalchemy.Engine, "commit", count)
+    try:
+        assert Worker(WorkerOptions(url, studies=(name,), max_trials=1)).run() == 0
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.Engine, "commit", count)
+    (trial,) = optuna.load_study(study_name=name, storage=optuna_storage(url)).trials
+    return len(commits), trial
+
+
+def test_a_workers_trial_reports_every_epoch_without_a_commit_each(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/commits.db"
+    short_commits, short = one_trial_through_a_worker(url, 10)
+    long_commits, long = one_trial_through_a_worker(url, 40)
+    for trial, epochs in [(short, 10), (long, 40)]:
+        assert trial.state == TrialState.COMPLETE
+        history = trial.user_attrs["history"]
+        assert len(history) == epochs
+        assert trial.intermediate_values == {row[0]: pytest.approx(row[3]) for row in history}
+    # 30 more epochs, all reported and stored; Optuna's `report` would commit 30 more times.
+    assert long_commits - short_commits < 5, (short_commits, long_commits)
