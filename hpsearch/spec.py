@@ -308,7 +308,21 @@ class PrunerSpec(_Strict):
     n_warmup_steps: int = Field(2, ge=0, description="median/percentile: epochs before pruning")
     percentile: float = Field(25.0, gt=0, lt=100)
     min_resource: int = Field(1, ge=1, description="sha/hyperband: epochs of the first rung")
-    reduction_factor: int = Field(3, ge=2)
+    reduction_factor: int | None = Field(
+        None, ge=2, description="sha/hyperband: 1 in this many trials goes on at each rung"
+    )
+
+    @model_validator(mode="after")
+    def _default_reduction_factor(self) -> PrunerSpec:
+        """3 for sha (Optuna's default), 4 for hyperband. On bench/search_quality.py's
+        digits study (held-out seeds 100-109) hyperband trained 41% of no pruning's epochs
+        with 3 and 36% with 4, the best trials' val and test accuracy within noise of each
+        other. 4 is within the Hyperband paper's advice (3 or 4); 5 saved little more (35%)
+        and has at most 3 brackets (successive halvings) below 125 epochs."""
+        if self.reduction_factor is None:
+            factor = 4 if self.name == "hyperband" else 3
+            object.__setattr__(self, "reduction_factor", factor)
+        return self
 
 
 class BudgetSpec(_Strict):

@@ -120,6 +120,7 @@ def test_pruner_factory(name: str, kind: type) -> None:
     assert isinstance(pruner, kind)
     if name == "hyperband":
         assert pruner._max_resource == 27  # the resource is the epoch
+        assert pruner._reduction_factor == 4  # hyperband's own default (PrunerSpec)
 
 
 def test_median_pruner_prunes_a_trial_that_falls_behind() -> None:

@@ -39,6 +39,28 @@ def test_minimal_spec_fills_defaults_from_the_task() -> None:
     assert spec.sampler.name == "tpe"
 
 
+@pytest.mark.parametrize(
+    ("pruner", "factor"),
+    [
+        ({"name": "hyperband"}, 4),  # measured in bench/search_quality.py (Pruning)
+        ({"name": "sha"}, 3),
+        ({"name": "none"}, 3),
+        ({"name": "hyperband", "reduction_factor": 3}, 3),  # a given factor is kept
+        ({"name": "sha", "reduction_factor": 5}, 5),
+    ],
+)
+def test_reduction_factor_defaults_per_pruner(pruner: dict[str, Any], factor: int) -> None:
+    spec = parse_spec(minimal(pruner=pruner))
+    assert spec.pruner.reduction_factor == factor
+    assert parse_spec(json.loads(spec.model_dump_json())).pruner.reduction_factor == factor
+
+
+def test_reduction_factor_below_two_is_rejected() -> None:
+    assert rejection(pruner={"name": "hyperband", "reduction_factor": 1})[0][0] == (
+        "pruner.reduction_factor"
+    )
+
+
 def test_regression_defaults_to_rmse_minimised() -> None:
     spec = parse_spec(minimal(dataset={"source": "builtin", "name": "diabetes"}))
     assert (spec.task, spec.objective.metric, spec.objective.direction) == (
