@@ -60,6 +60,7 @@ import hpsearch.study
 from hpsearch.bayes import _MAX_BEST as BAYES_BEST
 from hpsearch.bayes import _MAX_RECENT as BAYES_RECENT
 from hpsearch.data import load_dataset
+from hpsearch.pruning import REFRESH_S
 from hpsearch.search import distributions, make_pruner, make_sampler, suggest_params
 from hpsearch.service import StudyState, submit_study
 from hpsearch.spec import StudySpec, parse_spec
@@ -976,8 +977,8 @@ reports in memory, where the pruner reads the trial's own values, and writes the
 trial's checkpoint and results (or every {hpsearch.study.WRITE_EVERY_S:.0f} s), each write
 one lease-checked transaction; its median and percentile decisions come from the completed
 trials' values per epoch kept sorted in memory and caught up from the database at each
-trial's first decision, reading only trials it has not seen finish
-(`hpsearch.pruning`). What remains is mostly Optuna's `ask` and `tell`
+trial's first decision and every {REFRESH_S:.0f} s after it, reading only trials it has not
+seen finish (`hpsearch.pruning`). What remains is mostly Optuna's `ask` and `tell`
 ({ms(pg.ask_tell.median)} ms alone here: each reads the whole trial back, six statements,
 and `ask` sets each param in a transaction of its own), then the checkpoint, the results,
 the kept weights and the claim's lock and counts."""
