@@ -461,8 +461,9 @@ def test_all_workers_killed_then_resume_frees_and_resumes_every_trial(
 def test_sigterm_hands_the_trial_back_and_another_worker_resumes_it(
     tmp_path: Path, postgres_url: str, workers: Workers
 ) -> None:
-    # Long enough that SIGTERM, sent once 3 epochs are seen, lands before the trial ends.
-    name, n_trials, max_epochs = "sigterm", 2, 150
+    # Long enough that SIGTERM, sent once 3 epochs are seen in the database (a worker writes
+    # its reports at least every 2 s), lands before the trial ends.
+    name, n_trials, max_epochs = "sigterm", 2, 400
     # No checkpoint on a timer: the one the retry resumes from is the one SIGTERM forced.
     spec = crash_spec(name, n_trials, max_epochs=max_epochs, checkpoint_every_s=3600)
     submit(postgres_url, tmp_path, spec)
