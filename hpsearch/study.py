@@ -187,6 +187,13 @@ class TrialWriter:
         self._attrs.clear()
         self._written_at = time.monotonic()
 
+    def write_before_failing(self) -> None:
+        """Write what waits when training raised: the failed trial keeps the epochs it
+        reported before the error, for whoever looks into it. A trial taken away meanwhile
+        is left alone."""
+        with contextlib.suppress(LeaseLost):
+            self.write()
+
 
 def objective(
     trial: optuna.Trial, spec: StudySpec, data: TensorData, context: TrialContext | None = None
@@ -226,16 +233,21 @@ def train_trial(
     def save(payload: bytes, epoch: int) -> None:
         writer.write(checkpoint=(epoch, payload))
 
-    result = train(
-        config,
-        data,
-        on_epoch=report,
-        on_checkpoint=save if context else None,
-        checkpoint_every_s=spec.training.checkpoint_every_s,
-        checkpoint_now=context.stop if context else None,
-        stop_after_checkpoint=True,
-        resume_from=resume_from,
-    )
+    try:
+        result = train(
+            config,
+            data,
+            on_epoch=report,
+            on_checkpoint=save if context else None,
+            checkpoint_every_s=spec.training.checkpoint_every_s,
+            checkpoint_now=context.stop if context else None,
+            stop_after_checkpoint=True,
+            resume_from=resume_from,
+        )
+    except Exception as exc:
+        if not isinstance(exc, (LeaseLost, *DATABASE_ERRORS)):
+            writer.write_before_failing()
+        raise
     if result.interrupted:
         raise TrialHandedBack
     _record(writer, result)
@@ -356,6 +368,7 @@ def run_pack(
     except Exception as exc:  # fail the members still training; the worker goes on
         for i, trial in enumerate(trials):
             if outcomes[i] is None and i not in lost:
+                writers[i].write_before_failing()
                 outcomes[i] = _fail(study, trial, exc)
     return outcomes
 

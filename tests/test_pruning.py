@@ -19,6 +19,7 @@ from hpsearch.search import make_pruner
 from hpsearch.service import submit_study
 from hpsearch.spec import PrunerSpec, parse_spec
 from hpsearch.study import TrialContext, TrialWriter
+from hpsearch.train import EpochRecord
 from hpsearch.worker import Worker, WorkerOptions
 from storage import optuna_storage, upgrade
 
@@ -198,3 +199,36 @@ def test_a_workers_trial_reports_every_epoch_without_a_commit_each(tmp_path: Pat
         assert trial.intermediate_values == {row[0]: pytest.approx(row[3]) for row in history}
     # 30 more epochs, all reported and stored; Optuna's `report` would commit 30 more times.
     assert long_commits - short_commits < 5, (short_commits, long_commits)
+
+
+def failing_training(*_: Any, on_epoch: Any, **__: Any) -> None:
+    """A training that reports three epochs (within one write interval) and then raises."""
+    for epoch in (1, 2, 3):
+        on_epoch(EpochRecord(epoch, 1.0, 1.0, 0.1 * epoch, 0.01))
+    raise RuntimeError("boom")
+
+
+def failing_pack(configs: list[Any], _data: Any, report: Any, *_: Any, **__: Any) -> None:
+    for epoch in (1, 2, 3):
+        for i in range(len(configs)):
+            report(i, EpochRecord(epoch, 1.0, 1.0, 0.1 * epoch, 0.01))
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("pack", [None, 2])
+def test_a_failed_trial_keeps_the_epochs_it_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pack: int | None
+) -> None:
+    url = f"sqlite:///{tmp_path}/failed.db"
+    monkeypatch.setattr(hpsearch.study, "train", failing_training)
+    monkeypatch.setattr(hpsearch.study, "train_pack", failing_pack)
+    spec = spec_dict("failing", budget={"n_trials": 2})
+    submit_study(url, parse_spec(spec))
+    options = WorkerOptions(url, studies=("failing",), max_trials=2, pack=pack, idle_exit_s=0)
+    Worker(options).run()
+    trials = optuna.load_study(study_name="failing", storage=optuna_storage(url)).trials
+    assert len(trials) == 2
+    for trial in trials:
+        assert trial.state == TrialState.FAIL
+        assert trial.user_attrs["error"] == "RuntimeError: boom"
+        assert trial.intermediate_values == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3)}
