@@ -274,6 +274,14 @@ def worker(
         float | None, typer.Option(min=0, help="Stop after this many seconds with nothing to do")
     ] = None,
     pack: PackOption = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="CPU threads for training [default: one per core; with several workers on "
+            "one host, give each cores / workers]",
+        ),
+    ] = None,
 ) -> None:
     """Claim and train trials of the runnable studies in the database until stopped.
 
@@ -283,7 +291,12 @@ def worker(
     url = db or default_url()
     devices = resolve_devices(device)
     options = WorkerOptions(
-        url, studies=tuple(study or ()), max_trials=max_trials, idle_exit_s=idle_exit, pack=pack
+        url,
+        studies=tuple(study or ()),
+        max_trials=max_trials,
+        idle_exit_s=idle_exit,
+        pack=pack,
+        threads=threads,
     )
     raise typer.Exit(run_worker_processes(options, devices))
 

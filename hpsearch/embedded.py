@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import optuna
-import torch
 
 from hpsearch.errors import HpsearchError
 from hpsearch.service import StudyState
@@ -112,10 +111,10 @@ def _worker_main(
             deadline=deadline,
             stream=stream,
             pack=pack,
+            threads=threads,
         )
     )
     stop_on_signals(worker.stop)
-    torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         raise SystemExit(worker.run())

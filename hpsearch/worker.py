@@ -62,6 +62,9 @@ class WorkerOptions:
     deadline: float | None = None  # a time.time() after which no trial is started
     stream: int = 0  # offsets sampler seeds, so parallel workers draw different points
     pack: int | None = None  # trials trained together as one fused network; None = auto
+    # CPU threads for training; None = torch's default, one per core, which several workers
+    # on one host would each take, slowing all of them down.
+    threads: int | None = None
 
     @property
     def pack_size(self) -> int:
@@ -85,6 +88,8 @@ class Worker:
     _busy: bool = False
 
     def run(self) -> int:
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)
         upgrade(self.options.url)
         self._register()
         beating = threading.Thread(target=self._beat, name="worker-heartbeat", daemon=True)

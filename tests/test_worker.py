@@ -511,8 +511,8 @@ def test_three_workers_share_one_sqlite_file(tmp_path: Path, workers: Workers) -
     # A checkpoint every epoch: as many writes from every worker as a study can make.
     submit(url, tmp_path, crash_spec(name, n_trials, max_epochs=6))
     db = Db(url)
-    for _ in range(3):
-        workers.start(url, "--idle-exit", "1")
+    for _ in range(3):  # three workers on this machine's cores: one thread each
+        workers.start(url, "--idle-exit", "1", "--threads", "1")
     snapshots = watch_until_exit(db, workers)
 
     assert_clean_exits(workers)
@@ -522,6 +522,7 @@ def test_three_workers_share_one_sqlite_file(tmp_path: Path, workers: Workers) -
     trials = assert_finished_exactly(url, name, n_trials)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * n_trials, summary(trials)
     assert len({t.user_attrs["worker"] for t in trials}) >= 2
+    assert {t.user_attrs["threads"] for t in trials} == {1}
 
 
 @pytest.mark.postgres
