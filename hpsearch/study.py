@@ -435,24 +435,26 @@ def _keep_and_forget(
     the checkpoints of the trial and of those it retried, in one transaction. Optuna is
     asked first: on SQLite its connection would wait for this immediate transaction."""
     trial_ids = [trial._trial_id, *_retried_trial_ids(trial)]
-    payload = b""
-    if kept is not None and kept.model is not None:
-        buffer = io.BytesIO()
-        torch.save({k: v.cpu() for k, v in kept.model.state_dict().items()}, buffer)
-        payload = buffer.getvalue()
     with session_scope(context.url, immediate=True) as session:
-        if kept is not None and payload:
+        if kept is not None and (model := kept.model) is not None:
             keep_best_model(
                 session,
                 study_id=context.study_id,
                 trial_id=trial._trial_id,
                 trial_number=trial.number,
                 value=kept.value,
-                payload=payload,
+                payload=lambda: _weights(model),
                 maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE,
                 keep=KEEP_BEST_MODELS,
             )
         delete_checkpoints(session, trial_ids)
+
+
+def _weights(model: torch.nn.Module) -> bytes:
+    """A network's weights on the CPU, as `torch.load(weights_only=True)` reads them."""
+    buffer = io.BytesIO()
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)
+    return buffer.getvalue()
 
 
 def hand_back(study: optuna.Study, trial: optuna.Trial, context: TrialContext) -> None:

@@ -398,23 +398,34 @@ def keep_best_model(
     trial_id: int,
     trial_number: int,
     value: float,
-    payload: bytes,
+    payload: Callable[[], bytes],
     maximize: bool,
     keep: int,
-) -> None:
-    """Store a finished trial's weights, then delete every model of the study that falls
-    out of the best `keep`: only the top trials' weights are worth their space."""
+) -> bool:
+    """Store a finished trial's weights if they are among the study's best `keep`, then
+    delete every model that falls out of them: only the top trials' weights are worth their
+    space. `payload` serializes them, called only for weights that are stored: most trials'
+    are not, and a network's weights can be megabytes. Returns whether they were stored."""
+    order = ModelRecord.value.desc() if maximize else ModelRecord.value.asc()
+    cutoff = session.scalar(
+        select(ModelRecord.value)
+        .where(ModelRecord.study_id == study_id)
+        .order_by(order, ModelRecord.trial_number)
+        .offset(keep - 1)
+        .limit(1)
+    )
+    if cutoff is not None and not (value > cutoff if maximize else value < cutoff):
+        return False  # a tie goes to the older trial, as the ordering below has it
     session.add(
         ModelRecord(
             study_id=study_id,
             trial_id=trial_id,
             trial_number=trial_number,
             value=value,
-            payload=payload,
+            payload=payload(),
         )
     )
     session.flush()
-    order = ModelRecord.value.desc() if maximize else ModelRecord.value.asc()
     surplus = (
         select(ModelRecord.id)
         .where(ModelRecord.study_id == study_id)
@@ -422,6 +433,7 @@ def keep_best_model(
         .offset(keep)
     )
     session.execute(delete(ModelRecord).where(ModelRecord.id.in_(surplus.scalar_subquery())))
+    return True
 
 
 # What a database call raises: SQLAlchemy's errors, and Optuna's wrapping of them.

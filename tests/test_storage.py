@@ -233,21 +233,31 @@ def test_a_finished_trial_refuses_a_late_checkpoint(migrated: str) -> None:
 @pytest.mark.parametrize("maximize", [True, False])
 def test_only_the_best_models_are_kept(migrated: str, maximize: bool) -> None:
     study_id = add_study(migrated)
-    for number, value in enumerate([0.5, 0.9, 0.7, 0.1]):
+    serialized: list[int] = []
+    for number, value in enumerate([0.5, 0.9, 0.7, 0.1, 0.7]):
+
+        def payload(number: int = number) -> bytes:
+            serialized.append(number)
+            return b"w"
+
         with session_scope(migrated) as session:
-            keep_best_model(
+            stored = keep_best_model(
                 session,
                 study_id=study_id,
                 trial_id=100 + number,
                 trial_number=number,
                 value=value,
-                payload=b"w",
+                payload=payload,
                 maximize=maximize,
                 keep=2,
             )
+        assert stored == (number in serialized)
     with session_scope(migrated) as session:
         kept = sorted(session.scalars(select(ModelRecord.trial_number)).all())
     assert kept == ([1, 2] if maximize else [0, 3])
+    # Weights that cannot make the best two are never serialized; maximising, the last 0.7
+    # ties with a kept model and loses to the older trial.
+    assert serialized == ([0, 1, 2] if maximize else [0, 1, 2, 3])
 
 
 def test_lock_study_blocks_a_second_claim_until_the_first_commits(migrated: str) -> None:
