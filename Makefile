@@ -30,13 +30,14 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Every benchmark, each rewriting its own section of BENCHMARKS.md (about an hour on 2 cores;
-# bench/service.py needs PostgreSQL, see its docstring).
+# Every benchmark, each rewriting its own section of BENCHMARKS.md (about an hour and a half
+# on 2 cores; bench/service.py needs PostgreSQL, see its docstring).
 bench: install
 	$(BIN)/python bench/samplers.py
 	$(BIN)/python bench/search_quality.py
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/throughput.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/compile.py --write
 
 clean:
 	rm -rf $(VENV) hpsearch.db hpsearch.db-* hpsearch.db.claim-lock *.egg-info
