@@ -13,6 +13,13 @@ training is seeded by the spec, so a trial's result depends only on its params.
    bayes find better networks than random search in 30 trials, and is the stateless bayes
    sampler as good as the loop it wraps?
 
+   Every method starts from the same `n_startup_trials` random points per seed: random, tpe
+   and gp draw them alike (Optuna's RandomSampler with the seed), and bayes and the skopt
+   loop, which would draw their own, are given them. Without that, which method's ten
+   random start-up draws were luckier moved a mean over the seeds by as much as the methods
+   differ afterwards (bayes' own start-up on seeds 0-9 was worse than random's on 2 of 3
+   data sets), and the comparison measured the draws, not the samplers.
+
    Why val_loss and not val_accuracy on the classification sets: accuracy on a few hundred
    validation rows is a step function of the params. On breast_cancer (114 val rows) every
    method and seed reached the same 113 of 114 rows within 30 trials, and on digits (360
@@ -44,7 +51,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,9 +66,9 @@ import torch
 from report import environment, markdown_table, write_section
 from skopt import Optimizer
 
-from hpsearch.bayes import from_skopt, to_dimension
+from hpsearch.bayes import from_skopt, to_dimension, to_skopt
 from hpsearch.data import TensorData, load_dataset
-from hpsearch.search import distributions, make_pruner, make_sampler
+from hpsearch.search import distributions, make_pruner, make_sampler, suggest_params
 from hpsearch.spec import PrunerSpec, StudySpec, parse_spec
 from hpsearch.study import objective
 from hpsearch.train import TrialConfig, train
@@ -100,8 +107,7 @@ class Sizes:
     """How much to run: the real run by default, a smoke test with --quick."""
 
     # Ten seeds, not five: with five, whether bayes beats random was decided by which seeds
-    # were drawn (seeds 0-4 gave 0 of 3 data sets, held-out seeds 10-19 gave 3 of 3), since
-    # one unlucky start-up draw moves a five-seed mean by more than the samplers differ.
+    # were drawn (seeds 0-4 gave 0 of 3 data sets, held-out seeds 10-19 gave 3 of 3).
     seeds: tuple[int, ...] = tuple(range(10))
     n_trials: int = 30
     n_startup_trials: int = 10
@@ -125,6 +131,7 @@ QUICK = Sizes(
 )
 
 Progress = Callable[[str], None]
+Params = dict[str, Any]
 
 
 # --- building and running studies ------------------------------------------------------
@@ -171,8 +178,11 @@ def best_so_far(values: list[float], spec: StudySpec) -> np.ndarray:
     return accumulate(np.array(values, dtype=float))
 
 
-def run_study(spec: StudySpec, data: TensorData, n_trials: int) -> optuna.Study:
+def run_study(
+    spec: StudySpec, data: TensorData, n_trials: int, startup: Sequence[Params] = ()
+) -> optuna.Study:
     """The spec's sampler and pruner on an in-memory study: storage is not what is measured.
+    The `startup` params, if any, are enqueued as the first trials.
 
     The study is named after the spec, as the service names it: hyperband assigns trials to
     its brackets by a hash of the study name, so an unnamed study would not repeat.
@@ -183,8 +193,27 @@ def run_study(spec: StudySpec, data: TensorData, n_trials: int) -> optuna.Study:
         sampler=make_sampler(spec),
         pruner=make_pruner(spec),
     )
+    for params in startup:
+        study.enqueue_trial(params)
     study.optimize(lambda trial: objective(trial, spec, data), n_trials=n_trials)
     return study
+
+
+def startup_params(spec: StudySpec) -> list[Params]:
+    """The params of the first `n_startup_trials` trials that random search draws with the
+    spec's seed; tpe and gp draw the same ones, as their start-up is Optuna's RandomSampler
+    with that seed. Searches that would draw their own (bayes, the skopt loop) start from
+    these too, so that every method's best after 30 trials differs by what its model chose
+    after the start-up, not by the luck of ten random draws (common random numbers)."""
+    random_sampler = spec.sampler.model_copy(update={"name": "random"})
+    random_spec = spec.model_copy(update={"sampler": random_sampler})
+    study = optuna.create_study(sampler=make_sampler(random_spec))
+    startup = []
+    for _ in range(spec.sampler.n_startup_trials):
+        trial = study.ask()
+        startup.append(suggest_params(trial, random_spec))
+        study.tell(trial, 0.0)
+    return startup
 
 
 @dataclass(frozen=True)
@@ -207,8 +236,10 @@ def _accuracies(metrics: dict[str, Any]) -> tuple[float, float]:
 
 
 def sampler_trace(spec: StudySpec, data: TensorData, n_trials: int) -> Search:
-    """One seeded search with an hpsearch sampler (no pruner: every trial completes)."""
-    study = run_study(spec, data, n_trials)
+    """One seeded search with an hpsearch sampler (no pruner: every trial completes); bayes
+    from random's start-up points (`startup_params`)."""
+    startup = startup_params(spec) if spec.sampler.name == "bayes" else []
+    study = run_study(spec, data, n_trials, startup)
     accuracies = [_accuracies(trial.user_attrs) for trial in study.trials]
     return Search(
         [trial.value for trial in study.trials],
@@ -220,11 +251,12 @@ def sampler_trace(spec: StudySpec, data: TensorData, n_trials: int) -> Search:
 def skopt_trace(spec: StudySpec, data: TensorData, n_trials: int) -> Search:
     """The plain scikit-optimize loop: one Optimizer kept across asks.
 
-    Same space (the dimensions bayes searches), same trainer, same number of random
-    startup points, skopt's own defaults otherwise; skopt minimises, so a maximised
-    objective is told negated.
+    Same space (the dimensions bayes searches), same trainer, the same start-up points as
+    every other method (`startup_params`), skopt's own defaults otherwise; skopt minimises,
+    so a maximised objective is told negated.
     """
     space = distributions(spec)
+    startup = startup_params(spec)
     optimizer = Optimizer(
         [to_dimension(dist) for dist in space.values()],
         base_estimator="GP",
@@ -234,11 +266,16 @@ def skopt_trace(spec: StudySpec, data: TensorData, n_trials: int) -> Search:
     )
     sign = -1.0 if maximize(spec) else 1.0
     search = Search([], [], [])
-    for _ in range(n_trials):
-        point = optimizer.ask()
-        params = {
-            name: from_skopt(dist, x) for (name, dist), x in zip(space.items(), point, strict=True)
-        }
+    for n in range(n_trials):
+        if n < len(startup):
+            params = startup[n]
+            point = [to_skopt(dist, params[name]) for name, dist in space.items()]
+        else:
+            point = optimizer.ask()
+            params = {
+                name: from_skopt(dist, x)
+                for (name, dist), x in zip(space.items(), point, strict=True)
+            }
         result = train(TrialConfig.from_spec(spec, params), data)
         val, test = _accuracies(result.val_metrics | result.test_metrics)
         search.values.append(result.value)
@@ -705,10 +742,12 @@ a search that moves into a better region keeps being rewarded. Loss is not accur
 acc" and "its test acc" are the accuracies of the trial that each search found best by val
 loss after {n} trials (what a user would deploy), for reading only; nothing is chosen by them.
 
-"best @ n" is the best objective after n trials, mean ± sample std over the seeds. `tpe` and `gp`
-draw the same {sizes.n_startup_trials} random startup trials as `random` for a seed; `bayes` and
-the skopt loop draw their own. "s per search" is the wall time of one search of {n} trials
-(training plus sampler), mean over seeds.
+"best @ n" is the best objective after n trials, mean ± sample std over the seeds. Every
+method starts from the same {sizes.n_startup_trials} random trials for a seed: `tpe` and `gp` draw
+them as `random` does, and `bayes` and the skopt loop, which would draw their own, are given
+them (common random numbers: the means then differ by what each method chose after the
+start-up, not by whose ten random draws were luckier). "s per search" is the wall time of
+one search of {n} trials (training plus sampler), mean over seeds.
 
 ![best so far against trials](bench/plots/search_quality.png)
 

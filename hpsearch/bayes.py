@@ -212,7 +212,7 @@ def to_dimension(dist: BaseDistribution) -> Dimension:
     raise TypeError(f"BayesSampler cannot search a {type(dist).__name__}.")
 
 
-def _to_skopt(dist: BaseDistribution, value: Any) -> Any:
+def to_skopt(dist: BaseDistribution, value: Any) -> Any:
     """A stored param value as a coordinate of the dimension from ``to_dimension``."""
     if isinstance(dist, CategoricalDistribution):
         return _choice_index(dist, value)
@@ -261,7 +261,7 @@ def _observations(
     for other in study.get_trials(deepcopy=False, states=_STATES_OF_INTEREST):
         if other.number == trial.number or not _covers(other, space):
             continue
-        point = [_to_skopt(dist, other.params[name]) for name, dist in space.items()]
+        point = [to_skopt(dist, other.params[name]) for name, dist in space.items()]
         if other.state in _PENDING_STATES:
             pending.append(point)
             continue
