@@ -1,4 +1,5 @@
-"""Samplers on cheap test functions: how fast each finds a known optimum, and what an ask costs.
+"""Samplers on cheap test functions: how fast each finds a known optimum, what an ask costs,
+and what bayes' bounded fit (the best 80 and newest 20 finished trials) costs in quality.
 
 Training networks would make a sampler comparison take hours and drown it in training noise,
 so the objectives here are deterministic functions of a spec's search space with a known
@@ -11,6 +12,7 @@ Run: .venv/bin/python bench/samplers.py   (or `make bench`); it rewrites the sec
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -18,12 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import optuna
 from optuna.trial import TrialState
 from report import environment, markdown_table, write_section
 
+import hpsearch.bayes
 from hpsearch.search import make_sampler, suggest_params
 from hpsearch.spec import StudySpec, parse_spec
 
@@ -35,6 +39,14 @@ N_STARTUP_TRIALS = 10
 CHECKPOINTS = (10, 20, 30)
 ASK_SIZES = (30, 200)  # finished trials in the study when the asks are timed
 N_TIMED_ASKS = 5
+# Long bayes searches, past the 100 finished trials from which its GP sees only a subset.
+LONG_TRIALS = 200
+LONG_CHECKPOINTS = (100, 150, 200)
+LAST_ASKS = 20  # the asks at the end of a long search, where the study is largest
+FITS = (
+    f"best {hpsearch.bayes._MAX_BEST} + newest {hpsearch.bayes._MAX_RECENT}",
+    "every finished trial",
+)
 
 SECTION = "## Samplers on test functions"
 COMMAND = ".venv/bin/python bench/samplers.py"
@@ -171,6 +183,78 @@ def ask_seconds(problem: Problem, sampler: str, n_finished: int) -> float:
     return statistics.median(seconds)
 
 
+@dataclass(frozen=True)
+class LongSearch:
+    """A long bayes search: the best value after each trial and the seconds of each ask."""
+
+    best: list[float]
+    ask_seconds: list[float]
+
+
+def long_bayes_search(problem: Problem, seed: int, fit_all: bool) -> LongSearch:
+    """bayes as shipped, or (`fit_all`) with its GP fitted on every finished trial: the
+    difference is what the bounded fit costs in quality and saves in time."""
+    spec = make_spec(problem, "bayes", seed)
+    study = new_study(spec, make_sampler(spec))
+    values, seconds = [], []
+    fit = mock.patch.object(hpsearch.bayes, "_MAX_BEST", LONG_TRIALS)
+    with fit if fit_all else contextlib.nullcontext():
+        for _ in range(LONG_TRIALS):
+            start = time.perf_counter()
+            trial = study.ask()
+            params = suggest_params(trial, spec)
+            seconds.append(time.perf_counter() - start)
+            values.append(problem.evaluate(spec, params))
+            study.tell(trial, values[-1])
+    return LongSearch(np.minimum.accumulate(values).tolist(), seconds)
+
+
+def subset_table(searches: dict[tuple[str, str], list[LongSearch]]) -> str:
+    """Per problem, the bounded fit against the fit on every trial: best values (mean ± std
+    over seeds), the difference at the end with its noise, and the seconds per ask."""
+    header = [
+        "problem",
+        "GP fitted on",
+        *(f"best @ {n}" for n in LONG_CHECKPOINTS),
+        f"s per ask, last {LAST_ASKS}",
+        "s per search",
+    ]
+    rows = []
+    for (problem, fit), runs in searches.items():
+        best = np.array([run.best for run in runs])
+        last = [statistics.mean(run.ask_seconds[-LAST_ASKS:]) for run in runs]
+        total = [sum(run.ask_seconds) for run in runs]
+        rows.append(
+            [
+                problem,
+                fit,
+                *(mean_std(best[:, n - 1]) for n in LONG_CHECKPOINTS),
+                f"{statistics.mean(last):.3f}",
+                f"{statistics.mean(total):.1f}",
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def subset_verdict(searches: dict[tuple[str, str], list[LongSearch]]) -> list[str]:
+    """The bounded fit against the fit on every trial, per problem, at the end of the search."""
+    lines = []
+    for problem in PROBLEMS:
+        bounded, full = (
+            np.array([run.best[-1] for run in searches[problem.name, fit]]) for fit in FITS
+        )
+        difference = bounded.mean() - full.mean()  # minimised: below 0, the bounded fit is better
+        noise = 2 * math.sqrt(bounded.var(ddof=1) / len(bounded) + full.var(ddof=1) / len(full))
+        verdict = "better" if difference < 0 else "worse"
+        if abs(difference) <= noise:
+            verdict = "within noise"
+        lines.append(
+            f"- `{problem.name}`: best @ {LONG_TRIALS} of the bounded fit minus the full fit's: "
+            f"{difference:+.3g} (2·SE {noise:.2g}, lower is better): {verdict}"
+        )
+    return lines
+
+
 def quality_table(problem: Problem, traces: dict[str, np.ndarray]) -> str:
     """Best value after 10/20/30 trials (mean ± sample std over seeds) and the regret ratio."""
     header = ["sampler", *(f"best @ {n}" for n in CHECKPOINTS), "random regret / regret @ 30"]
@@ -207,7 +291,7 @@ def environment_lines() -> str:
     return environment(COMMAND, ("optuna", "scikit-optimize", "torch", "greenlet"))
 
 
-def section(quality: list[str], timing: str, run_seconds: float, load: float) -> str:
+def section(quality: list[str], timing: str, subset: str, run_seconds: float, load: float) -> str:
     """The whole Markdown section: what was run, on what, and the tables."""
     problems = "\n".join(f"- `{p.name}`: {p.description}; optimum {p.optimum}" for p in PROBLEMS)
     tables = "\n\n".join(
@@ -239,6 +323,16 @@ Median over {N_TIMED_ASKS} asks (an ask samples every param) on `mixed-5d`, in a
 already holding that many finished random trials.
 
 {timing}
+
+### bayes at {LONG_TRIALS} trials: what fitting a subset costs
+
+The `bayes` sampler fits its GP on at most the {FITS[0]} finished trials, so an ask
+stops growing past that many trials (`hpsearch/bayes.py`). Here it searches both problems
+for {LONG_TRIALS} trials, {len(SEEDS)} seeds, as shipped and with the GP fitted on every
+finished trial instead; "s per ask, last {LAST_ASKS}" is the mean over the last {LAST_ASKS}
+asks of a search, where the study is largest.
+
+{subset}
 """
 
 
@@ -260,9 +354,16 @@ def main() -> None:
         for n in ASK_SIZES
     }
     print(f"### Time per ask\n\n{timing_table(seconds)}\n")
+    searches = {
+        (problem.name, fit): [long_bayes_search(problem, seed, fit_all) for seed in SEEDS]
+        for problem in PROBLEMS
+        for fit, fit_all in zip(FITS, (False, True), strict=True)
+    }
+    subset = "\n".join([subset_table(searches), "", *subset_verdict(searches)])
+    print(f"### bayes at {LONG_TRIALS} trials\n\n{subset}\n")
     run_seconds = time.perf_counter() - start
     print(f"Run time: {run_seconds:.0f} s")
-    write_section(SECTION, section(quality, timing_table(seconds), run_seconds, load))
+    write_section(SECTION, section(quality, timing_table(seconds), subset, run_seconds, load))
 
 
 if __name__ == "__main__":
