@@ -75,6 +75,7 @@ def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Tria
     with claim_study(url, state.id) as claim:
         if claim.record.state not in RUNNABLE_STATES:
             return None
+        claim.beat_for_orphans()
         optuna.storages.fail_stale_trials(study)  # their retries wait in the queue
         counts = claim.trial_counts()
         used = sum(counts.get(STATE_NAMES[s], 0) for s in BUDGET_STATES)

@@ -26,8 +26,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from optuna.storages._rdb.models import TrialIntermediateValueModel, TrialUserAttributeModel
-from sqlalchemy import delete, event, func, select, text
+from optuna.storages._rdb.models import (
+    TrialHeartbeatModel,
+    TrialIntermediateValueModel,
+    TrialModel,
+    TrialUserAttributeModel,
+)
+from optuna.trial import TrialState
+from sqlalchemy import delete, event, exists, func, insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import (
@@ -264,6 +270,25 @@ class StudyClaim:
             return {}
         with self._session() as session:
             return dict(trial_counts(session, [study_id]).get(study_id, {}))
+
+    def beat_for_orphans(self) -> int:
+        """Give a first heartbeat (the database's time) to the study's running trials that
+        have none, and return how many. Under the claim lock no claim is between its `ask`
+        and its first heartbeat, so such a trial was left by a claim that broke in between
+        (a crash, or the database lost mid-claim). With a heartbeat it goes stale after the
+        grace period and is retried, instead of holding budget for ever."""
+        study_id = self.record.optuna_study_id
+        if study_id is None:
+            return 0
+        trials, beats = TrialModel.__table__, TrialHeartbeatModel.__table__
+        orphans = select(trials.c.trial_id, func.current_timestamp()).where(
+            trials.c.study_id == study_id,
+            trials.c.state == TrialState.RUNNING,
+            ~exists().where(beats.c.trial_id == trials.c.trial_id),
+        )
+        with self._session() as session:
+            added = session.execute(insert(beats).from_select(["trial_id", "heartbeat"], orphans))
+            return added.rowcount
 
 
 @contextmanager

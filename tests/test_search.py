@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,34 @@ def test_failed_trials_use_no_budget(tmp_path: Path) -> None:
     trial = claim_trial(study, state, url)
     study.tell(trial, state=TrialState.FAIL)
     assert claim_trial(study, state, url) is not None
+
+
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_a_trial_orphaned_before_its_first_heartbeat_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str, request: pytest.FixtureRequest
+) -> None:
+    monkeypatch.setenv("HPSEARCH_HEARTBEAT_S", "1")
+    monkeypatch.setenv("HPSEARCH_GRACE_PERIOD_S", "1")
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'o.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    spec = make_spec("random", budget={"n_trials": 2})
+    state = submit_study(url, spec)
+    study = open_study(state, url)
+    # A claim that broke between Optuna's `ask` and the first heartbeat (the database went
+    # away): the trial is running, with no heartbeat, and uses budget.
+    orphan = study.ask()
+    assert claim_trial(study, state, url) is not None  # the second trial of the budget
+    assert claim_trial(study, state, url) is None
+    time.sleep(2.5)  # past the grace period of the orphan's first heartbeat
+    assert claim_trial(study, state, url) is not None
+    trials = study.get_trials(deepcopy=False)
+    assert trials[orphan.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("retry_history") == [orphan.number]]
+    assert len(retries) == 1  # waiting, or claimed just now
 
 
 def test_a_failing_trial_records_its_error(tmp_path: Path) -> None:

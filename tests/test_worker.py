@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.service import submit_study
 from hpsearch.spec import load_spec
+from hpsearch.worker import IDLE_POLL_S
 from storage import optuna_storage
 from tests.conftest import hpsearch_command, write_spec
 from tests.pg_private import private_postgres
@@ -565,8 +566,10 @@ def test_workers_survive_a_database_restart(tmp_path: Path, workers: Workers) ->
             url, tmp_path, crash_spec(name, n_trials, max_epochs=max_epochs, checkpoint_every_s=0.5)
         )
         db = Db(url)
+        # Idle for longer than a grace period and two polls before leaving: a trial orphaned
+        # by the outage must go stale, and be retried, while a worker still polls.
         for _ in range(2):
-            workers.start(url, "--idle-exit", "5")
+            workers.start(url, "--idle-exit", str(GRACE_S + 3 * IDLE_POLL_S))
 
         def mid_study() -> Snapshot | None:
             snapshot = db.snapshot()
