@@ -223,9 +223,7 @@ def train_trial(
     writer = TrialWriter(trial, context)
     resume_from = _checkpoint_to_resume(trial, context) if context else None
     if context is not None:
-        writer.set_attrs(_signature(data))
-    for record in checkpoint_history(resume_from) if resume_from else []:
-        writer.report(record.value, record.epoch)
+        _begin(writer, data, resume_from)
 
     def report(record: EpochRecord) -> bool:
         writer.report(record.value, record.epoch)
@@ -245,9 +243,10 @@ def train_trial(
             stop_after_checkpoint=True,
             resume_from=resume_from,
         )
-    except Exception as exc:
-        if not isinstance(exc, (LeaseLost, *DATABASE_ERRORS)):
-            writer.write_before_failing()
+    except (LeaseLost, *DATABASE_ERRORS):
+        raise  # writing the waiting reports would fail too
+    except Exception:
+        writer.write_before_failing()
         raise
     if result.interrupted:
         raise TrialHandedBack
@@ -319,9 +318,7 @@ def run_pack(
     outcomes: list[TrialState | None] = [None] * len(trials)
     lost: set[int] = set()  # members failed as stale elsewhere: never written to again
     for writer, payload in zip(writers, resume_from, strict=True):
-        writer.set_attrs(_signature(data))
-        for record in checkpoint_history(payload) if payload else []:
-            writer.report(record.value, record.epoch)
+        _begin(writer, data, payload)
 
     def report(i: int, record: EpochRecord) -> bool:
         if i not in lost:
@@ -393,6 +390,14 @@ def keep_alive(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None
         for trial in trials:
             beats.enter_context(_heartbeat(study, trial))
         yield
+
+
+def _begin(writer: TrialWriter, data: TensorData, resume_from: bytes | None) -> None:
+    """Before a worker trains a trial: sign it, and re-report the history of the checkpoint
+    it resumes from (if any) so that pruners see the epochs trained before."""
+    writer.set_attrs(_signature(data))
+    for record in checkpoint_history(resume_from) if resume_from else []:
+        writer.report(record.value, record.epoch)
 
 
 def _signature(data: TensorData) -> dict[str, Any]:

@@ -271,15 +271,15 @@ class StudyClaim:
         with self._session() as session:
             return dict(trial_counts(session, [study_id]).get(study_id, {}))
 
-    def beat_for_orphans(self) -> int:
+    def beat_for_orphans(self) -> None:
         """Give a first heartbeat (the database's time) to the study's running trials that
-        have none, and return how many. Under the claim lock no claim is between its `ask`
+        have none. Under the claim lock no claim is between its `ask`
         and its first heartbeat, so such a trial was left by a claim that broke in between
         (a crash, or the database lost mid-claim). With a heartbeat it goes stale after the
         grace period and is retried, instead of holding budget for ever."""
         study_id = self.record.optuna_study_id
         if study_id is None:
-            return 0
+            return
         trials, beats = TrialModel.__table__, TrialHeartbeatModel.__table__
         orphans = select(trials.c.trial_id, func.current_timestamp()).where(
             trials.c.study_id == study_id,
@@ -287,8 +287,7 @@ class StudyClaim:
             ~exists().where(beats.c.trial_id == trials.c.trial_id),
         )
         with self._session() as session:
-            added = session.execute(insert(beats).from_select(["trial_id", "heartbeat"], orphans))
-            return added.rowcount
+            session.execute(insert(beats).from_select(["trial_id", "heartbeat"], orphans))
 
 
 @contextmanager
@@ -432,13 +431,12 @@ def keep_best_model(
     space. `payload` serializes them, called only for weights that are stored: most trials'
     are not, and a network's weights can be megabytes. Returns whether they were stored."""
     order = ModelRecord.value.desc() if maximize else ModelRecord.value.asc()
-    cutoff = session.scalar(
+    ranked = (
         select(ModelRecord.value)
         .where(ModelRecord.study_id == study_id)
         .order_by(order, ModelRecord.trial_number)
-        .offset(keep - 1)
-        .limit(1)
     )
+    cutoff = session.scalar(ranked.offset(keep - 1).limit(1))
     if cutoff is not None and not (value > cutoff if maximize else value < cutoff):
         return False  # a tie goes to the older trial, as the ordering below has it
     session.add(
@@ -451,12 +449,7 @@ def keep_best_model(
         )
     )
     session.flush()
-    surplus = (
-        select(ModelRecord.id)
-        .where(ModelRecord.study_id == study_id)
-        .order_by(order, ModelRecord.trial_number)
-        .offset(keep)
-    )
+    surplus = ranked.with_only_columns(ModelRecord.id).offset(keep)
     session.execute(delete(ModelRecord).where(ModelRecord.id.in_(surplus.scalar_subquery())))
     return True
 
