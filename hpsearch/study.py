@@ -134,6 +134,7 @@ class TrialWriter:
         self.context = context
         self._reports: dict[int, float] = {}
         self._attrs: dict[str, Any] = {}
+        self._system_attrs: dict[str, Any] = {}
         self._written_at = time.monotonic()
 
     @property
@@ -155,7 +156,11 @@ class TrialWriter:
     def should_prune(self) -> bool:
         if self.context is None:
             return self.trial.should_prune()
-        return self.context.pruning.should_prune(self.trial, self.curve)
+        decision = self.context.pruning.decide(as_asked(self.trial))
+        # The rungs reached: kept in memory for the next decision, and written with the rest.
+        as_asked(self.trial).system_attrs.update(decision.system_attrs)
+        self._system_attrs |= decision.system_attrs
+        return decision.prune
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         if self.context is None:
@@ -171,7 +176,9 @@ class TrialWriter:
         context = self.context
         if context is None:
             return
-        change = TrialWrite(dict(self._reports), dict(self._attrs), checkpoint)
+        change = TrialWrite(
+            dict(self._reports), dict(self._attrs), dict(self._system_attrs), checkpoint
+        )
 
         def write() -> None:
             with session_scope(context.url, immediate=True) as session:
@@ -186,6 +193,7 @@ class TrialWriter:
         with_retries(write, url=context.url)
         self._reports.clear()
         self._attrs.clear()
+        self._system_attrs.clear()
         self._written_at = time.monotonic()
 
     def write_before_failing(self) -> None:

@@ -163,7 +163,7 @@ class Worker:
         if state.id not in self._studies:
             study = open_study(state, self.options.url, self.options.stream)
             self._studies[state.id] = study
-            self._pruning[state.id] = StudyPruning(self.options.url, study, state.spec.pruner)
+            self._pruning[state.id] = StudyPruning(self.options.url, study, state.spec)
         return self._studies[state.id]
 
     def _run(

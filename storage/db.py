@@ -30,6 +30,7 @@ from optuna.storages._rdb.models import (
     TrialHeartbeatModel,
     TrialIntermediateValueModel,
     TrialModel,
+    TrialSystemAttributeModel,
     TrialUserAttributeModel,
 )
 from optuna.trial import TrialState
@@ -324,10 +325,12 @@ class LeaseLost(Exception):
 @dataclass(frozen=True)
 class TrialWrite:
     """What a worker writes to its running trial in one transaction: the epochs reported
-    since its last write ({epoch: value}), user attributes, and its newest checkpoint."""
+    since its last write ({epoch: value}), user and system attributes (the rungs a pruner
+    recorded), and its newest checkpoint."""
 
     reports: dict[int, float] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
+    system_attrs: dict[str, Any] = field(default_factory=dict)
     checkpoint: tuple[int, bytes] | None = None  # (epoch, payload)
 
 
@@ -335,9 +338,9 @@ def write_trial(
     session: Session, *, study_id: int, trial_id: int, trial_number: int, write: TrialWrite
 ) -> None:
     """Write to a running trial in one transaction that first checks the lease (LeaseLost
-    otherwise): the rows Optuna's `report` and `set_user_attr` write, without their commit per
-    value, which costs a disk flush each on PostgreSQL; and the checkpoint, whole or not at
-    all (a trial keeps only its newest)."""
+    otherwise): the rows Optuna's `report`, `set_user_attr` and `set_system_attr` write,
+    without their commit per value, which costs a disk flush each on PostgreSQL; and the
+    checkpoint, whole or not at all (a trial keeps only its newest)."""
     check_lease(session, trial_id, trial_number)
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     if write.reports:
@@ -346,19 +349,22 @@ def write_trial(
         session.execute(
             insert(TrialIntermediateValueModel.__table__).values(rows).on_conflict_do_nothing()
         )
-    if write.attrs:
-        table = TrialUserAttributeModel.__table__
-        rows = [
-            {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
-            for k, v in write.attrs.items()
-        ]
-        statement = insert(table).values(rows)
-        session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[table.c.trial_id, table.c.key],
-                set_={"value_json": statement.excluded.value_json},
+    for table, attrs in (
+        (TrialUserAttributeModel.__table__, write.attrs),
+        (TrialSystemAttributeModel.__table__, write.system_attrs),
+    ):
+        if attrs:
+            rows = [
+                {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                for k, v in attrs.items()
+            ]
+            statement = insert(table).values(rows)
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[table.c.trial_id, table.c.key],
+                    set_={"value_json": statement.excluded.value_json},
+                )
             )
-        )
     if write.checkpoint is not None:
         epoch, payload = write.checkpoint
         statement = insert(CheckpointRecord).values(

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from optuna.distributions import json_to_distribution
 from optuna.storages._rdb.models import (
@@ -24,6 +24,7 @@ from optuna.storages._rdb.models import (
     TrialIntermediateValueModel,
     TrialModel,
     TrialParamModel,
+    TrialSystemAttributeModel,
     TrialUserAttributeModel,
     TrialValueModel,
 )
@@ -45,6 +46,7 @@ _STARTED = TrialModel.__table__.c.datetime_start
 _COMPLETED = TrialModel.__table__.c.datetime_complete
 # User attributes too large for a listing; only the one-trial view carries them.
 BULKY_ATTRS = ("history",)
+RUNG_PREFIX = "completed_rung_"  # Optuna's successive halving: a trial's value at rung N
 IDS_PER_STATEMENT = 500  # within every SQLite build's limit on a statement's parameters
 
 
@@ -147,18 +149,25 @@ def intermediate_values(session: Session, trial_id: int) -> list[tuple[int, floa
     return [(step, value) for step, value in session.execute(query)]
 
 
+class SeenTrial(NamedTuple):
+    number: int
+    state: TrialState
+
+
 def trials_since(
     session: Session, study_id: int, after_trial_id: int, unfinished_ids: Collection[int]
-) -> dict[int, TrialState]:
-    """{trial id: state} of the study's trials with an id above `after_trial_id`, and of the
-    trials `unfinished_ids` (seen running or waiting before): what a view of the study
-    needs to catch up, read on the primary key, never the trials it saw finish (Optuna's
-    trial cache reads the same way)."""
+) -> dict[int, SeenTrial]:
+    """{trial id: (number, state)} of the study's trials with an id above `after_trial_id`,
+    and of the trials `unfinished_ids` (seen running or waiting before): what a view of the
+    study needs to catch up, read on the primary key, never the trials it saw finish
+    (Optuna's trial cache reads the same way)."""
     newer = and_(TrialModel.study_id == study_id, TrialModel.trial_id > after_trial_id)
-    query = select(TrialModel.trial_id, TrialModel.state).where(
+    query = select(TrialModel.trial_id, TrialModel.number, TrialModel.state).where(
         or_(newer, TrialModel.trial_id.in_(list(unfinished_ids)))
     )
-    return {trial_id: state for trial_id, state in session.execute(query)}
+    return {
+        trial_id: SeenTrial(number, state) for trial_id, number, state in session.execute(query)
+    }
 
 
 def reported_values(session: Session, trial_ids: Collection[int]) -> dict[int, dict[int, float]]:
@@ -174,6 +183,22 @@ def reported_values(session: Session, trial_ids: Collection[int]) -> dict[int, d
         for trial_id, step, stored, kind in session.execute(query):
             curves[trial_id][step] = model.stored_repr_to_intermediate_value(stored, kind)
     return curves
+
+
+def rung_values(session: Session, trial_ids: Collection[int]) -> dict[int, dict[int, float]]:
+    """{trial id: {rung: value}} of the rungs of successive halving these trials reached
+    (Optuna's `completed_rung_N` system attributes), a bounded number of ids per statement."""
+    ids = sorted(trial_ids)
+    rungs: dict[int, dict[int, float]] = defaultdict(dict)
+    model = TrialSystemAttributeModel
+    for low in range(0, len(ids), IDS_PER_STATEMENT):
+        query = select(model.trial_id, model.key, model.value_json).where(
+            model.trial_id.in_(ids[low : low + IDS_PER_STATEMENT]),
+            model.key.startswith(RUNG_PREFIX, autoescape=True),
+        )
+        for trial_id, key, value_json in session.execute(query):
+            rungs[trial_id][int(key.removeprefix(RUNG_PREFIX))] = json.loads(value_json)
+    return rungs
 
 
 def trial_counts_by_study_name(session: Session) -> list[tuple[str, str, int]]:

@@ -14,11 +14,19 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 import hpsearch.study
-from hpsearch.pruning import CompletedCurves, StudyPruning, percentile_prunes
+from hpsearch.pruning import (
+    CompletedCurves,
+    Halving,
+    RungValues,
+    StudyPruning,
+    current_rung,
+    halving_prunes,
+    percentile_prunes,
+)
 from hpsearch.search import make_pruner
 from hpsearch.service import submit_study
 from hpsearch.spec import PrunerSpec, parse_spec
-from hpsearch.study import TrialContext, TrialWriter
+from hpsearch.study import TrialContext, TrialWriter, as_asked
 from hpsearch.train import EpochRecord
 from hpsearch.worker import Worker, WorkerOptions
 from storage import optuna_storage, upgrade
@@ -98,8 +106,8 @@ def test_a_workers_view_catches_up_with_trials_finished_elsewhere(tmp_path: Path
     url = f"sqlite:///{tmp_path}/view.db"
     upgrade(url)
     study = optuna.create_study(storage=optuna_storage(url), direction="maximize")
-    pruner = PrunerSpec(name="median", n_startup_trials=0, n_warmup_steps=0)
-    pruning = StudyPruning(url, study, pruner)
+    pruner = {"name": "median", "n_startup_trials": 0, "n_warmup_steps": 0}
+    pruning = StudyPruning(url, study, parse_spec(spec_dict("view", pruner=pruner)))
     seen_running = study.ask()
     seen_running.report(0.5, 1)
     study.tell(study.ask(), 0.9)  # complete before the view's first look
@@ -109,7 +117,7 @@ def test_a_workers_view_catches_up_with_trials_finished_elsewhere(tmp_path: Path
     mine = study.ask()
 
     mine.report(0.1, 1)
-    assert pruning.should_prune(mine, {1: 0.1}) is False  # no completed trial reported epoch 1
+    assert pruning.decide(as_asked(mine)).prune is False  # no complete trial reported epoch 1
     assert pruning.completed.count == 1
     study.tell(seen_running, 0.6)  # seen running at the first look, complete now
     later = study.ask()
@@ -117,22 +125,128 @@ def test_a_workers_view_catches_up_with_trials_finished_elsewhere(tmp_path: Path
     study.tell(later, 0.7)
     pruning.completed_here(later._trial_id, {1: 0.7})  # as if this worker had told it
     next_trial = study.ask()
-    assert pruning.should_prune(next_trial, {1: 0.55}) is True  # below the median 0.6 of 0.5, 0.7
+    next_trial.report(0.55, 1)
+    assert pruning.decide(as_asked(next_trial)).prune is True  # below the median 0.6 of 0.5, 0.7
     assert pruning.completed.count == 3  # 0.9, seen_running and later, each once
     assert pruning.completed.percentile(1, 50.0) == pytest.approx(0.6)
 
 
-def test_sha_and_hyperband_go_through_optuna(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/sha.db"
+HALVINGS = [
+    {"name": "sha"},
+    {"name": "sha", "min_resource": 2, "reduction_factor": 2},
+    {"name": "hyperband"},
+    {"name": "hyperband", "min_resource": 2, "reduction_factor": 3},
+]
+
+
+@pytest.mark.parametrize("pruner", HALVINGS, ids=lambda p: "-".join(map(str, p.values())))
+@pytest.mark.parametrize("direction", ["maximize", "minimize"])
+def test_halving_decisions_match_optunas_pruner(pruner: dict[str, Any], direction: str) -> None:
+    """Trials interleaved four at a time, as on several workers: every epoch's decision and
+    every rung recorded equal those of Optuna's pruner, which runs on the same trials."""
+    spec = parse_spec(spec_dict("halving", pruner=pruner))  # 20 epochs
+    study = optuna.create_study(study_name=spec.name, direction=direction, pruner=make_pruner(spec))
+    halving = Halving.from_spec(spec)
+    assert halving is not None
+    rungs, rng = RungValues(), np.random.default_rng(len(pruner))
+    running: list[tuple[optuna.Trial, dict[int, float], dict[int, float], dict[str, Any]]] = []
+    started = pruned = 0
+    while started < 60 or running:
+        while started < 60 and len(running) < 4:
+            running.append((study.ask(), random_curve(rng, 20), {}, {}))
+            started += 1
+        trial, curve, reported, rung_attrs = running[int(rng.integers(len(running)))]
+        step = len(reported) + 1
+        reported[step] = curve[step]
+        trial.report(curve[step], step)
+        bracket = halving.bracket(study.study_name, trial.number)
+        ours, reached = halving_prunes(
+            halving, bracket, current_rung(rung_attrs), direction == "maximize", rungs, reported
+        )
+        for rung, value in reached.items():
+            rungs.add(trial._trial_id, bracket, rung, value)
+            rung_attrs[f"completed_rung_{rung}"] = value
+        assert ours == trial.should_prune(), (trial.number, step)
+        assert study._storage.get_trial_system_attrs(trial._trial_id) == rung_attrs
+        if ours or step == 20:
+            study.tell(trial, state=TrialState.PRUNED) if ours else study.tell(trial, 0.0)
+            running = [r for r in running if r[0] is not trial]
+            pruned += ours
+    assert 0 < pruned < 60  # the comparison really decides both ways
+
+
+def test_hyperband_brackets_are_optunas() -> None:
+    for max_epochs, pruner in [(20, {"name": "hyperband"}), (81, HALVINGS[3]), (3, HALVINGS[3])]:
+        spec = parse_spec(
+            spec_dict("brackets", pruner=pruner) | {"training": {"max_epochs": max_epochs}}
+        )
+        optunas = make_pruner(spec)
+        study = optuna.create_study(study_name=spec.name, pruner=optunas)
+        optunas._try_initialization(study)
+        halving = Halving.from_spec(spec)
+        assert halving is not None and halving.budgets == tuple(optunas._trial_allocation_budgets)
+        for number in range(200):
+            trial = optuna.trial.create_trial(state=TrialState.RUNNING, params={}, distributions={})
+            trial.number = number
+            assert halving.bracket(spec.name, number) == optunas._get_bracket_id(study, trial)
+    past_the_end = {"name": "hyperband", "min_resource": 30}  # a first rung past 20 epochs
+    assert Halving.from_spec(parse_spec(spec_dict("none", pruner=past_the_end))) is None
+
+
+def test_a_workers_halving_view_reads_rungs_of_others_and_records_its_own(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/rungs.db"
     upgrade(url)
+    spec = parse_spec(spec_dict("rungs", pruner={"name": "sha"}))  # rungs at epochs 1, 3, 9
+    storage = optuna_storage(url)
     study = optuna.create_study(
-        storage=optuna_storage(url), pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+        study_name="rungs", storage=storage, direction="maximize", pruner=make_pruner(spec)
     )
-    pruning = StudyPruning(url, study, PrunerSpec(name="sha"))
-    trial = study.ask()
-    trial.report(1.0, 1)
-    assert pruning.should_prune(trial, {1: 1.0}) is False  # the first trial is promoted
-    assert "completed_rung_0" in study._storage.get_trial_system_attrs(trial._trial_id)
+    context = TrialContext(url, 0, StudyPruning(url, study, spec))
+    elsewhere = study.ask()  # trials of another worker, pruned by Optuna's own pruner
+    elsewhere.report(0.5, 1)
+    assert elsewhere.should_prune() is False
+    done = study.ask()
+    done.report(0.6, 1)
+    assert done.should_prune() is False
+    study.tell(done, 0.6)
+
+    mine = TrialWriter(study.ask(), context)
+    mine.report(0.55, 1)
+    assert mine.should_prune() is True  # rung 0: only the best 1 of 3 goes on, 0.6
+    assert context.pruning.rungs.values(0, 0) == [0.5, 0.55, 0.6]
+    assert storage.get_trial_system_attrs(mine.trial._trial_id) == {}  # with the next write
+    mine.write()
+    assert storage.get_trial_system_attrs(mine.trial._trial_id) == {"completed_rung_0": 0.55}
+
+    elsewhere.report(0.9, 3)  # a trial seen running reaches rung 1
+    assert elsewhere.should_prune() is False
+    second = TrialWriter(study.ask(), context)
+    second.report(0.7, 1)
+    assert second.should_prune() is False  # the best at rung 0
+    second.report(0.8, 3)
+    assert second.should_prune() is True  # rung 1: 0.9 was recorded there, seen at catch-up
+    assert as_asked(second.trial).system_attrs == {"completed_rung_0": 0.7, "completed_rung_1": 0.8}
+
+
+def test_a_worker_prunes_with_hyperband_and_records_the_rungs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/hyperband.db"
+    spec = parse_spec(
+        spec_dict("hb", pruner={"name": "hyperband"}, budget={"n_trials": 12})  # 20 epochs
+    )
+    submit_study(url, spec)
+    assert Worker(WorkerOptions(url, studies=("hb",), max_trials=12)).run() == 0
+    trials = optuna.load_study(study_name="hb", storage=optuna_storage(url)).trials
+    halving = Halving.from_spec(spec)
+    assert halving is not None
+    states = [t.state for t in trials]
+    assert states.count(TrialState.PRUNED) > 0 and states.count(TrialState.COMPLETE) > 0
+    for trial in trials:
+        bracket = halving.bracket("hb", trial.number)
+        rungs = current_rung(trial.system_attrs)
+        assert rungs > 0 or trial.last_step < halving.promotion_step(bracket, 0)
+        for rung in range(rungs):  # each recorded at the epoch it was reached
+            step = halving.promotion_step(bracket, rung)
+            assert trial.system_attrs[f"completed_rung_{rung}"] == trial.intermediate_values[step]
 
 
 def intermediate_rows(url: str) -> list[tuple[int, int, float]]:
@@ -153,7 +267,8 @@ def test_reports_wait_for_the_next_write_or_the_interval(
     upgrade(url)
     study = optuna.create_study(storage=optuna_storage(url), direction="maximize")
     trial = study.ask()
-    context = TrialContext(url, 0, StudyPruning(url, study, PrunerSpec(name="median")))
+    spec = parse_spec(spec_dict("writes", pruner={"name": "median"}))
+    context = TrialContext(url, 0, StudyPruning(url, study, spec))
     writer = TrialWriter(trial, context)
     for epoch in (1, 2, 3):
         writer.report(0.1 * epoch, epoch)
