@@ -46,9 +46,11 @@ import optuna
 import sqlalchemy
 from optuna.distributions import distribution_to_json
 from optuna.storages._rdb.models import (
+    StudyModel,
     TrialIntermediateValueModel,
     TrialModel,
     TrialParamModel,
+    TrialSystemAttributeModel,
     TrialUserAttributeModel,
     TrialValueModel,
 )
@@ -60,7 +62,7 @@ import hpsearch.study
 from hpsearch.bayes import _MAX_BEST as BAYES_BEST
 from hpsearch.bayes import _MAX_RECENT as BAYES_RECENT
 from hpsearch.data import load_dataset
-from hpsearch.pruning import REFRESH_S
+from hpsearch.pruning import REFRESH_S, Halving
 from hpsearch.search import distributions, make_pruner, make_sampler, suggest_params
 from hpsearch.service import StudyState, submit_study
 from hpsearch.spec import StudySpec, parse_spec
@@ -106,6 +108,8 @@ class Sizes:
     load_seconds: float = 60.0
     claimants: int = LOAD_CLAIMANTS
     load_budget: int = LOAD_BUDGET
+    # Measured besides the median pruner, on PostgreSQL at the largest size.
+    pruners: tuple[str, ...] = ("sha", "hyperband")
 
 
 QUICK = Sizes(
@@ -143,9 +147,9 @@ def database(kind: str) -> Iterator[str]:
         admin.dispose()
 
 
-def bench_spec(name: str, n_trials: int) -> StudySpec:
+def bench_spec(name: str, n_trials: int, pruner: str = "median") -> StudySpec:
     """The measured studies: three searched params, the random sampler (so that the sampler's
-    own cost does not hide the storage's), the median pruner, 20 epochs."""
+    own cost does not hide the storage's), the median pruner unless told, 20 epochs."""
     return parse_spec(
         {
             "name": name,
@@ -158,7 +162,7 @@ def bench_spec(name: str, n_trials: int) -> StudySpec:
                 "checkpoint_every_s": 0,
             },
             "sampler": {"name": "random", "seed": 0},
-            "pruner": {"name": "median"},
+            "pruner": {"name": pruner},
             "budget": {"n_trials": n_trials},
         }
     )
@@ -166,8 +170,9 @@ def bench_spec(name: str, n_trials: int) -> StudySpec:
 
 def prefill(url: str, study_id: int, n: int, spec: StudySpec, seed: int) -> None:
     """`n` finished trials in Optuna's tables, as a worker leaves them (params, value, one
-    intermediate value per epoch, the user attributes `hpsearch.study._record` writes),
-    inserted in bulk (Optuna's `add_trials` would take minutes for 10,000), then analysed."""
+    intermediate value per epoch, the user attributes `hpsearch.study._record` writes, and
+    under successive halving the rungs each reached), inserted in bulk (Optuna's
+    `add_trials` would take minutes for 10,000), then analysed."""
     rng = np.random.default_rng(seed)
     engine = make_engine(url)
     start = datetime(2026, 1, 1)
@@ -189,7 +194,11 @@ def prefill(url: str, study_id: int, n: int, spec: StudySpec, seed: int) -> None
         query = sqlalchemy.select(
             TrialModel.__table__.c.trial_id, TrialModel.__table__.c.number
         ).where(TrialModel.__table__.c.study_id == study_id)
-        for table, rows in trial_rows(dict(connection.execute(query).all()), spec, rng).items():
+        name = connection.scalar(
+            sqlalchemy.select(StudyModel.study_name).where(StudyModel.study_id == study_id)
+        )
+        ids = dict(connection.execute(query).all())
+        for table, rows in trial_rows(ids, name, spec, rng).items():
             for low in range(0, len(rows), INSERT_BATCH * 10):
                 connection.execute(sqlalchemy.insert(table), rows[low : low + INSERT_BATCH * 10])
     with engine.begin() as connection:
@@ -199,7 +208,7 @@ def prefill(url: str, study_id: int, n: int, spec: StudySpec, seed: int) -> None
 
 
 def trial_rows(
-    ids: dict[int, int], spec: StudySpec, rng: np.random.Generator
+    ids: dict[int, int], study_name: str, spec: StudySpec, rng: np.random.Generator
 ) -> dict[sqlalchemy.Table, list[dict[str, Any]]]:
     """The child rows of pre-filled trials {trial id: number}, by table."""
     tables: dict[sqlalchemy.Table, list[dict[str, Any]]] = {
@@ -207,7 +216,9 @@ def trial_rows(
         TrialValueModel.__table__: [],
         TrialIntermediateValueModel.__table__: [],
         TrialUserAttributeModel.__table__: [],
+        TrialSystemAttributeModel.__table__: [],
     }
+    halving = Halving.from_spec(spec)
     dists = {name: (dist, distribution_to_json(dist)) for name, dist in distributions(spec).items()}
     for trial_id, number in ids.items():
         pruned = number % PRUNED_EVERY == 1
@@ -246,7 +257,23 @@ def trial_rows(
             {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
             for key, value in recorded_attrs(curve, pruned).items()
         ]
+        if halving is not None:
+            tables[TrialSystemAttributeModel.__table__] += [
+                {"trial_id": trial_id, "key": f"completed_rung_{rung}", "value_json": str(value)}
+                for rung, value in rungs_reached(halving, study_name, number, curve).items()
+            ]
     return tables
+
+
+def rungs_reached(
+    halving: Halving, study_name: str, number: int, curve: np.ndarray
+) -> dict[int, float]:
+    """{rung: value} of the rungs a trial that reported `curve` reached in its bracket."""
+    bracket = halving.bracket(study_name, number)
+    rungs: dict[int, float] = {}
+    while (step := halving.promotion_step(bracket, len(rungs))) <= len(curve):
+        rungs[len(rungs)] = float(curve[step - 1])
+    return rungs
 
 
 def internal(dist: optuna.distributions.BaseDistribution, unit: float) -> float:
@@ -444,6 +471,7 @@ class Side:
 class OverheadResult:
     kind: str
     prefilled: int
+    pruner: str
     ours: Side
     plain: Side
     ask_tell: Side
@@ -451,12 +479,12 @@ class OverheadResult:
 
 
 def measure_overhead(
-    url: str, kind: str, n: int, sizes: Sizes, replay: Replay
+    url: str, kind: str, n: int, sizes: Sizes, replay: Replay, pruner: str = "median"
 ) -> tuple[OverheadResult, StudyState]:
     """The three loops on three studies of `n` pre-filled trials in one database,
     alternating in rounds so that all meet the same load on the machine."""
     n_timed = sizes.rounds * sizes.per_round + sizes.warmup
-    spec = bench_spec(f"ours-{n}", n + n_timed + 10)
+    spec = bench_spec(f"ours-{n}", n + n_timed + 10, pruner)
     state = submit_study(url, spec)
     prefill(url, optuna_storage(url).get_study_id_from_name(spec.name), n, spec, seed=1)
     plain_storage = optuna.storages.RDBStorage(url)
@@ -482,7 +510,7 @@ def measure_overhead(
             for label, loop in loops.items():
                 with sides[label].counter:
                     sides[label].seconds += timed_calls(loop.trial, sizes.per_round)
-    result = OverheadResult(kind, n, **sides, commit_s=commit_seconds(url))
+    result = OverheadResult(kind, n, pruner, **sides, commit_s=commit_seconds(url))
     return result, state
 
 
@@ -507,6 +535,7 @@ def overhead_table(results: list[OverheadResult]) -> str:
     header = [
         "database",
         "finished trials",
+        "pruner",
         "hpsearch median (ms)",
         "hpsearch p90 (ms)",
         "plain median (ms)",
@@ -521,6 +550,7 @@ def overhead_table(results: list[OverheadResult]) -> str:
         [
             r.kind,
             f"{r.prefilled:,}",
+            r.pruner,
             ms(r.ours.median),
             ms(percentile(r.ours.seconds, 90)),
             ms(r.plain.median),
@@ -884,6 +914,11 @@ def run(sizes: Sizes) -> Results:
                     latency += measure_latency(url, kind, state.name, sizes)
                     upgrade_s[kind] = upgrade_cost(url)
                     print(latency_table(latency[-3:]), flush=True)
+    for pruner in sizes.pruners:
+        with database("postgresql") as url:
+            n = max(sizes.prefilled)
+            overhead.append(measure_overhead(url, "postgresql", n, sizes, replay, pruner)[0])
+            print(overhead_table(overhead[-1:]), flush=True)
     asks = sampler_latency(sizes)
     print(sampler_table(asks, sizes), flush=True)
     with database("postgresql") as url:
@@ -925,19 +960,27 @@ def section(results: Results, sizes: Sizes, run_seconds: float, load: float) -> 
 
 
 def overhead_text(results: list[OverheadResult], sizes: Sizes, checkpoint_bytes: int) -> str:
-    pg = max((r for r in results if r.kind == "postgresql"), key=lambda r: r.prefilled)
+    median = [r for r in results if r.pruner == "median"]
+    pg = max((r for r in median if r.kind == "postgresql"), key=lambda r: r.prefilled)
+    halving = "; ".join(
+        f"{r.pruner} {ms(r.ours.median)} ms against {ms(r.plain.median)} ms "
+        f"(x{r.ours.median / r.plain.median:.2f})"
+        for r in results
+        if r.pruner != "median"
+    )
     holds = pg.ours.median <= 0.020 and pg.ours.median <= pg.plain.median
     n_ours, n_plain = len(pg.ours.seconds), len(pg.plain.seconds)
     commits = pg.ours.counter.commits / n_ours, pg.plain.counter.commits / n_plain
     by_size = ", ".join(
         f"{ms(r.ours.median)} / {ms(r.plain.median)} ms at {r.prefilled:,}"
-        for r in results
+        for r in median
         if r.kind == "postgresql"
     )
     return f"""### Overhead per trial
 
 A trial with no training, three ways, on the same database and study size, with the random
-sampler and the median pruner (so the sampler's own cost does not dominate):
+sampler (so the sampler's own cost does not dominate) and the median pruner; on PostgreSQL
+at the largest size also with {" and ".join(sizes.pruners)}:
 
 - hpsearch: one turn of the worker's loop (`Worker._claim` + `Worker._run`): the claim under
   the study's lock (budget counted, stale trials failed, `ask`, first heartbeat), the
@@ -955,11 +998,13 @@ sampler and the median pruner (so the sampler's own cost does not dominate):
 Both hpsearch and plain Optuna report every epoch whatever the pruner answers, so every trial
 does the same work. The studies were pre-filled with that many finished trials (one in three
 pruned) in Optuna's tables, with params, values, an intermediate value per epoch and the user
-attributes a worker records, then analysed (as autovacuum would have). {sizes.rounds} rounds
-of {sizes.per_round} trials per way, alternating, after {sizes.warmup} untimed ones; "first
-trial" is the first one of the process, which loads the whole study into Optuna's trial
-cache (each worker process pays it once). "statements / commits" are counted on every
-engine of the process; "one commit" is a committed one-row insert on the same database.
+attributes a worker records (under sha and hyperband also the rungs each reached, Optuna's
+`completed_rung_N` system attributes), then analysed (as autovacuum would have).
+{sizes.rounds} rounds of {sizes.per_round} trials per way, alternating, after
+{sizes.warmup} untimed ones; "first trial" is the first one of the process, which loads
+the whole study into Optuna's trial cache (each worker process pays it once).
+"statements / commits" are counted on every engine of the process; "one commit" is a
+committed one-row insert on the same database.
 
 {overhead_table(results)}
 
@@ -981,7 +1026,16 @@ trial's first decision and every {REFRESH_S:.0f} s after it, reading only trials
 seen finish (`hpsearch.pruning`). What remains is mostly Optuna's `ask` and `tell`
 ({ms(pg.ask_tell.median)} ms alone here: each reads the whole trial back, six statements,
 and `ask` sets each param in a transaction of its own), then the checkpoint, the results,
-the kept weights and the claim's lock and counts."""
+the kept weights and the claim's lock and counts.
+
+Successive halving and hyperband at {max(sizes.prefilled):,} trials on PostgreSQL, hpsearch
+against plain Optuna:
+{halving}.
+Optuna's pruners read every trial of the study at each rung a trial reaches, and hyperband
+also reads the trial itself and looks its study up by name at every epoch; a worker judges
+from the values recorded at each rung, per bracket, kept sorted in memory and caught up
+like the median's view (`hpsearch.pruning.RungValues`), and writes the rungs a trial
+reaches with its next write."""
 
 
 def latency_text(results: list[LatencyResult], upgrade_s: dict[str, float], sizes: Sizes) -> str:
