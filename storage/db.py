@@ -435,7 +435,12 @@ def keep_best_model(
     """Store a finished trial's weights if they are among the study's best `keep`, then
     delete every model that falls out of them: only the top trials' weights are worth their
     space. `payload` serializes them, called only for weights that are stored: most trials'
-    are not, and a network's weights can be megabytes. Returns whether they were stored."""
+    are not, and a network's weights can be megabytes. Returns whether they were stored.
+
+    Under the study's lock (`lock_study`, so on SQLite in an immediate session): two workers
+    finishing at once would otherwise each rank the models without the other's and keep one
+    too many."""
+    lock_study(session, study_id)
     order = ModelRecord.value.desc() if maximize else ModelRecord.value.asc()
     ranked = (
         select(ModelRecord.value)

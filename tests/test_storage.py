@@ -240,7 +240,7 @@ def test_only_the_best_models_are_kept(migrated: str, maximize: bool) -> None:
             serialized.append(number)
             return b"w"
 
-        with session_scope(migrated) as session:
+        with session_scope(migrated, immediate=True) as session:
             stored = keep_best_model(
                 session,
                 study_id=study_id,
@@ -258,6 +258,40 @@ def test_only_the_best_models_are_kept(migrated: str, maximize: bool) -> None:
     # Weights that cannot make the best two are never serialized; maximising, the last 0.7
     # ties with a kept model and loses to the older trial.
     assert serialized == ([0, 1, 2] if maximize else [0, 1, 2, 3])
+
+
+def test_two_workers_keeping_models_at_once_keep_only_the_best(migrated: str) -> None:
+    """The second keeps after the first commits, and ranks its model against the first's."""
+    study_id = add_study(migrated)
+    kept, release = threading.Event(), threading.Event()
+
+    def keep(number: int, value: float, hold: bool = False) -> None:
+        with session_scope(migrated, immediate=True) as session:
+            keep_best_model(
+                session,
+                study_id=study_id,
+                trial_id=100 + number,
+                trial_number=number,
+                value=value,
+                payload=lambda: b"w",
+                maximize=True,
+                keep=1,
+            )
+            kept.set()
+            if hold:
+                assert release.wait(timeout=30)
+
+    first = threading.Thread(target=keep, args=(0, 0.9, True))
+    first.start()
+    assert kept.wait(timeout=30)
+    second = threading.Thread(target=keep, args=(1, 0.8))
+    second.start()
+    time.sleep(0.5)  # the second would rank and commit now if nothing held it back
+    release.set()
+    first.join(timeout=30)
+    second.join(timeout=30)
+    with session_scope(migrated) as session:
+        assert session.scalars(select(ModelRecord.trial_number)).all() == [0]
 
 
 def test_lock_study_blocks_a_second_claim_until_the_first_commits(migrated: str) -> None:
