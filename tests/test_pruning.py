@@ -168,10 +168,13 @@ def test_halving_decisions_match_optunas_pruner(pruner: dict[str, Any], directio
             rung_attrs[f"completed_rung_{rung}"] = value
         assert ours == trial.should_prune(), (trial.number, step)
         assert study._storage.get_trial_system_attrs(trial._trial_id) == rung_attrs
+        if ours:
+            study.tell(trial, state=TrialState.PRUNED)
+            pruned += 1
+        elif step == 20:
+            study.tell(trial, 0.0)
         if ours or step == 20:
-            study.tell(trial, state=TrialState.PRUNED) if ours else study.tell(trial, 0.0)
             running = [r for r in running if r[0] is not trial]
-            pruned += ours
     assert 0 < pruned < 60  # the comparison really decides both ways
 
 
