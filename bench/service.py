@@ -62,7 +62,7 @@ import hpsearch.study
 from hpsearch.bayes import _MAX_BEST as BAYES_BEST
 from hpsearch.bayes import _MAX_RECENT as BAYES_RECENT
 from hpsearch.data import load_dataset
-from hpsearch.pruning import REFRESH_S, Halving
+from hpsearch.pruning import REFRESH_S, Halving, rung_key
 from hpsearch.search import distributions, make_pruner, make_sampler, suggest_params
 from hpsearch.service import StudyState, submit_study
 from hpsearch.spec import StudySpec, parse_spec
@@ -259,7 +259,7 @@ def trial_rows(
         ]
         if halving is not None:
             tables[TrialSystemAttributeModel.__table__] += [
-                {"trial_id": trial_id, "key": f"completed_rung_{rung}", "value_json": str(value)}
+                {"trial_id": trial_id, "key": rung_key(rung), "value_json": json.dumps(value)}
                 for rung, value in rungs_reached(halving, study_name, number, curve).items()
             ]
     return tables

@@ -154,10 +154,15 @@ class RungValues:
         return self._sorted.get((bracket, rung), [])
 
 
+def rung_key(rung: int) -> str:
+    """Optuna's system attribute holding a trial's value at the rung."""
+    return f"{RUNG_PREFIX}{rung}"
+
+
 def current_rung(system_attrs: Mapping[str, Any]) -> int:
     """How many rungs a trial has passed: its consecutive `completed_rung_N` attributes."""
     rung = 0
-    while f"{RUNG_PREFIX}{rung}" in system_attrs:
+    while rung_key(rung) in system_attrs:
         rung += 1
     return rung
 
@@ -241,7 +246,7 @@ class StudyPruning:
         )
         for passed, value in reached.items():
             self.rungs.add(trial._trial_id, bracket, passed, value)
-        return Decision(prune, {f"{RUNG_PREFIX}{r}": value for r, value in reached.items()})
+        return Decision(prune, {rung_key(r): value for r, value in reached.items()})
 
     def completed_here(self, trial_id: int, curve: dict[int, float]) -> None:
         """Count a trial this worker has just told complete, without waiting for a catch-up."""
