@@ -8,11 +8,14 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy
 import yaml
+
+if TYPE_CHECKING:
+    from tests.fleet import Workers
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -34,6 +37,18 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    """`hpsearch worker` processes of one test; whatever is alive at its end is killed."""
+    from tests.fleet import Workers  # which imports this module's helpers
+
+    started = Workers(tmp_path)
+    try:
+        yield started
+    finally:
+        started.kill_all()
 
 
 def write_spec(path: Path, **spec: Any) -> Path:
