@@ -8,20 +8,29 @@ The dashboard's page lives at `/dashboard`, but its script fetches `/api/...` an
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import optuna_dashboard
 from a2wsgi import WSGIMiddleware
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.auth import COOKIE, authorized
 from api.settings import Settings
-from storage import optuna_storage
+from hpsearch.errors import Conflict, NotFound
+from hpsearch.service import delete_study
+from storage import optuna_storage, session_scope
+from storage.queries import optuna_study_name
 
 DASHBOARD_PREFIXES = ("/dashboard", "/static/", "/csv/", "/favicon.ico")
+READING_METHODS = ("GET", "HEAD", "OPTIONS")
+# Writes of the dashboard's own that touch nothing hpsearch relies on: notes on a study or a
+# trial (kept in Optuna's system attributes).
+HARMLESS_WRITES = re.compile(r"/api/studies/\d+(/\d+)?/note")
+STUDY_DELETION = re.compile(r"/api/studies/(\d+)")
 
 
 def is_dashboard_path(path: str) -> bool:
@@ -59,7 +68,36 @@ class DashboardMiddleware:
             )
             await response(scope, receive, send)
             return
-        await self.dashboard(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        if method in READING_METHODS or (method == "PUT" and HARMLESS_WRITES.fullmatch(path)):
+            await self.dashboard(scope, receive, send)
+            return
+        deletion = STUDY_DELETION.fullmatch(path) if method == "DELETE" else None
+        if deletion is not None:
+            response = await run_in_threadpool(self._delete, int(deletion[1]))
+        else:
+            response = _refused(
+                "this dashboard is read-only: hpsearch changes studies and trials through "
+                "/api/v1 and the CLI (submit, pause, resume, cancel, extend, delete), so that "
+                "its rules and the workers' state stay whole"
+            )
+        await response(scope, receive, send)
+
+    def _delete(self, optuna_study_id: int) -> Response:
+        """The dashboard's study deletion, under hpsearch's rules: a queued or running study
+        is refused (pause or cancel it first), as `DELETE /api/v1/studies/...` does."""
+        url = self.settings.database_url
+        try:
+            with session_scope(url) as session:
+                name = optuna_study_name(session, optuna_study_id)
+            if name is None:
+                return JSONResponse({"reason": f"study_id={optuna_study_id} is not found"}, 404)
+            delete_study(url, name)
+        except Conflict as exc:
+            return _refused(str(exc), status_code=409)
+        except NotFound as exc:
+            return JSONResponse({"reason": str(exc), "detail": str(exc)}, status_code=404)
+        return Response(status_code=204)
 
     async def _remember(self, token: str, scope: Scope, receive: Receive, send: Send) -> None:
         """Keep a valid token in a cookie and drop it from the address bar."""
@@ -69,6 +107,11 @@ class DashboardMiddleware:
             response = RedirectResponse("/dashboard", status_code=303)
             response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
         await response(scope, receive, send)
+
+
+def _refused(message: str, status_code: int = 403) -> JSONResponse:
+    """An answer the dashboard shows (it reads `reason`) and API clients read (`detail`)."""
+    return JSONResponse({"reason": message, "detail": message}, status_code=status_code)
 
 
 def _bearer(request: Request) -> str | None:

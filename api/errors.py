@@ -15,7 +15,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from hpsearch.errors import Conflict, DatasetError, HpsearchError, NotFound, SpecError
+from hpsearch.errors import (
+    Conflict,
+    DatasetError,
+    DatasetTooLarge,
+    HpsearchError,
+    NotFound,
+    SpecError,
+)
 from hpsearch.spec import field_errors
 from storage import DATABASE_ERRORS, StorageError, safe_url
 from storage.db import is_transient
@@ -77,6 +84,10 @@ def install(app: FastAPI, database_url: str) -> None:
     async def invalid_data(_: Request, exc: DatasetError) -> JSONResponse:
         return _problems([(exc.field, str(exc))])
 
+    @app.exception_handler(DatasetTooLarge)
+    async def data_too_large(_: Request, exc: DatasetTooLarge) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=413)
+
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
@@ -89,10 +100,6 @@ def install(app: FastAPI, database_url: str) -> None:
     async def bad_request(_: Request, exc: HpsearchError) -> JSONResponse:
         return _problems([("", str(exc))])
 
-    @app.exception_handler(StorageError)
-    async def storage_down(_: Request, exc: StorageError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=503)
-
     async def database_down(_: Request, exc: Exception) -> JSONResponse:
         if not is_transient(exc):
             log.error("database error", exc_info=exc)
@@ -103,6 +110,10 @@ def install(app: FastAPI, database_url: str) -> None:
 
     for error_type in DATABASE_ERRORS:
         app.add_exception_handler(error_type, database_down)
+
+    @app.exception_handler(StorageError)  # after the loop above, which would replace it
+    async def storage_down(_: Request, exc: StorageError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:

@@ -212,7 +212,9 @@ def upload_dataset(
     """Store a data set in the database, after checking that it can be trained on; a study
     uses it with `dataset: {source: uploaded, id: N}`."""
     content = file.file.read()  # already spooled to disk within the size limit
-    return add_dataset(_url(request), file.filename or "upload", content, parse_target(target))
+    settings = request.app.state.settings
+    name, columns = file.filename or "upload", parse_target(target)
+    return add_dataset(_url(request), name, content, columns, settings.max_upload_cells)
 
 
 @router.get("/datasets", response_model=list[DatasetView])

@@ -20,6 +20,13 @@ class Settings:
     max_spec_bytes: int = 1 * MB
     max_upload_bytes: int = 100 * MB
 
+    @property
+    def max_upload_cells(self) -> int:
+        """The values (rows x columns) an upload may decode to: as many as the largest CSV
+        the server accepts could hold (a value and a comma, two bytes each), so that a small
+        compressed npz or Parquet file cannot expand into gigabytes of memory."""
+        return self.max_upload_bytes // 2
+
     @classmethod
     def from_env(cls, database_url: str | None = None) -> Settings:
         return cls(

@@ -799,7 +799,7 @@ def claimant(
     """One claimant process: claim (through the worker's retrying claim), report three
     epochs asking the pruner each time, tell; until `seconds` pass or the budget is spent."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(state, url, stream)
+    study = open_study(state, url)
     claim = functools.partial(claim_trial, study, state, url)
     rng = np.random.default_rng(stream)
     told = errors = 0

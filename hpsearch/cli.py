@@ -20,7 +20,6 @@ from rich.table import Table
 
 from hpsearch import results
 from hpsearch.client import connect, dump_json
-from hpsearch.data import load_dataset
 from hpsearch.embedded import StudyProgress, read_progress, run_workers
 from hpsearch.errors import HpsearchError, SpecError
 from hpsearch.service import RUNNABLE_STATES, submit_study
@@ -28,7 +27,15 @@ from hpsearch.spec import StudySpec, load_spec
 from hpsearch.tokens import create_token, list_tokens, revoke_token
 from hpsearch.views import LeaderboardEntry, Page, StudyDetail, StudySummary, TrialDetail
 from hpsearch.worker import WorkerOptions, resolve_devices, run_worker_processes
-from storage import StorageError, default_url, optuna_storage, safe_url, upgrade
+from storage import (
+    DATABASE_ERRORS,
+    StorageError,
+    default_url,
+    optuna_storage,
+    safe_url,
+    upgrade,
+)
+from storage.engine import driver_reason
 
 app = typer.Typer(
     help="Hyperparameter search for BP networks (multi-layer perceptrons).",
@@ -72,6 +79,9 @@ def user_errors(command: F) -> F:
         except (HpsearchError, StorageError) as exc:
             errors.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2) from None
+        except DATABASE_ERRORS as exc:
+            errors.print(f"[red]error:[/] the database failed: {escape(driver_reason(exc))}")
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -94,10 +104,9 @@ def run(
     """Run a study here until its budget is spent; running it again resumes it."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = db or default_url()
-    spec = load_spec(spec_path)
     devices = resolve_devices(device, jobs)
-    spec = spec.with_task(load_dataset(spec, url=url).task)  # fails early, naming the column
-    state = submit_study(url, spec)
+    state = submit_study(url, load_spec(spec_path))  # refused at once if it cannot run
+    spec = state.spec
     study = optuna.load_study(study_name=spec.name, storage=optuna_storage(url))
     if state.state not in RUNNABLE_STATES:
         _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
@@ -115,6 +124,10 @@ def run(
         errors.print("interrupted: run the same command again to resume")
         raise typer.Exit(130) from None
     _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
+    ended = results.study_summary(url, state.id)
+    if ended.state == "failed":
+        errors.print(f"[red]error:[/] study {spec.name} failed: {escape(ended.reason or '')}")
+        raise typer.Exit(1)
     left = read_progress(url, study)
     if left.finished < spec.budget.n_trials and left.running:
         errors.print(
@@ -132,6 +145,7 @@ def run(
 _HINTS = {
     "paused": "continue it with: hpsearch resume {name}",
     "completed": "raise its budget in the spec, or: hpsearch extend {name} --n-trials K",
+    "failed": "see why with: hpsearch status {name}; run it again with: hpsearch resume {name}",
 }
 
 

@@ -19,11 +19,12 @@ from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from sklearn import datasets as sk_datasets
 from sklearn.model_selection import train_test_split
 
-from hpsearch.errors import DatasetError
+from hpsearch.errors import DatasetError, DatasetTooLarge
 from hpsearch.spec import (
     BUILTIN_TASKS,
     BuiltinDataset,
@@ -76,6 +77,11 @@ class TensorData:
     def device(self) -> torch.device:
         return self.x_train.device
 
+    @property
+    def facts(self) -> DataFacts:
+        rows = sum(x.shape[0] for x in (self.x_train, self.x_val, self.x_test))
+        return DataFacts(self.task, rows, self.n_features, self.n_outputs)
+
 
 @dataclass(frozen=True)
 class _Table:
@@ -122,19 +128,69 @@ def load_dataset(
         return _CACHE[key]
 
 
-def resolve_task(spec: StudySpec, url: str | None = None) -> Task:
-    """spec.task if set, else the task its file's target column (or its upload) implies.
+@dataclass(frozen=True)
+class DataFacts:
+    """What admitting a study needs to know of its data without building it: the task and
+    the size of what a worker would hold on its device."""
 
-    Reads the file without building tensors or caching, so a process that only validates
-    specs (the API server) does not keep whole datasets in memory.
+    task: Task
+    n_rows: int
+    n_features: int  # after one-hot encoding
+    n_outputs: int  # classes K, labels L, or 1 for regression
+
+
+def inspect_dataset(spec: StudySpec, url: str | None = None) -> DataFacts:
+    """The task (spec.task, else what the target column implies) and the size of the data,
+    after the checks a worker's load would make: columns, values, classes.
+
+    Synthetic data is measured from its spec, never generated, and files are read without
+    building tensors or caching, so a process that only admits specs (the API server)
+    neither allocates what a worker would nor keeps whole datasets in memory.
     """
-    dataset = spec.dataset  # the spec fills in the task of builtin and synthetic data itself
+    dataset = spec.dataset
+    if isinstance(dataset, SyntheticDataset):
+        return _synthetic_facts(dataset)
+    if isinstance(dataset, BuiltinDataset):
+        table = _builtin(dataset)
+        n_outputs = 1 if table.task == "regression" else len(table.classes)
+        return DataFacts(table.task, len(table.y), table.x.shape[1], n_outputs)
     if isinstance(dataset, UploadedDataset):  # checked when it was uploaded; must still exist
-        upload_task = _fetch_upload(dataset, url).task
-        return spec.task or upload_task
-    if spec.task is not None:
-        return spec.task
-    return _infer_task(_read_file(dataset), dataset.target, dataset.path)
+        upload = _fetch_upload(dataset, url)
+        shown = f"uploaded dataset {upload.id} ({upload.name})"
+        frame = read_table(io.BytesIO(upload.content), upload.format, upload.target, shown)
+        return frame_facts(frame, upload.target, spec.task or upload.task, shown)
+    return frame_facts(_read_file(dataset), dataset.target, spec.task, dataset.path)
+
+
+def _synthetic_facts(dataset: SyntheticDataset) -> DataFacts:
+    if dataset.task == "classification":
+        _n_informative(dataset)  # enough features for the classes
+    n_outputs = 1 if dataset.task == "regression" else dataset.n_classes
+    return DataFacts(dataset.task, dataset.n_samples, dataset.n_features, n_outputs)
+
+
+def frame_facts(
+    frame: pd.DataFrame, target: str | list[str], task: Task | None, shown: str
+) -> DataFacts:
+    """A table's facts, after checking that its target and features can be encoded and
+    (for classification) split by class."""
+    task = task or _infer_task(frame, target, shown)
+    targets = _targets(target)
+    if task == "multilabel":
+        _multilabel_target(frame, targets, shown)
+        n_outputs = len(targets)
+    elif task == "regression":
+        _regression_target(frame[target], shown)
+        n_outputs = 1
+    else:
+        y, classes = _class_indices(frame[target], shown)
+        _check_stratifiable(y, classes)
+        n_outputs = len(classes)
+    features = frame.drop(columns=targets)
+    categorical = _categorical_columns(features, shown)
+    width = len(features.columns) - len(categorical)
+    width += sum(features[column].nunique() for column in categorical)
+    return DataFacts(task, len(frame), width, n_outputs)
 
 
 def _cache_key(
@@ -288,12 +344,20 @@ def _read_file(dataset: FileDataset) -> pd.DataFrame:
 
 
 def read_table(
-    source: Path | BinaryIO, fmt: DatasetFormat, target: str | list[str], shown: str
+    source: Path | BinaryIO,
+    fmt: DatasetFormat,
+    target: str | list[str],
+    shown: str,
+    max_cells: int | None = None,
 ) -> pd.DataFrame:
     """The data as a table whose target columns exist and whose values are all finite; any
-    problem is a DatasetError naming `shown` (the file, or the upload)."""
+    problem is a DatasetError naming `shown` (the file, or the upload).
+
+    `max_cells` bounds rows x columns, checked before the values are decoded (from the
+    npz arrays' headers, the Parquet metadata, or the CSV's rows as they are parsed): a
+    small compressed file must not decode into gigabytes."""
     try:
-        frame = _read_format(source, fmt, shown)
+        frame = _read_format(source, fmt, shown, max_cells)
     except (
         ValueError,
         OSError,
@@ -305,13 +369,6 @@ def read_table(
     _check_columns(frame, _targets(target), shown)
     _check_finite(frame, shown)
     return frame
-
-
-def inspect_table(frame: pd.DataFrame, target: str | list[str], shown: str) -> Task:
-    """The task the target implies, after checking that the features and the target can be
-    encoded: an upload is refused at once rather than when a worker first loads it."""
-    table = _labelled_table(frame, target, None, shown)
-    return table.task
 
 
 def _format_of(filename: str) -> DatasetFormat:
@@ -334,21 +391,58 @@ def _resolve_path(path: str) -> Path:
     return resolved
 
 
-def _read_format(source: Path | BinaryIO, fmt: DatasetFormat, shown: str) -> pd.DataFrame:
+def _read_format(
+    source: Path | BinaryIO, fmt: DatasetFormat, shown: str, max_cells: int | None
+) -> pd.DataFrame:
     if fmt == "csv":
-        return pd.read_csv(source)
+        return _read_csv(source, shown, max_cells)
     if fmt == "npz":
-        return _read_npz(source, shown)
+        return _read_npz(source, shown, max_cells)
+    if max_cells is not None:
+        metadata = pq.ParquetFile(source).metadata
+        _check_cells(metadata.num_rows, metadata.num_columns, max_cells, shown)
+        if not isinstance(source, Path):
+            source.seek(0)
     return pd.read_parquet(source)
 
 
-def _read_npz(source: Path | BinaryIO, shown: str) -> pd.DataFrame:
+def _check_cells(rows: int, columns: int, max_cells: int, shown: str) -> None:
+    if rows * columns > max_cells:
+        raise DatasetTooLarge(
+            f"{shown} decodes to {rows:,} rows x {columns:,} columns = {rows * columns:,} "
+            f"values, more than this server accepts ({max_cells:,})"
+        )
+
+
+def _read_csv(source: Path | BinaryIO, shown: str, max_cells: int | None) -> pd.DataFrame:
+    """A CSV, parsed no further than `max_cells` values."""
+    if max_cells is None:
+        return pd.read_csv(source)
+    columns = len(pd.read_csv(source, nrows=0).columns)
+    if not isinstance(source, Path):
+        source.seek(0)
+    max_rows = max_cells // max(columns, 1)
+    frame = pd.read_csv(source, nrows=max_rows + 1)
+    if len(frame) > max_rows:
+        raise DatasetTooLarge(
+            f"{shown} holds more than {max_rows:,} rows of {columns:,} columns, more than "
+            f"the {max_cells:,} values this server accepts"
+        )
+    return frame
+
+
+def _read_npz(source: Path | BinaryIO, shown: str, max_cells: int | None) -> pd.DataFrame:
     """Each array becomes columns: a 1-D array one column named by its key, a 2-D array
-    columns key_0, key_1, ...; the target is then picked by column name like in a CSV."""
+    columns key_0, key_1, ...; the target is then picked by column name like in a CSV.
+    The arrays' sizes are read from their headers before any of them is decompressed."""
     parts = []
     with np.load(source, allow_pickle=False) as arrays:
+        if max_cells is not None:
+            _check_npz_size(arrays, shown, max_cells)
         for name in arrays.files:
             array = arrays[name]
+            if not isinstance(array, np.ndarray):
+                raise DatasetError(f"'{name}' in {shown} is not a numpy array (.npy)")
             if array.ndim == 1:
                 parts.append(pd.DataFrame({name: array}))
             elif array.ndim == 2:
@@ -364,6 +458,28 @@ def _read_npz(source: Path | BinaryIO, shown: str) -> pd.DataFrame:
         counts = ", ".join(f"'{name}' has {n}" for name, n in rows.items())
         raise DatasetError(f"the arrays in {shown} have different numbers of rows: {counts}")
     return pd.concat(parts, axis=1) if parts else pd.DataFrame()
+
+
+def _check_npz_size(arrays: Any, shown: str, max_cells: int) -> None:
+    """Refuse an npz whose arrays would decode to more than `max_cells` values in all."""
+    cells = rows = 0
+    stored = set(arrays.zip.namelist())
+    for name in arrays.files:
+        with arrays.zip.open(f"{name}.npy" if f"{name}.npy" in stored else name) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, _ = read_header(member)
+        cells += math.prod(shape)
+        rows = max(rows, shape[0] if shape else 1)
+    if cells > max_cells:
+        raise DatasetTooLarge(
+            f"{shown} decodes to {cells:,} values ({rows:,} rows), more than this server "
+            f"accepts ({max_cells:,})"
+        )
 
 
 def _check_columns(frame: pd.DataFrame, targets: list[str], shown: str) -> None:
@@ -475,6 +591,13 @@ def _multilabel_target(frame: pd.DataFrame, targets: list[str], shown: str) -> n
 
 def _encode_features(features: pd.DataFrame, shown: str) -> tuple[np.ndarray, list[str]]:
     """Numbers as they are; each category column one-hot (one 0/1 column per value)."""
+    categorical = _categorical_columns(features, shown)
+    encoded = pd.get_dummies(features, columns=categorical, dtype=float)
+    return encoded.to_numpy(np.float32), [str(c) for c in encoded.columns]
+
+
+def _categorical_columns(features: pd.DataFrame, shown: str) -> list[str]:
+    """The columns to one-hot encode, each with few enough values to make columns of."""
     categorical = [c for c in features.columns if _kind(features[c], shown) == "categorical"]
     for column in categorical:
         n_values = features[column].nunique()
@@ -484,8 +607,7 @@ def _encode_features(features: pd.DataFrame, shown: str) -> tuple[np.ndarray, li
                 f"one-hot encoding takes at most {MAX_CATEGORIES}. Drop the column or turn "
                 "it into numbers"
             )
-    encoded = pd.get_dummies(features, columns=categorical, dtype=float)
-    return encoded.to_numpy(np.float32), [str(c) for c in encoded.columns]
+    return categorical
 
 
 # --- split, standardise, move to the device --------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import PurePath
 from sqlalchemy import select
 from sqlalchemy.orm import defer
 
-from hpsearch.data import DatasetFormat, inspect_table, read_table
+from hpsearch.data import DatasetFormat, frame_facts, read_table
 from hpsearch.errors import DatasetError, NotFound
 from hpsearch.views import DatasetView
 from storage import DatasetRecord, session_scope, upgrade
@@ -35,16 +35,19 @@ def parse_target(target: str) -> str | list[str]:
     return names if len(names) > 1 else names[0]
 
 
-def add_dataset(url: str, filename: str, content: bytes, target: str | list[str]) -> DatasetView:
+def add_dataset(
+    url: str, filename: str, content: bytes, target: str | list[str], max_cells: int
+) -> DatasetView:
     """Check the upload as a worker would read it (format, target column, finite values,
-    encodable features) and store it; a refused upload stores nothing."""
+    encodable features, at most `max_cells` values) and store it; a refused upload stores
+    nothing."""
     fmt = FORMATS.get(PurePath(filename).suffix.lower())
     if fmt is None:
         raise DatasetError(
             f"cannot tell the format of {filename!r}; name it .csv, .parquet or .npz"
         )
-    frame = read_table(io.BytesIO(content), fmt, target, filename)
-    task = inspect_table(frame, target, filename)
+    frame = read_table(io.BytesIO(content), fmt, target, filename, max_cells)
+    task = frame_facts(frame, target, None, filename).task
     upgrade(url)
     with session_scope(url) as session:
         record = DatasetRecord(

@@ -20,7 +20,8 @@ from hpsearch.errors import HpsearchError
 from hpsearch.service import StudyState
 from hpsearch.study import FINISHED_STATES
 from hpsearch.worker import Worker, WorkerOptions, stop_on_signals
-from storage import StorageError, optuna_storage, session_scope
+from storage import DATABASE_ERRORS, StorageError, optuna_storage, session_scope
+from storage.db import is_transient
 from storage.queries import STATE_NAMES, best_values, trial_counts
 
 
@@ -62,7 +63,7 @@ def run_workers(
     study = optuna.load_study(study_name=state.name, storage=optuna_storage(url))
     try:
         while any(w.is_alive() for w in workers):
-            on_progress(read_progress(url, study))
+            _show_progress(on_progress, url, study)
             time.sleep(poll_s)
     except KeyboardInterrupt:
         for worker in workers:
@@ -72,8 +73,20 @@ def run_workers(
             worker.join()
         raise
     finally:
-        on_progress(read_progress(url, study))
+        _show_progress(on_progress, url, study)
     return [w.exitcode if w.exitcode is not None else 1 for w in workers]
+
+
+def _show_progress(
+    on_progress: Callable[[StudyProgress], None], url: str, study: optuna.Study
+) -> None:
+    """Show the study's progress; while the database cannot be reached, the workers wait
+    for it, and so does the progress bar."""
+    try:
+        on_progress(read_progress(url, study))
+    except DATABASE_ERRORS as exc:
+        if not is_transient(exc):
+            raise
 
 
 def read_progress(url: str, study: optuna.Study) -> StudyProgress:
@@ -95,7 +108,7 @@ def _worker_main(
     state: StudyState,
     url: str,
     device: str,
-    stream: int,
+    index: int,
     threads: int,
     deadline: float | None,
     pack: int | None,
@@ -109,7 +122,6 @@ def _worker_main(
             studies=(state.name,),
             idle_exit_s=0,
             deadline=deadline,
-            stream=stream,
             pack=pack,
             threads=threads,
         )
@@ -119,8 +131,8 @@ def _worker_main(
     try:
         raise SystemExit(worker.run())
     except (HpsearchError, StorageError) as exc:
-        print(f"error: worker {stream}: {exc}", file=sys.stderr)
+        print(f"error: worker {index}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as exc:  # a user reads one line, not a traceback from a child process
-        print(f"error: worker {stream}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: worker {index}: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -26,6 +26,10 @@ class DatasetError(HpsearchError):
         self.field = field
 
 
+class DatasetTooLarge(DatasetError):
+    """Data that decodes to more values than the server accepts (HTTP 413)."""
+
+
 class NotFound(HpsearchError):
     """No study, trial, dataset or token of that name or id (HTTP 404)."""
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import (
     BaseDistribution,
@@ -11,6 +14,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.spec import INTEGER_KEYS, Dimension, StudySpec
 
@@ -44,11 +48,22 @@ def suggest_params(trial: optuna.Trial, spec: StudySpec) -> dict[str, Any]:
     return params
 
 
-def make_sampler(spec: StudySpec, stream: int = 0) -> optuna.samplers.BaseSampler:
-    """The spec's sampler. `stream` offsets the seed so that parallel worker processes,
-    each with its own sampler, do not draw the same random start-up points."""
+def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """The spec's sampler. With a seed, each trial's draws are seeded from the seed and the
+    trial's number (`TrialSeededSampler`), so every worker process, each with a sampler of
+    its own, gives a trial the point any other would: no two workers repeat one another's
+    start-up points, and the same seed gives the same points with 1 worker or 16."""
+    seed = spec.sampler.seed
+    # Without a seed, each process starts from fresh entropy: workers differ, runs do not
+    # repeat. The grid sampler keeps one seed, which orders its grid; it picks a point no
+    # trial has taken yet by itself.
+    if seed is None or spec.sampler.name == "grid":
+        return _sampler(spec, seed)
+    return TrialSeededSampler(functools.partial(_sampler, spec), seed)
+
+
+def _sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
     cfg = spec.sampler
-    seed = None if cfg.seed is None else cfg.seed + stream
     if cfg.name == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True, constant_liar=True
@@ -66,8 +81,85 @@ def make_sampler(spec: StudySpec, stream: int = 0) -> optuna.samplers.BaseSample
             key: [int(v) for v in dim.values()] if key in INTEGER_KEYS else dim.values()
             for key, dim in spec.search_space.dimensions().items()
         }
-        return optuna.samplers.GridSampler(grid, seed=seed)
+        return _GridSampler(grid, seed=seed)
     return optuna.samplers.RandomSampler(seed=seed)
+
+
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its `after_trial`, which stops `study.optimize` once
+    every point was visited and raises outside of it (a worker's `tell`): the study's
+    budget decides when an hpsearch study ends."""
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        """Nothing: see the class."""
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """A 32-bit seed that depends only on the study's seed and a trial's number."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A sampler whose draws for a trial depend on the study's seed and the trial's number,
+    not on the process that asks.
+
+    Each worker process holds a sampler of its own; seeded once per process, every worker
+    would draw the same sequence, and a replacement worker would start it again. Here the
+    inner sampler is built afresh for each trial, seeded with `trial_seed(seed, number)`;
+    what it learns, it reads from the study's trials in storage, as Optuna's samplers do.
+    """
+
+    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
+        self._build = build
+        self._seed = seed
+        self._current: tuple[int, optuna.samplers.BaseSampler] | None = None
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        """The inner sampler of this trial, built at its first call and kept while the
+        trial's params are drawn."""
+        if self._current is None or self._current[0] != trial.number:
+            self._current = (trial.number, self._build(trial_seed(self._seed, trial.number)))
+        return self._current[1]
+
+    def reseed_rng(self) -> None:
+        """Nothing to do: threads of one process ask for trials of different numbers."""
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(
+        self, study: optuna.Study, trial: FrozenTrial
+    ) -> dict[str, BaseDistribution]:
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(
+        self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        param_name: str,
+        param_distribution: BaseDistribution,
+    ) -> Any:
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

@@ -7,29 +7,39 @@ once. Trials themselves stay in Optuna's schema; `hps_studies` adds the spec and
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.storages._rdb.models import TrialModel
 from optuna.trial import TrialState
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from hpsearch.data import resolve_task
+from hpsearch import memory
+from hpsearch.data import inspect_dataset
 from hpsearch.errors import Conflict, DatasetError, HpsearchError, NotFound, SpecError
-from hpsearch.spec import StudySpec, UploadedDataset
+from hpsearch.spec import MAX_COUNT, MAX_ROW_ID, StudySpec, UploadedDataset, field_errors
 from storage import (
     StudyRecord,
     claim_study,
+    delete_optuna_study,
     heartbeat_interval_s,
     optuna_storage,
     session_scope,
     upgrade,
 )
+from storage.queries import optuna_study_id, recent_endings
 
 RUNNABLE_STATES = ("queued", "running")
+# A study whose last this many trials to end all failed with an error is failed itself: its
+# spec or data breaks every trial, and workers should serve the other studies.
+MAX_FAILURES_IN_A_ROW = 3
+RECENT_ENDINGS = 50  # how far back the rule above looks past trials that do not count
+# The error of a trial a stopping worker checkpointed and handed back for another to resume.
+HANDED_BACK_ERROR = "handed back by a stopping worker"
+MAX_REASON_CHARS = 2000
 # Which states each change may start from; anything else is a conflict (HTTP 409).
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     "pause": ("queued", "running"),
@@ -56,22 +66,24 @@ class StudyState:
     state: str
     n_trials: int
     spec: StudySpec
+    optuna_study_id: int | None = None
 
 
 def submit_study(url: str, spec: StudySpec) -> StudyState:
     """Create the study, or return it when one of that name has the same spec.
 
     A spec that differs only in its budget sets the new budget (as re-running
-    `study.optimize` with more trials would); any other difference is a conflict.
+    `study.optimize` with more trials would); any other difference is a conflict. The spec
+    is admitted first (`admit`); a submission that fails leaves nothing behind.
     """
     upgrade(url)
-    spec = _with_resolved_task(spec, url)
+    spec = admit(spec, url)
     existing = _update_existing(url, spec)
     if existing is not None:
         return existing
     # Outside our transaction: on SQLite a transaction that read and then sees another
     # connection (Optuna's) write cannot write any more.
-    optuna_study_id = _create_optuna_study(optuna_storage(url), spec)
+    optuna_study_id, created = _create_optuna_study(optuna_storage(url), spec)
     try:
         with session_scope(url) as session:
             record = StudyRecord(
@@ -86,17 +98,26 @@ def submit_study(url: str, spec: StudySpec) -> StudyState:
             return _state_of(record)
     except IntegrityError:  # submitted at the same moment by another process
         return _update_existing(url, spec)
+    except BaseException:
+        if created:  # no Optuna study without its record, which would block the name
+            with session_scope(url) as session:
+                delete_optuna_study(session, optuna_study_id)
+        raise
 
 
-def _with_resolved_task(spec: StudySpec, url: str) -> StudySpec:
-    """The spec with its task decided (a file's or an upload's target column implies it), so
-    the objective and its direction are known before Optuna's study is created. A problem
-    with the data is an error in the spec's `dataset`."""
+def admit(spec: StudySpec, url: str) -> StudySpec:
+    """The spec with its task decided (a file's or an upload's target column implies it),
+    once its data is found usable and its largest trial fits the device memory a trial may
+    take: whatever is accepted can be run. A problem is a SpecError naming the field."""
     try:
-        task = resolve_task(spec, url)
+        facts = inspect_dataset(spec, url)
     except DatasetError as exc:
         raise SpecError([(_dataset_field(spec), str(exc))]) from None
-    return spec if spec.task == task else spec.with_task(task)
+    spec = spec if spec.task == facts.task else spec.with_task(facts.task)
+    refused = memory.refusal(spec, memory.estimate(spec, facts), memory.max_trial_bytes())
+    if refused is not None:
+        raise SpecError([refused])
+    return spec
 
 
 def _dataset_field(spec: StudySpec) -> str:
@@ -112,19 +133,23 @@ def _update_existing(url: str, spec: StudySpec) -> StudyState | None:
         return _state_of(record)
 
 
-def _create_optuna_study(storage: optuna.storages.BaseStorage, spec: StudySpec) -> int:
+def _create_optuna_study(storage: optuna.storages.BaseStorage, spec: StudySpec) -> tuple[int, bool]:
+    """The Optuna study's id, and whether this call created it (rather than taking over an
+    empty one of that name)."""
     try:
         study = optuna.create_study(
             study_name=spec.name, storage=storage, direction=spec.objective.direction
         )
+        return study._study_id, True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.name, storage=storage)
         if study.get_trials(deepcopy=False):
             raise StudyConflict(
                 f"an Optuna study named {spec.name!r} already exists in this database "
-                "and was not created by hpsearch; choose another name"
+                "and was not created by hpsearch; choose another name, or delete it with "
+                f"`hpsearch delete {spec.name}`"
             ) from None
-    return study._study_id
+        return study._study_id, False
 
 
 def _update_budget(record: StudyRecord, spec: StudySpec) -> None:
@@ -156,18 +181,31 @@ def get_study(url: str, study: str | int) -> StudyState:
 
 def runnable_studies(url: str, names: tuple[str, ...] = ()) -> list[StudyState]:
     """The studies workers may claim trials of (all, or those named), oldest first: one
-    query, since every idle worker asks for them every few seconds."""
+    query, since every idle worker asks for them every few seconds. A study whose stored
+    spec this version cannot read is failed with the reason, not served."""
     with session_scope(url) as session:
         query = select(StudyRecord).where(StudyRecord.state.in_(RUNNABLE_STATES))
         if names:
             query = query.where(StudyRecord.name.in_(names))
-        return [_state_of(record) for record in session.scalars(query.order_by(StudyRecord.id))]
+        states = []
+        for record in session.scalars(query.order_by(StudyRecord.id)):
+            try:
+                states.append(_state_of(record))
+            except ValidationError as exc:
+                errors = field_errors(exc.errors())
+                problems = "; ".join(f"{path}: {reason}" for path, reason in errors)
+                record.state = "failed"
+                record.reason = _clip(f"its stored spec is not valid: {problems}")
+        return states
 
 
 def find_study(session: Any, study: str | int) -> StudyRecord:
-    """The study's row by numeric id or name, or StudyNotFound."""
+    """The study's row by numeric id or name, or StudyNotFound. Names start with a letter,
+    so digits are an id (one past the column's range is no study, not a database error)."""
     query = select(StudyRecord)
     if isinstance(study, int) or str(study).isdigit():
+        if int(study) > MAX_ROW_ID:
+            raise StudyNotFound(f"no study {study!r}")
         query = query.where(StudyRecord.id == int(study))
     else:
         query = query.where(StudyRecord.name == study)
@@ -184,6 +222,7 @@ def _state_of(record: StudyRecord) -> StudyState:
         state=record.state,
         n_trials=record.n_trials,
         spec=StudySpec.model_validate(record.spec),
+        optuna_study_id=record.optuna_study_id,
     )
 
 
@@ -197,10 +236,17 @@ def change_state(url: str, study: str | int, change: str, n_trials: int = 0) -> 
         if change == "extend":
             if n_trials < 1:
                 raise HpsearchError("extend needs --n-trials of at least 1")
+            if record.n_trials + n_trials > MAX_COUNT:
+                raise HpsearchError(
+                    f"extend would make the budget {record.n_trials + n_trials:,} trials; a "
+                    f"study may have at most {MAX_COUNT:,}"
+                )
             record.n_trials += n_trials
             spec = StudySpec.model_validate(record.spec)
             budget = spec.budget.model_copy(update={"n_trials": record.n_trials})
             record.spec = spec.model_copy(update={"budget": budget}).model_dump(mode="json")
+        if record.state == "failed":
+            record.reason = None
         record.state = {
             "pause": "paused",
             "cancel": "cancelled",
@@ -240,6 +286,43 @@ def mark_completed_if_done(url: str, study_id: int) -> None:
         )
 
 
+def fail_study(url: str, study_id: int, reason: str) -> bool:
+    """queued or running -> failed, with the reason shown by `status` and the API. False
+    when the study is no longer runnable (or no longer there): nothing changes then."""
+    with session_scope(url) as session:
+        result = session.execute(
+            update(StudyRecord)
+            .where(StudyRecord.id == study_id, StudyRecord.state.in_(RUNNABLE_STATES))
+            .values(state="failed", reason=_clip(reason))
+        )
+        return bool(result.rowcount)
+
+
+def fail_if_failing(url: str, state: StudyState) -> str | None:
+    """Fail the study when its last MAX_FAILURES_IN_A_ROW trials to end all failed with an
+    error; returns the reason then. Trials handed back by a stopping worker, or failed as
+    stale when their worker died (and retried), say nothing about the spec: they are left
+    out of the count."""
+    if state.optuna_study_id is None:
+        return None
+    with session_scope(url) as session:
+        endings = recent_endings(session, state.optuna_study_id, RECENT_ENDINGS)
+    counted = [
+        (trial_state, error)
+        for trial_state, error in endings
+        if not (trial_state == "failed" and error in (None, HANDED_BACK_ERROR))
+    ]
+    last = counted[:MAX_FAILURES_IN_A_ROW]
+    if len(last) < MAX_FAILURES_IN_A_ROW or any(s != "failed" for s, _ in last):
+        return None
+    reason = f"{MAX_FAILURES_IN_A_ROW} trials in a row failed; the last: {last[0][1]}"
+    return reason if fail_study(url, state.id, reason) else None
+
+
+def _clip(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+
+
 def _transition(url: str, study_id: int, before: str, after: str) -> None:
     with session_scope(url) as session:
         session.execute(
@@ -264,18 +347,30 @@ def resume_study(url: str, study: str | int) -> tuple[StudyState, int]:
 
 
 def delete_study(url: str, study: str | int) -> str:
-    """Remove the study, its trials (Optuna's rows), checkpoints and kept weights; returns
-    its name. A study with running trials must be paused or cancelled first, so no worker
-    is left writing to a study that no longer exists."""
+    """Remove the study, its trials (Optuna's rows), checkpoints and kept weights, in one
+    transaction of bulk deletes: fast for thousands of trials, and all or nothing when the
+    process dies. Returns its name.
+
+    A study with running trials must be paused or cancelled first, so no worker is left
+    writing to a study that no longer exists. An Optuna study without hpsearch's record (a
+    deletion by an older version that stopped half-way, or a study made with Optuna alone)
+    is deleted by name, so its name can be used again.
+    """
     upgrade(url)
     with session_scope(url, immediate=True) as session:
-        record = find_study(session, study)
+        try:
+            record = find_study(session, study)
+        except StudyNotFound:
+            optuna_id = None if str(study).isdigit() else optuna_study_id(session, str(study))
+            if optuna_id is None:
+                raise
+            delete_optuna_study(session, optuna_id)
+            return str(study)
         if record.state in RUNNABLE_STATES:
             raise StudyConflict(
                 f"study {record.name!r} is {record.state}: pause or cancel it before deleting it"
             )
-        name = record.name
         session.delete(record)  # checkpoints and models go with it (ON DELETE CASCADE)
-    with contextlib.suppress(KeyError):  # deleted by a concurrent request, or never created
-        optuna.delete_study(study_name=name, storage=optuna_storage(url))
-    return name
+        if record.optuna_study_id is not None:
+            delete_optuna_study(session, record.optuna_study_id)
+        return record.name

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hpsearch.errors import SpecError
 
@@ -47,13 +55,23 @@ DEFAULT_METRIC: dict[str, str] = {
     "multilabel": "val_f1",
     "regression": "val_rmse",
 }
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,63}")  # the whole name (fullmatch)
+# numpy's and scikit-learn's random states take seeds in [0, 2**32 - 1]; so do ours.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+MAX_LAYERS = 64
+MAX_UNITS = 65536
+MAX_BATCH_SIZE = 1_000_000
+MAX_COUNT = 1_000_000  # trials, startup trials, warm-up epochs, rungs: beyond any real study
+MAX_GRID_POINTS = 100_000  # Optuna's grid sampler holds every point of the grid in memory
+MAX_ROW_ID = 2**31 - 1  # the integer primary keys of the service's tables
 
 
 class _Strict(BaseModel):
-    """Base for every spec section: unknown keys are errors, not silently ignored."""
+    """Base for every spec section: unknown keys are errors, not silently ignored, and
+    numbers are finite (PostgreSQL's JSON refuses Infinity and NaN, and no setting means
+    them)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- dataset ---------------------------------------------------------------------------
@@ -70,12 +88,12 @@ class SyntheticDataset(_Strict):
     n_samples: int = Field(1000, ge=20, le=50_000_000)
     n_features: int = Field(20, ge=1, le=100_000)
     n_classes: int = Field(2, ge=2, le=1000)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class FileDataset(_Strict):
     source: Literal["file"]
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, max_length=4096)
     target: str | list[str] = Field(
         description="the label column; a list of columns makes the task multilabel"
     )
@@ -100,7 +118,7 @@ class UploadedDataset(_Strict):
     target column was given with the upload."""
 
     source: Literal["uploaded"]
-    id: int = Field(ge=1)
+    id: int = Field(ge=1, le=MAX_ROW_ID)
 
 
 DatasetSpec = Annotated[
@@ -112,7 +130,7 @@ DatasetSpec = Annotated[
 class SplitSpec(_Strict):
     val: float = Field(0.2, gt=0, lt=1)
     test: float = Field(0.1, ge=0, lt=1)
-    seed: int = 0
+    seed: Seed = 0
     standardize: bool = True
 
     @model_validator(mode="after")
@@ -126,7 +144,9 @@ class SplitSpec(_Strict):
 
 
 class ModelSpec(_Strict):
-    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(default_factory=lambda: [128])
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_UNITS)]] = Field(
+        default_factory=lambda: [128], max_length=MAX_LAYERS
+    )
     activation: Activation = "relu"
     init: Init = "he"
     batch_norm: bool = False
@@ -136,32 +156,43 @@ class TrainingSpec(_Strict):
     """Defaults for every hyperparameter that the search space does not search."""
 
     learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE)
     dropout: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     max_epochs: int = Field(50, ge=1, le=100_000)
     optimizer: OptimizerName = "adam"
     scheduler: SchedulerName = "plateau"
-    early_stopping_patience: int | None = Field(5, ge=1)
+    early_stopping_patience: int | None = Field(5, ge=1, le=100_000)
     grad_clip_norm: float | None = Field(5.0, gt=0)
     checkpoint_every_s: float = Field(30, ge=0)
     # bf16: the forward pass under bf16 autocast (weights, moments and losses stay fp32).
     precision: Precision = "fp32"
-    seed: int = 0
+    seed: Seed = 0
 
 
 # --- search space ----------------------------------------------------------------------
 
 
+def _finite(value: Any) -> Any:
+    """Refuse infinity and NaN before a union of types would report each member's error."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+Number = Annotated[int | float, BeforeValidator(_finite)]
+Choice = Annotated[bool | int | float | str, BeforeValidator(_finite)]
+
+
 class Dimension(_Strict):
     """One searched hyperparameter: a range `{low, high, log, step}` or `{choices: [...]}`."""
 
-    low: int | float | None = None
-    high: int | float | None = None
+    low: Number | None = None
+    high: Number | None = None
     log: bool = False
-    step: int | float | None = None
-    choices: list[bool | int | float | str] | None = None
+    step: Number | None = None
+    choices: list[Choice] | None = None
 
     @model_validator(mode="after")
     def _one_form(self) -> Dimension:
@@ -189,13 +220,17 @@ class Dimension(_Strict):
     def is_range(self) -> bool:
         return self.choices is None
 
+    def count(self) -> int:
+        """How many values a finite dimension has (choices, or a stepped/integer range)."""
+        if self.choices is not None:
+            return len(self.choices)
+        return math.floor((self.high - self.low) / (self.step or 1) + 1e-9) + 1
+
     def values(self) -> list[Any]:
         """Every value of a finite dimension (choices, or a stepped/integer range)."""
         if self.choices is not None:
             return list(self.choices)
-        step = self.step or 1
-        count = math.floor((self.high - self.low) / step + 1e-9) + 1
-        return [self.low + i * step for i in range(count)]
+        return [self.low + i * (self.step or 1) for i in range(self.count())]
 
 
 @dataclass(frozen=True)
@@ -204,6 +239,7 @@ class _Rule:
 
     integer: bool = False
     minimum: float | None = None  # inclusive
+    maximum: float | None = None  # inclusive
     above: float | None = None  # exclusive lower bound
     below: float | None = None  # exclusive upper bound
     names: tuple[Any, ...] | None = None
@@ -226,6 +262,8 @@ class _Rule:
                 raise ValueError(f"{key} takes whole numbers, got {v:g}")
             if self.minimum is not None and v < self.minimum:
                 raise ValueError(f"{key} must be >= {self.minimum:g}, got {v:g}")
+            if self.maximum is not None and v > self.maximum:
+                raise ValueError(f"{key} must be <= {self.maximum:g}, got {v:g}")
             if self.above is not None and v <= self.above:
                 raise ValueError(f"{key} must be > {self.above:g}, got {v:g}")
             if self.below is not None and v >= self.below:
@@ -234,13 +272,13 @@ class _Rule:
 
 SEARCH_RULES: dict[str, _Rule] = {
     "learning_rate": _Rule(above=0),
-    "batch_size": _Rule(integer=True, minimum=1),
+    "batch_size": _Rule(integer=True, minimum=1, maximum=MAX_BATCH_SIZE),
     "dropout": _Rule(minimum=0, below=1),
     "weight_decay": _Rule(minimum=0),
     "momentum": _Rule(minimum=0, below=1),
     "grad_clip_norm": _Rule(above=0),
-    "n_layers": _Rule(integer=True, minimum=1),
-    "hidden_units": _Rule(integer=True, minimum=1),
+    "n_layers": _Rule(integer=True, minimum=1, maximum=MAX_LAYERS),
+    "hidden_units": _Rule(integer=True, minimum=1, maximum=MAX_UNITS),
     "optimizer": _Rule(names=OptimizerName.__args__),
     "scheduler": _Rule(names=SchedulerName.__args__),
     "activation": _Rule(names=Activation.__args__),
@@ -298,18 +336,27 @@ class ObjectiveSpec(_Strict):
 
 class SamplerSpec(_Strict):
     name: Literal["tpe", "bayes", "gp", "random", "cmaes", "grid"] = "tpe"
-    seed: int | None = 0
-    n_startup_trials: int = Field(10, ge=0)
+    seed: Seed | None = 0
+    n_startup_trials: int = Field(10, ge=0, le=MAX_COUNT)
 
 
 class PrunerSpec(_Strict):
     name: Literal["none", "median", "percentile", "sha", "hyperband"] = "none"
-    n_startup_trials: int = Field(5, ge=0, description="median/percentile: trials before pruning")
-    n_warmup_steps: int = Field(2, ge=0, description="median/percentile: epochs before pruning")
+    n_startup_trials: int = Field(
+        5, ge=0, le=MAX_COUNT, description="median/percentile: trials before pruning"
+    )
+    n_warmup_steps: int = Field(
+        2, ge=0, le=MAX_COUNT, description="median/percentile: epochs before pruning"
+    )
     percentile: float = Field(25.0, gt=0, lt=100)
-    min_resource: int = Field(1, ge=1, description="sha/hyperband: epochs of the first rung")
+    min_resource: int = Field(
+        1, ge=1, le=MAX_COUNT, description="sha/hyperband: epochs of the first rung"
+    )
     reduction_factor: int | None = Field(
-        None, ge=2, description="sha/hyperband: 1 in this many trials goes on at each rung"
+        None,
+        ge=2,
+        le=MAX_COUNT,
+        description="sha/hyperband: 1 in this many trials goes on at each rung",
     )
 
     @model_validator(mode="after")
@@ -326,7 +373,7 @@ class PrunerSpec(_Strict):
 
 
 class BudgetSpec(_Strict):
-    n_trials: int = Field(ge=1, le=1_000_000)
+    n_trials: int = Field(ge=1, le=MAX_COUNT)
     timeout_s: float | None = Field(None, gt=0)
 
 
@@ -346,10 +393,20 @@ class StudySpec(_Strict):
     pruner: PrunerSpec = PrunerSpec()
     budget: BudgetSpec
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul_characters(cls, data: Any) -> Any:
+        """No string of the spec, key or value, may hold a NUL character: PostgreSQL cannot
+        store one, and no file, column or name has one."""
+        loc = _nul_location(data)
+        if loc is not None:
+            raise _FieldError(loc, "must not contain the NUL character (\\u0000)")
+        return data
+
     @field_validator("name")
     @classmethod
     def _valid_name(cls, name: str) -> str:
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise ValueError(
                 "must start with a lower-case letter and use only a-z, 0-9, '_' and '-' "
                 "(at most 64 characters)"
@@ -373,12 +430,7 @@ class StudySpec(_Strict):
                     f"use one of {', '.join(allowed)}",
                 )
         if self.sampler.name == "grid":
-            for key, dim in self.search_space.dimensions().items():
-                if dim.is_range and dim.step is None and key not in INTEGER_KEYS:
-                    raise _FieldError(
-                        ("search_space", key),
-                        "the grid sampler needs a finite set: give choices or a step",
-                    )
+            _check_grid(self.search_space)
         return self
 
     def with_task(self, task: Task) -> StudySpec:
@@ -397,6 +449,43 @@ class _FieldError(ValueError):
     def __init__(self, loc: tuple[str, ...], message: str) -> None:
         super().__init__(message)
         self.loc = loc
+
+
+def _nul_location(data: Any, loc: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """The path of the first string (or key) in `data` that holds a NUL character."""
+    if isinstance(data, str):
+        return loc if "\x00" in data else None
+    if isinstance(data, dict):
+        for key, value in data.items():
+            here = (*loc, str(key).replace("\x00", "\\u0000"))
+            if isinstance(key, str) and "\x00" in key:
+                return here
+            if (found := _nul_location(value, here)) is not None:
+                return found
+    if isinstance(data, list | tuple):
+        for i, value in enumerate(data):
+            if (found := _nul_location(value, (*loc, str(i)))) is not None:
+                return found
+    return None
+
+
+def _check_grid(space: SearchSpace) -> None:
+    """Every searched key finite, and the grid small enough to hold in memory (counted
+    without building it)."""
+    points = 1
+    for key, dim in space.dimensions().items():
+        if dim.is_range and dim.step is None and key not in INTEGER_KEYS:
+            raise _FieldError(
+                ("search_space", key),
+                "the grid sampler needs a finite set: give choices or a step",
+            )
+        points *= dim.count()
+        if points > MAX_GRID_POINTS:
+            raise _FieldError(
+                ("search_space", key),
+                f"the grid has more than {MAX_GRID_POINTS:,} points; search fewer values "
+                "or use another sampler",
+            )
 
 
 def _implied_task(spec: StudySpec) -> Task | None:

@@ -24,7 +24,7 @@ from hpsearch.diagnosis import diagnose
 from hpsearch.fused import pack_key, train_pack
 from hpsearch.pruning import StudyPruning
 from hpsearch.search import make_pruner, make_sampler, suggest_params
-from hpsearch.service import RUNNABLE_STATES, StudyState, mark_running
+from hpsearch.service import HANDED_BACK_ERROR, RUNNABLE_STATES, StudyState, mark_running
 from hpsearch.spec import StudySpec
 from hpsearch.train import EpochRecord, TrainResult, TrialConfig, checkpoint_history, train
 from storage import (
@@ -54,12 +54,12 @@ _BEATING: set[tuple[int, int]] = set()
 _BEATING_LOCK = threading.Lock()
 
 
-def open_study(state: StudyState, url: str, stream: int = 0) -> optuna.Study:
+def open_study(state: StudyState, url: str) -> optuna.Study:
     """The study with its spec's sampler and pruner, as a worker uses it."""
     return optuna.load_study(
         study_name=state.name,
         storage=optuna_storage(url),
-        sampler=make_sampler(state.spec, stream),
+        sampler=make_sampler(state.spec),
         pruner=make_pruner(state.spec),
     )
 
@@ -379,15 +379,19 @@ def run_pack(
     return outcomes
 
 
-def packs(trials: list[optuna.Trial], spec: StudySpec) -> list[list[optuna.Trial]]:
+def packs(
+    trials: list[optuna.Trial], spec: StudySpec, largest: int | None = None
+) -> list[list[optuna.Trial]]:
     """The claimed trials grouped into what can train as one fused pack (same network and
-    update rule, `hpsearch.fused.pack_key`), in claim order; batch-norm trials alone."""
+    update rule, `hpsearch.fused.pack_key`), in claim order, at most `largest` to a pack
+    (what fits the device); batch-norm trials alone."""
     groups: dict[Any, list[optuna.Trial]] = {}
     for trial in trials:
         config = TrialConfig.from_spec(spec, suggest_params(trial, spec))
         key = ("alone", trial.number) if config.batch_norm else pack_key(config)
         groups.setdefault(key, []).append(trial)
-    return list(groups.values())
+    size = largest or len(trials)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
 @contextmanager
@@ -442,6 +446,20 @@ def _fail(study: optuna.Study, trial: optuna.Trial, exc: Exception) -> TrialStat
     return TrialState.FAIL
 
 
+def fail_trials(
+    study: optuna.Study, trials: list[optuna.Trial], exc: Exception
+) -> list[TrialState | None]:
+    """Fail claimed trials that could not start (their data could not be loaded, say) with
+    the error; a trial taken away meanwhile is left alone."""
+    outcomes: list[TrialState | None] = []
+    for trial in trials:
+        try:
+            outcomes.append(_fail(study, trial, exc))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            outcomes.append(None)
+    return outcomes
+
+
 def _keep_and_forget(
     study: optuna.Study, trial: optuna.Trial, kept: TrainResult | None, context: TrialContext
 ) -> None:
@@ -475,7 +493,7 @@ def hand_back(study: optuna.Study, trial: optuna.Trial, context: TrialContext) -
     """Fail the trial and queue its retry in one step under the claim lock, so the budget
     never looks free in between; the retry resumes from the trial's checkpoint."""
     with claim_study(context.url, context.study_id):
-        trial.set_user_attr("error", "handed back by a stopping worker")
+        trial.set_user_attr("error", HANDED_BACK_ERROR)
         frozen = study.tell(trial, state=TrialState.FAIL)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, frozen)
 

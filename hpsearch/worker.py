@@ -11,27 +11,38 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import multiprocessing
 import os
 import signal
 import socket
-import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import TypeVar
 
 import optuna
 import torch
 from sqlalchemy import func, update
+from sqlalchemy.exc import NoResultFound
 
-from hpsearch.data import load_dataset
+from hpsearch import memory
+from hpsearch.data import TensorData, load_dataset
 from hpsearch.errors import HpsearchError
 from hpsearch.pruning import StudyPruning
-from hpsearch.service import StudyState, mark_completed_if_done, runnable_studies
+from hpsearch.service import (
+    StudyState,
+    fail_if_failing,
+    fail_study,
+    mark_completed_if_done,
+    runnable_studies,
+)
 from hpsearch.study import (
     TrialContext,
     claim_trial,
+    fail_trials,
     keep_alive,
     open_study,
     packs,
@@ -42,14 +53,22 @@ from storage import (
     DATABASE_ERRORS,
     WorkerRecord,
     heartbeat_interval_s,
+    safe_url,
     session_scope,
     upgrade,
     with_retries,
 )
+from storage.db import is_transient
+from storage.engine import driver_reason
+from storage.queries import optuna_study_id
+
+T = TypeVar("T")
+log = logging.getLogger("hpsearch.worker")
 
 IDLE_POLL_S = 2.0
 DEFAULT_GPU_PACK = 8
-MAX_CONSECUTIVE_FAILURES = 3
+RECONNECT_S = 1.0  # between attempts to reach a database that is down
+WAITING_MESSAGE_S = 5.0  # how often a worker waiting for its database says so
 
 
 @dataclass
@@ -60,7 +79,6 @@ class WorkerOptions:
     max_trials: int | None = None
     idle_exit_s: float | None = None  # stop after this long with nothing to claim
     deadline: float | None = None  # a time.time() after which no trial is started
-    stream: int = 0  # offsets sampler seeds, so parallel workers draw different points
     pack: int | None = None  # trials trained together as one fused network; None = auto
     # CPU threads for training; None = torch's default, one per core, which several workers
     # on one host would each take, slowing all of them down.
@@ -74,9 +92,20 @@ class WorkerOptions:
         return DEFAULT_GPU_PACK if self.device.startswith("cuda") else 1
 
 
+class Stopped(Exception):
+    """The worker was stopped while it waited for the database."""
+
+
 @dataclass
 class Worker:
-    """One worker process's loop; `run` returns the process's exit code."""
+    """One worker process's loop; `run` returns the process's exit code.
+
+    Nothing about one study stops the worker: a trial that raises is failed with its error
+    (`hpsearch.study.run_trial`); a study whose trials keep failing, or that cannot be
+    opened, claimed from or trained, is failed with the reason (`_guarded`), and the worker
+    serves the others. A database that cannot be reached is waited for, at start and later;
+    only an error that waiting cannot cure (a bad URL, a refused login) ends the worker.
+    """
 
     options: WorkerOptions
     stop: threading.Event = field(default_factory=threading.Event)
@@ -90,8 +119,10 @@ class Worker:
     def run(self) -> int:
         if self.options.threads is not None:
             torch.set_num_threads(self.options.threads)
-        upgrade(self.options.url)
-        self._register()
+        try:
+            self._wait_for_database(self._connect)
+        except Stopped:
+            return 0
         beating = threading.Thread(target=self._beat, name="worker-heartbeat", daemon=True)
         beating.start()
         try:
@@ -99,7 +130,41 @@ class Worker:
         finally:
             self._finished.set()
             beating.join()
-            self._set(state="stopped", current_study_id=None, current_trial_number=None)
+            with contextlib.suppress(*DATABASE_ERRORS):  # its heartbeat stops all the same
+                self._set(state="stopped", current_study_id=None, current_trial_number=None)
+
+    def _connect(self) -> None:
+        upgrade(self.options.url)
+        self._register()
+
+    def _wait_for_database(self, step: Callable[[], T]) -> T:
+        """`step()`, run again for as long as the database cannot be reached, with a message
+        every few seconds; Stopped when the worker is stopped meanwhile. Errors that waiting
+        cannot cure are raised."""
+        waiting_since = said_at = None
+        while True:
+            try:
+                result = step()
+            except DATABASE_ERRORS as exc:
+                if not is_transient(exc):
+                    raise
+                now = time.monotonic()
+                waiting_since = waiting_since or now
+                if said_at is None or now - said_at >= WAITING_MESSAGE_S:
+                    log.warning(
+                        "worker %d: waiting for the database at %s (%.0f s so far): %s",
+                        os.getpid(),
+                        safe_url(self.options.url),
+                        now - waiting_since,
+                        driver_reason(exc),
+                    )
+                    said_at = now
+                if self.stop.wait(RECONNECT_S):
+                    raise Stopped from None
+                continue
+            if waiting_since is not None:
+                log.warning("worker %d: the database is back", os.getpid())
+            return result
 
     def _beat(self) -> None:
         """Keep this worker's row alive while it trains, so `GET /workers` can tell."""
@@ -108,25 +173,32 @@ class Worker:
                 self._set()
 
     def _loop(self) -> int:
-        done = failures = 0
+        done = 0
         idle_since = time.monotonic()
         while not self.stop.is_set() and not self._past_deadline():
-            claimed = self._claim()
-            if claimed is None:
-                self._idle()
+            try:
+                trained = self._wait_for_database(self._step)
+            except Stopped:
+                break
+            if not trained:
                 if self._idle_too_long(idle_since):
                     return 0
                 self.stop.wait(IDLE_POLL_S)
                 continue
-            for outcome in self._run(*claimed):
-                done += 1
-                failures = failures + 1 if outcome == optuna.trial.TrialState.FAIL else 0
-            if failures >= MAX_CONSECUTIVE_FAILURES:
-                return 3
+            done += trained
             if self.options.max_trials is not None and done >= self.options.max_trials:
                 return 0
             idle_since = time.monotonic()
         return 0
+
+    def _step(self) -> int:
+        """Claim and train the next trials; how many were claimed (0: nothing to claim)."""
+        claimed = self._claim()
+        if claimed is None:
+            self._idle()
+            return 0
+        self._run(*claimed)
+        return len(claimed[2])
 
     def _claim(self) -> tuple[StudyState, optuna.Study, list[optuna.Trial]] | None:
         """Trials of the next runnable study in turn (up to the pack size, fewer when its
@@ -135,18 +207,57 @@ class Worker:
         candidates = self._runnable()
         for offset in range(len(candidates)):
             state = candidates[(self._turn + offset) % len(candidates)]
-            study = self._study(state)
-            claim = functools.partial(claim_trial, study, state, self.options.url)
-            trials: list[optuna.Trial] = []
-            while len(trials) < self._pack_limit():
-                trial = with_retries(claim, url=self.options.url)
-                if trial is None:
-                    break
-                trials.append(trial)
-            if trials:
-                self._turn = (self._turn + offset + 1) % len(candidates)
-                return state, study, trials
+            with self._guarded(state):
+                study = self._study(state)
+                claim = functools.partial(claim_trial, study, state, self.options.url)
+                trials: list[optuna.Trial] = []
+                while len(trials) < self._pack_limit():
+                    trial = with_retries(claim, url=self.options.url)
+                    if trial is None:
+                        break
+                    trials.append(trial)
+                if trials:
+                    self._turn = (self._turn + offset + 1) % len(candidates)
+                    return state, study, trials
         return None
+
+    @contextlib.contextmanager
+    def _guarded(self, state: StudyState) -> Iterator[None]:
+        """Whatever goes wrong with this study fails the study with the reason, and the
+        worker goes on with the others. A database that cannot be reached is the caller's
+        to wait for; another database error skips the study this turn (it may be a race)."""
+        try:
+            yield
+        except NoResultFound:  # deleted since it was listed: nothing left to fail
+            self._forget(state.id)
+        except DATABASE_ERRORS as exc:
+            if is_transient(exc):
+                raise
+            log.warning(
+                "worker %d: study %s skipped this turn: %s",
+                os.getpid(),
+                state.name,
+                driver_reason(exc),
+            )
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, KeyError) and not self._optuna_study_exists(state):
+                reason = "its Optuna study was deleted outside hpsearch"
+            self._give_up(state, reason)
+
+    def _give_up(self, state: StudyState, reason: str) -> None:
+        self._forget(state.id)
+        url = self.options.url
+        if with_retries(functools.partial(fail_study, url, state.id, reason), url=url):
+            log.warning("worker %d: study %s failed: %s", os.getpid(), state.name, reason)
+
+    def _optuna_study_exists(self, state: StudyState) -> bool:
+        with session_scope(self.options.url) as session:
+            return optuna_study_id(session, state.name) is not None
+
+    def _forget(self, study_id: int) -> None:
+        self._studies.pop(study_id, None)
+        self._pruning.pop(study_id, None)
 
     def _pack_limit(self) -> int:
         """Trials to claim at once: the pack size, but never more than --max-trials."""
@@ -161,7 +272,7 @@ class Worker:
 
     def _study(self, state: StudyState) -> optuna.Study:
         if state.id not in self._studies:
-            study = open_study(state, self.options.url, self.options.stream)
+            study = open_study(state, self.options.url)
             self._studies[state.id] = study
             self._pruning[state.id] = StudyPruning(self.options.url, study, state.spec)
         return self._studies[state.id]
@@ -169,31 +280,56 @@ class Worker:
     def _run(
         self, state: StudyState, study: optuna.Study, trials: list[optuna.Trial]
     ) -> list[optuna.trial.TrialState | None]:
-        """Train the claimed trials: those of one architecture as fused packs, the others
-        alone, all kept alive by heartbeats until their turn comes."""
+        """Train the claimed trials: those of one architecture as fused packs (as many as
+        fit the device memory a trial may take), the others alone, all kept alive by
+        heartbeats until their turn comes. Data that cannot be loaded fails them."""
         first = trials[0].number
         self._set(state="busy", current_study_id=state.id, current_trial_number=first)
         self._busy = True
-        data = load_dataset(state.spec, self.options.device, self.options.url)  # cached
+        outcomes: list[optuna.trial.TrialState | None] = []
+        with self._guarded(state):
+            try:
+                data = load_dataset(state.spec, self.options.device, self.options.url)  # cached
+            except DATABASE_ERRORS:
+                raise
+            except Exception as exc:
+                outcomes = fail_trials(study, trials, exc)
+            else:
+                outcomes = self._train(state, study, trials, data)
+        if optuna.trial.TrialState.FAIL in outcomes:
+            reason = with_retries(
+                lambda: fail_if_failing(self.options.url, state), url=self.options.url
+            )
+            if reason is not None:
+                self._forget(state.id)
+                log.warning("worker %d: study %s failed: %s", os.getpid(), state.name, reason)
+        with_retries(
+            lambda: mark_completed_if_done(self.options.url, state.id), url=self.options.url
+        )
+        return outcomes
+
+    def _train(
+        self, state: StudyState, study: optuna.Study, trials: list[optuna.Trial], data: TensorData
+    ) -> list[optuna.trial.TrialState | None]:
         context = TrialContext(self.options.url, state.id, self._pruning[state.id], self.stop)
+        limit = memory.max_trial_bytes()
+        largest = memory.largest_pack(memory.estimate(state.spec, data.facts), limit)
         outcomes: list[optuna.trial.TrialState | None] = []
         try:
             with keep_alive(study, trials):
-                for group in packs(trials, state.spec):
+                for group in packs(trials, state.spec, largest):
                     if len(group) == 1:
                         outcomes.append(run_trial(study, group[0], state.spec, data, context))
                     else:
                         outcomes += run_pack(study, group, state.spec, data, context)
         except DATABASE_ERRORS as exc:
-            print(
-                f"worker {os.getpid()}: lost the database during trials "
-                f"{[t.number for t in trials]} ({type(exc).__name__}); they will be retried "
+            log.warning(
+                "worker %d: lost the database during trials %s (%s); they will be retried "
                 "from their checkpoints",
-                file=sys.stderr,
+                os.getpid(),
+                [t.number for t in trials],
+                type(exc).__name__,
             )
-        with_retries(
-            lambda: mark_completed_if_done(self.options.url, state.id), url=self.options.url
-        )
         return outcomes
 
     def _idle(self) -> None:
@@ -271,10 +407,10 @@ def run_worker_processes(options: WorkerOptions, devices: list[str]) -> int:
     processes = [
         context.Process(
             target=_worker_process,
-            args=(dataclasses.replace(options, device=device, stream=i),),
+            args=(dataclasses.replace(options, device=device),),
             name=f"hpsearch-worker-{device}",
         )
-        for i, device in enumerate(devices)
+        for device in devices
     ]
     for process in processes:
         process.start()

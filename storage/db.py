@@ -26,6 +26,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from optuna.storages._rdb.models import BaseModel as OptunaModel
 from optuna.storages._rdb.models import (
     TrialHeartbeatModel,
     TrialIntermediateValueModel,
@@ -465,15 +466,30 @@ def keep_best_model(
     return True
 
 
-# What a database call raises: SQLAlchemy's errors, and Optuna's wrapping of them.
-DATABASE_ERRORS = (SQLAlchemyError, optuna.exceptions.StorageInternalError)
+def delete_optuna_study(session: Session, study_id: int) -> None:
+    """Delete an Optuna study with all its trials' rows, in a bulk statement per table of
+    Optuna's schema (children first): what `optuna.delete_study` does through the ORM, row
+    by row, in seconds for thousands of trials. Nothing happens for an id that is gone."""
+    trials = TrialModel.__table__
+    trial_ids = select(trials.c.trial_id).where(trials.c.study_id == study_id)
+    for table in reversed(OptunaModel.metadata.sorted_tables):
+        if table is not trials and "trial_id" in table.c:
+            session.execute(delete(table).where(table.c.trial_id.in_(trial_ids)))
+        elif "study_id" in table.c:  # the trials, the study's own rows, and the study
+            session.execute(delete(table).where(table.c.study_id == study_id))
+
+
+# What a database call raises: SQLAlchemy's errors, Optuna's wrapping of them, and ours (a
+# database that could not be reached or used, after waiting).
+DATABASE_ERRORS = (SQLAlchemyError, optuna.exceptions.StorageInternalError, StorageError)
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether another attempt may succeed: a lost, refused or not yet possible connection,
     or a SQLite file locked past its busy timeout. Anything else is a bug or bad input.
-    Optuna's StorageInternalError is judged by the driver error it wraps."""
-    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+    Optuna's StorageInternalError and our StorageError are judged by the error they wrap."""
+    wrapper = (optuna.exceptions.StorageInternalError, StorageError)
+    if isinstance(exc, wrapper) and exc.__cause__ is not None:
         return is_transient(exc.__cause__)
     if not isinstance(exc, DBAPIError):
         return False

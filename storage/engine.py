@@ -117,7 +117,7 @@ def optuna_storage(url: str, grace_s: int | None = None) -> optuna.storages.RDBS
                 reason = driver_reason(exc)
                 raise StorageError(
                     f"cannot use the database at {safe_url(parsed)}: {reason}"
-                ) from None
+                ) from exc
             attempt += 1
             time.sleep(0.2 * attempt)
 

@@ -149,6 +149,36 @@ def intermediate_values(session: Session, trial_id: int) -> list[tuple[int, floa
     return [(step, value) for step, value in session.execute(query)]
 
 
+def optuna_study_id(session: Session, name: str) -> int | None:
+    """The id of the Optuna study of that name, if there is one."""
+    query = select(StudyModel.study_id).where(StudyModel.study_name == name)
+    return session.scalar(query)
+
+
+def optuna_study_name(session: Session, study_id: int) -> str | None:
+    """The name of the Optuna study with that id, if there is one."""
+    query = select(StudyModel.study_name).where(StudyModel.study_id == study_id)
+    return session.scalar(query)
+
+
+def recent_endings(session: Session, study_id: int, limit: int) -> list[tuple[str, str | None]]:
+    """(state name, error) of the study's `limit` trials that ended last, newest first; the
+    error is a trial's `error` user attribute (None where it has none)."""
+    ended = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    error = TrialUserAttributeModel
+    query = (
+        select(TrialModel.state, error.value_json)
+        .outerjoin(error, and_(error.trial_id == TrialModel.trial_id, error.key == "error"))
+        .where(TrialModel.study_id == study_id, TrialModel.state.in_(ended))
+        .order_by(_COMPLETED.desc(), TrialModel.trial_id.desc())
+        .limit(limit)
+    )
+    return [
+        (STATE_NAMES[state], None if value_json is None else json.loads(value_json))
+        for state, value_json in session.execute(query)
+    ]
+
+
 class SeenTrial(NamedTuple):
     number: int
     state: TrialState

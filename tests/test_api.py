@@ -315,3 +315,61 @@ def test_health_reports_an_unreachable_database_as_503() -> None:
     assert response.status_code == 503
     assert "127.0.0.1:1" in response.json()["detail"]
     assert client.get("/api/v1/studies").status_code == 503
+
+
+def test_the_dashboard_deletes_only_under_hpsearchs_rules_and_changes_nothing_else(
+    client: TestClient, url: str
+) -> None:
+    client.post("/api/v1/studies", json=SPEC)
+    optuna_id = optuna.load_study(study_name="api-test", storage=optuna_storage(url))._study_id
+    refused = client.delete(f"/api/studies/{optuna_id}")
+    assert refused.status_code == 409
+    assert "pause or cancel it before deleting it" in refused.json()["reason"]
+    assert client.get("/api/v1/studies/api-test").json()["state"] == "queued"
+    for method, path in [
+        ("POST", f"/api/studies/{optuna_id}/rename"),
+        ("POST", "/api/studies"),
+        ("POST", "/api/trials/1/tell"),
+        ("POST", "/api/trials/1/user-attrs"),
+    ]:
+        answer = client.request(method, path, json={"study_name": "renamed", "state": "Fail"})
+        assert answer.status_code == 403, (path, answer.text)
+        assert "read-only" in answer.json()["reason"]
+    note = client.put(f"/api/studies/{optuna_id}/note", json={"version": 1, "body": "kept"})
+    assert note.status_code == 204  # notes touch nothing hpsearch relies on
+    assert optuna.get_all_study_names(optuna_storage(url)) == ["api-test"]
+    client.post("/api/v1/studies/api-test/cancel")
+    assert client.delete(f"/api/studies/{optuna_id}").status_code == 204
+    assert client.get("/api/v1/studies/api-test").status_code == 404
+    assert optuna.get_all_study_names(optuna_storage(url)) == []
+    assert client.delete(f"/api/studies/{optuna_id}").status_code == 404
+
+
+def zeros_npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=np.zeros((100_000, 2)), y=np.zeros(100_000))
+    return buffer.getvalue()
+
+
+def zeros_parquet() -> bytes:
+    buffer = io.BytesIO()
+    pd.DataFrame({"x": np.zeros(100_000), "y": np.arange(100_000) % 2}).to_parquet(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("bomb.npz", zeros_npz()),
+        ("bomb.parquet", zeros_parquet()),
+        ("empty-cells.csv", b"a,b,y\n" + b",,\n" * 5_000),  # 15,000 values in 15 kB
+    ],
+)
+def test_a_small_file_that_decodes_to_too_many_values_is_a_413_and_stores_nothing(
+    client: TestClient, name: str, content: bytes
+) -> None:
+    assert len(content) < 20_000  # within the fixture's upload limit
+    response = upload(client, name, content, target="y")
+    assert response.status_code == 413, response.text
+    assert "more than" in response.json()["detail"] and "10,000" in response.json()["detail"]
+    assert client.get("/api/v1/datasets").json() == []

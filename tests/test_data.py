@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.datasets import load_diabetes, make_regression
 
-from hpsearch.data import TensorData, clear_cache, data_dir, load_dataset, resolve_task
+from hpsearch.data import TensorData, clear_cache, data_dir, inspect_dataset, load_dataset
 from hpsearch.errors import DatasetError
 from hpsearch.spec import StudySpec
 
@@ -193,9 +193,10 @@ def test_csv_string_labels_and_one_hot(data_home):
 def test_example_flowers_csv(monkeypatch):
     monkeypatch.setenv("HPSEARCH_DATA_DIR", str(REPO))
     spec = file_spec("examples/data/flowers.csv", target="species")
-    assert resolve_task(spec) == "classification"
+    facts = inspect_dataset(spec)
     data = load_dataset(spec)
-    assert data.task == "classification"
+    assert facts == data.facts  # measured without building it, as loading builds it
+    assert (facts.task, facts.n_rows, facts.n_outputs) == ("classification", 150, 3)
     assert rows(data) == 150
     assert data.classes == ["setosa", "versicolor", "virginica"]
     assert data.feature_names[:4] == ["sepal_length", "sepal_width", "petal_length", "petal_width"]
@@ -233,7 +234,7 @@ def test_parquet_regression_inferred(data_home):
     frame = pd.DataFrame({"a": rng.normal(size=100), "price": rng.normal(50, 7, size=100)})
     frame.to_parquet(data_home / "prices.parquet")
     spec = file_spec("prices.parquet", target="price")
-    assert resolve_task(spec) == "regression"
+    assert inspect_dataset(spec).task == "regression"
     data = load_dataset(spec)
     assert data.task == "regression"
     assert data.y_mean == pytest.approx(50, abs=3)
@@ -301,7 +302,7 @@ def test_nan_in_target(data_home):
     frame.loc[4, "label"] = None
     frame.to_parquet(data_home / "x.parquet")
     with pytest.raises(DatasetError, match=r"column 'label' has 1 missing values"):
-        resolve_task(file_spec("x.parquet"))
+        inspect_dataset(file_spec("x.parquet"))
 
 
 def test_infinite_value(data_home):

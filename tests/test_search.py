@@ -28,14 +28,14 @@ SPACE = {
 }
 
 
-def make_spec(sampler: str = "tpe", **overrides: Any) -> StudySpec:
+def make_spec(sampler: str = "tpe", seed: int = 0, **overrides: Any) -> StudySpec:
     spec: dict[str, Any] = {
         "name": "search-test",
         "dataset": {"source": "builtin", "name": "iris"},
         "model": {"hidden": [8]},
         "search_space": SPACE,
         "training": {"max_epochs": 3},
-        "sampler": {"name": sampler, "seed": 0, "n_startup_trials": 4},
+        "sampler": {"name": sampler, "seed": seed, "n_startup_trials": 4},
         "budget": {"n_trials": 6},
     }
     spec.update(overrides)
@@ -95,15 +95,49 @@ def bowl_lite(params: dict[str, Any]) -> float:
     return abs(params["batch_size"] - 64) + (params["optimizer"] == "sgd")
 
 
-def test_parallel_streams_draw_different_start_points() -> None:
-    spec = make_spec("tpe")
-    firsts = []
-    for stream in (0, 1):
-        study = optuna.create_study(sampler=make_sampler(spec, stream))
-        firsts.append(suggest_params(study.ask(), spec))
-    assert firsts[0] != firsts[1]
-    again = optuna.create_study(sampler=make_sampler(spec, 0))
-    assert suggest_params(again.ask(), spec) == firsts[0]  # a seed repeats
+def points_drawn(
+    spec: StudySpec, n_workers: int, n_trials: int, objective: Any = bowl
+) -> list[tuple[Any, ...]]:
+    """The params of `n_trials` trials asked in turn by `n_workers` samplers (one per worker
+    process) on one storage, each told before the next ask."""
+    storage = optuna.storages.InMemoryStorage()
+    studies = [optuna.create_study(storage=storage, study_name="s", sampler=make_sampler(spec))]
+    studies += [
+        optuna.load_study(storage=storage, study_name="s", sampler=make_sampler(spec))
+        for _ in range(n_workers - 1)
+    ]
+    points = []
+    for number in range(n_trials):
+        study = studies[number % n_workers]
+        trial = study.ask()
+        params = suggest_params(trial, spec)
+        points.append(tuple(params.values()))
+        study.tell(trial, objective(params))
+    return points
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "bayes", "gp", "random", "cmaes"])
+def test_points_depend_on_the_seed_and_the_trial_not_on_the_worker(sampler: str) -> None:
+    spec = make_spec(sampler, seed=7)
+    alone = points_drawn(spec, n_workers=1, n_trials=4)
+    shared = points_drawn(spec, n_workers=4, n_trials=8)
+    assert shared[:4] == alone  # the same start-up points with 1 worker or 4
+    assert len(set(shared)) == 8  # and no worker repeats another's
+    assert points_drawn(make_spec(sampler, seed=8), n_workers=1, n_trials=4) != alone
+
+
+def test_grid_shared_by_workers_visits_every_point_once() -> None:
+    spec = make_spec(
+        "grid",
+        seed=3,
+        search_space={
+            "batch_size": {"low": 32, "high": 96, "step": 32},
+            "optimizer": {"choices": ["adam", "sgd"]},
+        },
+    )
+    assert sorted(points_drawn(spec, n_workers=3, n_trials=6, objective=bowl_lite)) == sorted(
+        itertools.product([32, 64, 96], ["adam", "sgd"])
+    )
 
 
 @pytest.mark.parametrize(

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
+import sqlalchemy
+from optuna.storages._rdb.models import BaseModel as OptunaBase
+from optuna.trial import TrialState
+from sqlalchemy import delete, func, select
 
+import hpsearch.service
 from hpsearch.data import load_dataset
 from hpsearch.errors import HpsearchError
+from hpsearch.results import study_summary
+from hpsearch.search import suggest_params
 from hpsearch.service import (
+    HANDED_BACK_ERROR,
     StudyConflict,
     StudyNotFound,
+    StudyState,
     change_state,
+    delete_study,
+    fail_if_failing,
     get_study,
     mark_completed_if_done,
+    runnable_studies,
     submit_study,
 )
 from hpsearch.spec import StudySpec, parse_spec
 from hpsearch.study import claim_trial, open_study, run_trial
+from storage import StudyRecord, delete_optuna_study, make_engine, session_scope
 from tests.conftest import run_cli, write_spec
 
 
@@ -112,10 +127,13 @@ def test_a_queued_study_turns_running_at_its_first_claim(url: str) -> None:
     assert get_study(url, state.id).state == "running"
 
 
-def test_extend_needs_a_positive_count(url: str) -> None:
+def test_extend_needs_a_positive_count_within_the_largest_budget(url: str) -> None:
     submit_study(url, make_spec())
     with pytest.raises(HpsearchError, match="at least 1"):
         change_state(url, "service-test", "extend", 0)
+    assert change_state(url, "service-test", "extend", 999_998).n_trials == 1_000_000
+    with pytest.raises(HpsearchError, match="the budget 1,000,001 trials; a study may have"):
+        change_state(url, "service-test", "extend", 1)
 
 
 def test_cli_state_commands(tmp_path: Path) -> None:
@@ -138,3 +156,128 @@ def test_cli_state_commands(tmp_path: Path) -> None:
     assert "Traceback" not in refused.stderr
     missing = cli("cancel", "no-such-study")
     assert missing.returncode == 2 and "no study 'no-such-study'" in missing.stderr
+
+
+def end_trial(study: optuna.Study, state: TrialState, error: str | None = None) -> None:
+    trial = study.ask()
+    if error is not None:
+        trial.set_user_attr("error", error)
+    study.tell(trial, 0.5 if state == TrialState.COMPLETE else None, state=state)
+
+
+def test_three_failures_in_a_row_fail_the_study_with_the_last_error(url: str) -> None:
+    state = submit_study(url, make_spec())
+    study = open_study(state, url)
+    end_trial(study, TrialState.FAIL, "ValueError: first")
+    end_trial(study, TrialState.FAIL, "ValueError: second")
+    end_trial(study, TrialState.COMPLETE)  # breaks the row
+    end_trial(study, TrialState.FAIL, "ValueError: third")
+    end_trial(study, TrialState.FAIL, HANDED_BACK_ERROR)  # says nothing about the spec
+    end_trial(study, TrialState.FAIL)  # failed as stale: its worker died, a retry follows
+    end_trial(study, TrialState.FAIL, "ValueError: fourth")
+    assert fail_if_failing(url, state) is None
+    assert get_study(url, state.id).state == "queued"
+    end_trial(study, TrialState.FAIL, "RuntimeError: CUDA out of memory")
+    reason = fail_if_failing(url, state)
+    assert reason == "3 trials in a row failed; the last: RuntimeError: CUDA out of memory"
+    failed = study_summary(url, state.id)
+    assert (failed.state, failed.reason) == ("failed", reason)
+    assert fail_if_failing(url, state) is None  # failed once; not runnable any more
+    resumed = change_state(url, state.id, "resume")
+    assert resumed.state == "running" and study_summary(url, state.id).reason is None
+
+
+def optuna_rows(url: str) -> dict[str, int]:
+    """Rows per table of Optuna's schema."""
+    with session_scope(url) as session:
+        return {
+            table.name: session.scalar(select(func.count()).select_from(table))
+            for table in OptunaBase.metadata.sorted_tables
+            if table.name != "version_info"
+        }
+
+
+def filled_study(url: str, name: str, n_trials: int) -> StudyState:
+    """A study whose trials hold a row in every table of Optuna's schema."""
+    state = submit_study(url, make_spec(name=name))
+    study = open_study(state, url)
+    study.set_user_attr("owner", "test")
+    for i in range(n_trials):
+        trial = study.ask()
+        suggest_params(trial, state.spec)
+        trial.report(0.1 * i, 1)
+        trial.set_user_attr("epochs", 1)
+        study._storage.set_trial_system_attr(trial._trial_id, "rung", i)
+        study._storage.record_heartbeat(trial._trial_id)
+        study.tell(trial, 0.1 * i)
+    return state
+
+
+def test_delete_removes_every_row_of_the_study_in_a_few_statements(url: str) -> None:
+    kept = filled_study(url, "kept", 5)
+    before = optuna_rows(url)
+    doomed = filled_study(url, "doomed", 300)
+    change_state(url, doomed.id, "cancel")
+    statements: list[str] = []
+    engine = make_engine(url)
+    listen = functools.partial(sqlalchemy.event.listen, engine, "before_cursor_execute")
+    listen(record := lambda *args: statements.append(args[2]))
+    try:
+        assert delete_study(url, "doomed") == "doomed"
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", record)
+    assert len([s for s in statements if s.lstrip().upper().startswith("DELETE")]) <= 15
+    assert optuna_rows(url) == before  # every row of the doomed study, and only those
+    assert get_study(url, kept.id).name == "kept"
+    with pytest.raises(StudyNotFound):
+        delete_study(url, "doomed")
+
+
+def test_a_deletion_that_stops_half_way_leaves_the_study_whole(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = filled_study(url, "whole", 4)
+    change_state(url, state.id, "pause")
+    before = optuna_rows(url)
+
+    def dies_after_deleting(session: Any, study_id: int) -> None:
+        delete_optuna_study(session, study_id)
+        raise RuntimeError("the server was killed here")
+
+    monkeypatch.setattr(hpsearch.service, "delete_optuna_study", dies_after_deleting)
+    with pytest.raises(RuntimeError):
+        delete_study(url, "whole")
+    assert optuna_rows(url) == before
+    assert get_study(url, "whole").state == "paused"
+
+
+def test_a_half_deleted_study_is_deleted_by_name_and_its_name_used_again(url: str) -> None:
+    state = filled_study(url, "half", 3)
+    with session_scope(url) as session:  # what a deletion killed half-way once left behind
+        session.execute(delete(StudyRecord).where(StudyRecord.id == state.id))
+    with pytest.raises(StudyNotFound):
+        get_study(url, "half")
+    with pytest.raises(StudyConflict, match="delete it with `hpsearch delete half`"):
+        submit_study(url, make_spec(name="half"))
+    assert delete_study(url, "half") == "half"
+    assert sum(optuna_rows(url).values()) == 0
+    assert submit_study(url, make_spec(name="half")).state == "queued"
+
+
+def test_a_stored_spec_this_version_cannot_read_fails_its_study_not_the_workers(
+    url: str,
+) -> None:
+    """A spec stored by an older version that checked less (a negative seed, say) is failed
+    with the reason; the other studies are still served."""
+    old = submit_study(url, make_spec(name="old"))
+    submit_study(url, make_spec(name="new"))
+    with session_scope(url) as session:
+        record = session.get(StudyRecord, old.id)
+        record.spec = {**record.spec, "sampler": {**record.spec["sampler"], "seed": -1}}
+    assert [state.name for state in runnable_studies(url)] == ["new"]
+    with session_scope(url) as session:
+        record = session.get(StudyRecord, old.id)
+        assert record.state == "failed"
+        assert record.reason == (
+            "its stored spec is not valid: sampler.seed: Input should be greater than or equal to 0"
+        )
