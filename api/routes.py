@@ -204,6 +204,7 @@ def upload_dataset(
     target: Annotated[
         str,
         Form(
+            min_length=1,
             max_length=4096,
             description="the label column; comma-separated columns for a multilabel target",
         ),

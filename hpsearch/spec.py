@@ -381,7 +381,8 @@ class BudgetSpec(_Strict):
 
 
 class StudySpec(_Strict):
-    name: str
+    # The pattern is documented in the JSON schema; `_valid_name` checks it with a message.
+    name: str = Field(json_schema_extra={"pattern": f"^{NAME_PATTERN.pattern}$"})
     dataset: DatasetSpec
     task: Task | None = None
     split: SplitSpec = SplitSpec()
