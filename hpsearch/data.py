@@ -671,6 +671,15 @@ def _split_indices(table: _Table, split: SplitSpec) -> tuple[np.ndarray, np.ndar
     return train, val, test
 
 
+def split_sizes(n_rows: int, split: SplitSpec) -> tuple[int, int, int]:
+    """The rows of train, val and test that `_split_indices` makes of `n_rows`, counted as
+    scikit-learn's splitter counts them (the test part rounded up), without splitting."""
+    n_test = math.ceil(split.test * n_rows) if split.test > 0 else 0
+    rest = n_rows - n_test
+    n_val = math.ceil(split.val / (1 - split.test) * rest)
+    return rest - n_val, n_val, n_test
+
+
 def _check_stratifiable(labels: np.ndarray, classes: list[str]) -> None:
     counts = np.bincount(labels, minlength=len(classes))
     present = np.flatnonzero(counts)

@@ -18,7 +18,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from hpsearch import memory
-from hpsearch.data import inspect_dataset
+from hpsearch.data import DataFacts, inspect_dataset, split_sizes
 from hpsearch.errors import Conflict, DatasetError, HpsearchError, NotFound, SpecError
 from hpsearch.spec import MAX_COUNT, MAX_ROW_ID, StudySpec, UploadedDataset, field_errors
 from storage import (
@@ -114,10 +114,31 @@ def admit(spec: StudySpec, url: str) -> StudySpec:
     except DatasetError as exc:
         raise SpecError([(_dataset_field(spec), str(exc))]) from None
     spec = spec if spec.task == facts.task else spec.with_task(facts.task)
+    _check_split(spec, facts)
     refused = memory.refusal(spec, memory.estimate(spec, facts), memory.max_trial_bytes())
     if refused is not None:
         raise SpecError([refused])
     return spec
+
+
+def _check_split(spec: StudySpec, facts: DataFacts) -> None:
+    """Every part of the split must have rows, and for classification (split by class) at
+    least one row per class: otherwise every trial would fail to load its data."""
+    needed = facts.n_outputs if facts.task == "classification" else 1
+    train, val, test = split_sizes(facts.n_rows, spec.split)
+    parts = {"train": train, "val": val} | ({"test": test} if spec.split.test > 0 else {})
+    short = {name: rows for name, rows in parts.items() if rows < needed}
+    if short:
+        listed = ", ".join(f"{name} {rows}" for name, rows in short.items())
+        raise SpecError(
+            [
+                (
+                    "split",
+                    f"splitting {facts.n_rows:,} rows leaves {listed} rows; each part needs "
+                    f"at least {needed}" + (" (one per class)" if needed > 1 else ""),
+                )
+            ]
+        )
 
 
 def _dataset_field(spec: StudySpec) -> str:

@@ -26,8 +26,9 @@ from api import Settings, create_app
 from hpsearch.errors import SpecError
 from hpsearch.service import admit, submit_study
 from hpsearch.spec import parse_spec
+from hpsearch.worker import Worker, WorkerOptions
 from storage import optuna_storage, upgrade
-from tests.conftest import run_cli, write_spec
+from tests.conftest import run_cli
 
 VALID: dict[str, Any] = {
     "name": "admitted",
@@ -225,11 +226,10 @@ def test_a_submission_that_fails_after_creating_the_optuna_study_removes_it(
 def test_an_accepted_spec_runs_as_submitted(tmp_path: Path) -> None:
     """The largest accepted values still make a runnable study: seeds at their bounds."""
     spec = changed("sampler.seed", 2**32 - 1, changed("training.seed", 2**32 - 1))
-    spec = changed("split.seed", 2**32 - 1, spec)
-    write_spec(tmp_path / "edge.yaml", **changed("training.max_epochs", 1, spec))
+    spec = changed("split.seed", 2**32 - 1, changed("training.max_epochs", 1, spec))
     url = f"sqlite:///{tmp_path}/edge.db"
-    result = run_cli("run", "edge.yaml", "--db", url, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    submit_study(url, parse_spec(spec))
+    assert Worker(WorkerOptions(url, idle_exit_s=0)).run() == 0
     trials = optuna.load_study(study_name="admitted", storage=optuna_storage(url)).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
 
@@ -365,3 +365,18 @@ def test_no_generated_spec_makes_a_server_error_or_an_orphan(
 def postgres_client(postgres_url: str) -> tuple[TestClient, str]:
     migrate(postgres_url)
     return TestClient(create_app(Settings(database_url=postgres_url))), postgres_url
+
+
+def test_a_split_that_leaves_a_part_without_every_class_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'split.db'}"
+    tiny = parse_spec(changed("split", {"val": 0.01, "test": 0.01}))
+    with pytest.raises(SpecError) as refused:
+        admit(tiny, url)
+    assert refused.value.errors == [
+        (
+            "split",
+            "splitting 150 rows leaves val 2, test 2 rows; each part needs at least 3 "
+            "(one per class)",
+        )
+    ]
+    assert admit(parse_spec(changed("split", {"val": 0.02, "test": 0.02})), url)

@@ -9,11 +9,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.datasets import load_diabetes, make_regression
 
-from hpsearch.data import TensorData, clear_cache, data_dir, inspect_dataset, load_dataset
+from hpsearch.data import (
+    TensorData,
+    _split_indices,
+    _Table,
+    clear_cache,
+    data_dir,
+    inspect_dataset,
+    load_dataset,
+    split_sizes,
+)
 from hpsearch.errors import DatasetError
-from hpsearch.spec import StudySpec
+from hpsearch.spec import SplitSpec, StudySpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -471,3 +482,21 @@ def test_data_dir_defaults_to_working_directory(tmp_path, monkeypatch):
     assert data_dir() == tmp_path
     monkeypatch.setenv("HPSEARCH_DATA_DIR", "/srv/data")
     assert data_dir() == Path("/srv/data")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n_rows=st.integers(min_value=20, max_value=5000),
+    n_classes=st.integers(min_value=2, max_value=6),
+    val=st.floats(min_value=0.01, max_value=0.6),
+    test=st.floats(min_value=0.0, max_value=0.29),
+)
+def test_split_sizes_count_what_the_split_makes(
+    n_rows: int, n_classes: int, val: float, test: float
+) -> None:
+    """Admission counts the parts without splitting; the count must be the split's."""
+    split = SplitSpec(val=val, test=test)
+    labels = np.arange(n_rows) % n_classes
+    table = _Table(np.zeros((n_rows, 0), np.float32), labels, "regression", [], [])
+    parts = tuple(len(part) for part in _split_indices(table, split))
+    assert parts == split_sizes(n_rows, split)

@@ -8,14 +8,13 @@ while PostgreSQL is down waits for it instead of exiting.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 
-from hpsearch.results import study_summary
+from hpsearch.results import list_studies, study_summary
 from hpsearch.worker import Worker, WorkerOptions
 from tests.conftest import run_cli, write_spec
 from tests.fleet import (
@@ -47,55 +46,37 @@ def params_by_number(url: str, study: str) -> dict[int, tuple[float, ...]]:
 
 
 @pytest.mark.postgres
-def test_parallel_workers_draw_distinct_points_and_spend_the_budget_exactly(
+def test_parallel_workers_draw_distinct_points_the_same_as_one_worker_would(
     tmp_path: Path, postgres_url: str, workers: Workers
 ) -> None:
-    submit(postgres_url, tmp_path, one_epoch_spec("spread", 48, "random"))
-    for _ in range(4):
-        workers.start(postgres_url, "--study", "spread", "--idle-exit", "3")
-    snapshots = watch_until_exit(Db(postgres_url), workers)
-    assert_clean_exits(workers)
-    assert_budget_never_exceeded(snapshots, "spread", 48)
-    trials = assert_finished_exactly(postgres_url, "spread", 48)
-    points = [tuple(sorted(t.params.items())) for t in trials]
-    assert len(set(points)) == 48, "workers drew the same point twice"
-    workers_used = {t.user_attrs["worker"] for t in trials}
-    assert len(workers_used) > 1, "one worker trained everything: nothing was shared"
-
-
-@pytest.mark.postgres
-def test_tpe_start_up_points_are_the_same_with_one_worker_or_four(
-    tmp_path: Path, postgres_url: str, workers: Workers
-) -> None:
+    """Four workers share a random-sampler study and a TPE one: every point distinct, the
+    budgets exact, and TPE's start-up points those one worker drew for the same seed."""
+    submit(postgres_url, tmp_path, one_epoch_spec("spread", 24, "random"))
     for name in ("alone", "shared"):
         submit(postgres_url, tmp_path, one_epoch_spec(name, 8, "tpe", n_startup_trials=8))
     assert Worker(WorkerOptions(postgres_url, studies=("alone",), idle_exit_s=0)).run() == 0
     for _ in range(4):
-        workers.start(postgres_url, "--study", "shared", "--idle-exit", "3")
-    watch_until_exit(Db(postgres_url), workers)
+        workers.start(postgres_url, "--idle-exit", "3")
+    snapshots = watch_until_exit(Db(postgres_url), workers)
     assert_clean_exits(workers)
-    alone, shared = (
-        params_by_number(postgres_url, "alone"),
-        params_by_number(postgres_url, "shared"),
-    )
+    assert_budget_never_exceeded(snapshots, "spread", 24)
+    trials = assert_finished_exactly(postgres_url, "spread", 24)
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 24
+    assert len({t.user_attrs["worker"] for t in trials}) > 1, "no trial was shared"
+    assert_finished_exactly(postgres_url, "shared", 8)
+    alone = params_by_number(postgres_url, "alone")
+    shared = params_by_number(postgres_url, "shared")
     assert len(set(shared.values())) == 8
     assert shared == alone
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.postgres
 def test_a_study_whose_trials_keep_failing_is_failed_and_the_others_complete(
-    request: pytest.FixtureRequest,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    workers: Workers,
-    backend: str,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, workers: Workers, postgres_url: str
 ) -> None:
+    """(The rule itself is tested on SQLite too, in test_service.py.)"""
     monkeypatch.setenv("HPSEARCH_DATA_DIR", str(tmp_path))  # as the workers have it
-    url = (
-        f"sqlite:///{tmp_path / 'fleet.db'}"
-        if backend == "sqlite"
-        else request.getfixturevalue("postgres_url")
-    )
+    url = postgres_url
     (tmp_path / "rows.csv").write_text(
         "a,b,label\n" + "".join(f"{i},{i % 7},{i % 2}\n" for i in range(60))
     )
@@ -164,7 +145,6 @@ def test_a_worker_started_during_an_outage_waits_for_the_database(
     ("url", "reason"),
     [
         ("postgresql://postgres@127.0.0.1:5432/no_such_database_here", "does not exist"),
-        ("mysql://somewhere/db", "unsupported database"),
         ("not a url", "not a database URL"),
     ],
 )
@@ -186,5 +166,4 @@ def test_a_spec_too_large_for_the_device_is_refused_before_any_worker_sees_it(
     result = run_cli("submit", "huge.yaml", "--db", url, cwd=tmp_path)
     assert result.returncode == 2
     assert "model.hidden: a trial needs about 240.1 GiB of device memory" in result.stderr
-    listed = run_cli("studies", "--db", url, "--json", cwd=tmp_path)
-    assert json.loads(listed.stdout)["total"] == 0
+    assert list_studies(url).total == 0

@@ -216,7 +216,7 @@ def filled_study(url: str, name: str, n_trials: int) -> StudyState:
 def test_delete_removes_every_row_of_the_study_in_a_few_statements(url: str) -> None:
     kept = filled_study(url, "kept", 5)
     before = optuna_rows(url)
-    doomed = filled_study(url, "doomed", 300)
+    doomed = filled_study(url, "doomed", 60)
     change_state(url, doomed.id, "cancel")
     statements: list[str] = []
     engine = make_engine(url)
