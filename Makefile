@@ -36,6 +36,7 @@ bench: install
 	$(BIN)/python bench/samplers.py
 	$(BIN)/python bench/search_quality.py
 	$(BIN)/python bench/service.py
+	$(BIN)/python bench/delete.py
 	$(BIN)/python bench/throughput.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/compile.py --write
 
