@@ -400,17 +400,18 @@ def _read_format(
         return _read_npz(source, shown, max_cells)
     if max_cells is not None:
         metadata = pq.ParquetFile(source).metadata
-        _check_cells(metadata.num_rows, metadata.num_columns, max_cells, shown)
+        rows, columns = metadata.num_rows, metadata.num_columns
+        _check_cells(rows * columns, max_cells, shown, f"{rows:,} rows x {columns:,} columns")
         if not isinstance(source, Path):
             source.seek(0)
     return pd.read_parquet(source)
 
 
-def _check_cells(rows: int, columns: int, max_cells: int, shown: str) -> None:
-    if rows * columns > max_cells:
+def _check_cells(cells: int, max_cells: int, shown: str, shape: str) -> None:
+    if cells > max_cells:
         raise DatasetTooLarge(
-            f"{shown} decodes to {rows:,} rows x {columns:,} columns = {rows * columns:,} "
-            f"values, more than this server accepts ({max_cells:,})"
+            f"{shown} decodes to {cells:,} values ({shape}), more than this server accepts "
+            f"({max_cells:,})"
         )
 
 
@@ -422,12 +423,9 @@ def _read_csv(source: Path | BinaryIO, shown: str, max_cells: int | None) -> pd.
     if not isinstance(source, Path):
         source.seek(0)
     max_rows = max_cells // max(columns, 1)
-    frame = pd.read_csv(source, nrows=max_rows + 1)
-    if len(frame) > max_rows:
-        raise DatasetTooLarge(
-            f"{shown} holds more than {max_rows:,} rows of {columns:,} columns, more than "
-            f"the {max_cells:,} values this server accepts"
-        )
+    frame = pd.read_csv(source, nrows=max_rows + 1)  # one row over is enough to refuse
+    shape = f"at least {len(frame):,} rows x {columns:,} columns"
+    _check_cells(len(frame) * columns, max_cells, shown, shape)
     return frame
 
 
@@ -475,11 +473,7 @@ def _check_npz_size(arrays: Any, shown: str, max_cells: int) -> None:
             shape, _, _ = read_header(member)
         cells += math.prod(shape)
         rows = max(rows, shape[0] if shape else 1)
-    if cells > max_cells:
-        raise DatasetTooLarge(
-            f"{shown} decodes to {cells:,} values ({rows:,} rows), more than this server "
-            f"accepts ({max_cells:,})"
-        )
+    _check_cells(cells, max_cells, shown, f"{rows:,} rows")
 
 
 def _check_columns(frame: pd.DataFrame, targets: list[str], shown: str) -> None:
