@@ -91,12 +91,12 @@ class DashboardMiddleware:
             with session_scope(url) as session:
                 name = optuna_study_name(session, optuna_study_id)
             if name is None:
-                return JSONResponse({"reason": f"study_id={optuna_study_id} is not found"}, 404)
+                return _refused(f"study_id={optuna_study_id} is not found", status_code=404)
             delete_study(url, name)
         except Conflict as exc:
             return _refused(str(exc), status_code=409)
         except NotFound as exc:
-            return JSONResponse({"reason": str(exc), "detail": str(exc)}, status_code=404)
+            return _refused(str(exc), status_code=404)
         return Response(status_code=204)
 
     async def _remember(self, token: str, scope: Scope, receive: Receive, send: Send) -> None:
@@ -110,7 +110,7 @@ class DashboardMiddleware:
 
 
 def _refused(message: str, status_code: int = 403) -> JSONResponse:
-    """An answer the dashboard shows (it reads `reason`) and API clients read (`detail`)."""
+    """An error the dashboard shows (it reads `reason`) and API clients read (`detail`)."""
     return JSONResponse({"reason": message, "detail": message}, status_code=status_code)
 
 

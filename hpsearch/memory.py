@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from hpsearch.data import DataFacts
+from hpsearch.data import DataFacts, split_sizes
 from hpsearch.spec import StudySpec
+from hpsearch.train import EVAL_CHUNK_ROWS, hidden_layers
 
 GIB = 1024**3
 # A fifth of an 80 GB GPU, or all of a 16 GB one: room for a pack of small networks, or a
@@ -25,8 +26,6 @@ COPIES_PER_PARAMETER = 5
 # Values per hidden unit and row that a training step keeps for the backward pass: the
 # linear output, the activation, and the dropout mask or batch norm's normalised input.
 SAVED_PER_UNIT = 3
-EVAL_CHUNK_ROWS = 65536  # rows per forward pass when a trial evaluates (hpsearch.train)
-DEFAULT_WIDTH = 64  # hidden_units searched without model.hidden: TrialConfig's default
 
 
 def max_trial_bytes() -> float:
@@ -55,10 +54,15 @@ class MemoryEstimate:
 def estimate(spec: StudySpec, facts: DataFacts) -> MemoryEstimate:
     """The largest trial of the spec: the widest and deepest network and the largest batch
     its search space allows, on data of the size `facts` gives."""
-    widths = [*_hidden_layers(spec), facts.n_outputs]
+    widest = {
+        key: _largest(spec, key, 0)
+        for key in ("n_layers", "hidden_units")
+        if key in spec.search_space.dimensions()
+    }
+    widths = [*hidden_layers(spec.model.hidden, widest), facts.n_outputs]
     inputs = [facts.n_features, *widths[:-1]]
     parameters = sum((n_in + 1) * n_out for n_in, n_out in zip(inputs, widths, strict=True))
-    n_train = max(1, round(facts.n_rows * (1 - spec.split.val - spec.split.test)))
+    n_train = max(1, split_sizes(facts.n_rows, spec.split)[0])
     batch = min(_largest(spec, "batch_size", spec.training.batch_size), n_train)
     training = batch * SAVED_PER_UNIT * sum(widths)
     evaluation = min(facts.n_rows, EVAL_CHUNK_ROWS) * 2 * max(widths)
@@ -95,17 +99,6 @@ def largest_pack(memory: MemoryEstimate, limit: float) -> int:
     """How many trials fit in `limit` bytes as one pack (at least 1: a single trial was
     admitted against the same limit)."""
     return max(1, int((limit - memory.data) // max(memory.per_trial, 1)))
-
-
-def _hidden_layers(spec: StudySpec) -> list[int]:
-    """The widest and deepest hidden layers the spec allows (as `TrialConfig.from_spec`
-    builds them: n_layers layers of hidden_units when either is searched)."""
-    hidden = list(spec.model.hidden)
-    searched = spec.search_space.dimensions()
-    if "n_layers" not in searched and "hidden_units" not in searched:
-        return hidden
-    width = _largest(spec, "hidden_units", hidden[0] if hidden else DEFAULT_WIDTH)
-    return [width] * _largest(spec, "n_layers", len(hidden))
 
 
 def _largest(spec: StudySpec, key: str, default: int) -> int:

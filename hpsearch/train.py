@@ -27,7 +27,8 @@ from hpsearch.data import TensorData
 from hpsearch.model import build_mlp
 from hpsearch.spec import StudySpec
 
-_EVAL_CHUNK = 65536  # rows per forward pass when evaluating, to bound memory on big sets
+EVAL_CHUNK_ROWS = 65536  # rows per forward pass when evaluating, to bound memory on big sets
+DEFAULT_WIDTH = 64  # hidden units per layer when n_layers is searched without model.hidden
 # A training loss this many times the untrained network's means the weights blew up, even
 # when gradient clipping keeps it finite: healthy training never climbs that far above it.
 EXPLOSION_FACTOR = 10.0
@@ -64,12 +65,8 @@ class TrialConfig:
     @classmethod
     def from_spec(cls, spec: StudySpec, params: dict[str, Any]) -> TrialConfig:
         settings = spec.training.model_dump() | spec.model.model_dump() | params
-        hidden = list(spec.model.hidden)
-        if "n_layers" in params or "hidden_units" in params:
-            width = params.get("hidden_units", hidden[0] if hidden else 64)
-            hidden = [int(width)] * int(params.get("n_layers", len(hidden)))
         return cls(
-            hidden=tuple(hidden),
+            hidden=hidden_layers(spec.model.hidden, params),
             activation=settings["activation"],
             init=settings["init"],
             batch_norm=bool(settings["batch_norm"]),
@@ -88,6 +85,15 @@ class TrialConfig:
             metric=spec.objective.metric.removeprefix("val_"),
             maximize=spec.objective.direction == "maximize",
         )
+
+
+def hidden_layers(hidden: list[int], params: dict[str, Any]) -> tuple[int, ...]:
+    """The hidden layer sizes: the spec's `model.hidden`, or `n_layers` layers of
+    `hidden_units` when either is among the params (the other taken from the spec)."""
+    if "n_layers" not in params and "hidden_units" not in params:
+        return tuple(hidden)
+    width = params.get("hidden_units", hidden[0] if hidden else DEFAULT_WIDTH)
+    return (int(width),) * int(params.get("n_layers", len(hidden)))
 
 
 @dataclass(frozen=True)
@@ -402,7 +408,8 @@ def evaluate(
         return {}
     was_training = model.training
     model.eval()
-    out = torch.cat([model(x[i : i + _EVAL_CHUNK]) for i in range(0, x.shape[0], _EVAL_CHUNK)])
+    chunks = range(0, x.shape[0], EVAL_CHUNK_ROWS)
+    out = torch.cat([model(x[i : i + EVAL_CHUNK_ROWS]) for i in chunks])
     model.train(was_training)
     metrics = metric_tensors(out, y, data, loss_fn)
     values = torch.stack([v.float() for v in metrics.values()]).tolist()
