@@ -6,9 +6,14 @@ read from the database, so the server can be killed and started again at any tim
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import Depends, FastAPI
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,7 +24,9 @@ from api.metrics import CONTENT_TYPE, LatencyMiddleware, Metrics
 from api.routes import router
 from api.settings import Settings
 from hpsearch import __version__
-from storage import safe_url, session_scope, upgrade
+from storage import DATABASE_ERRORS, safe_url, session_scope
+from storage.db import migrate_command, schema_behind
+from storage.engine import driver_reason
 
 UPLOAD_PATH = "/api/v1/datasets"
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and the target field around the file
@@ -39,13 +46,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app, settings.database_url)
     app.include_router(router)
 
-    @app.get("/healthz", responses=errors.responses(503), tags=["operations"])
-    def healthz() -> dict[str, str]:
-        """Liveness with a database round trip (no token needed)."""
-        upgrade(settings.database_url)
-        with session_scope(settings.database_url) as session:
-            session.execute(text("SELECT 1"))
-        return {"status": "ok", "database": safe_url(settings.database_url)}
+    health = HealthCheck(settings.database_url)
+
+    @app.get(
+        "/healthz",
+        response_model=Healthy,
+        responses={503: {"model": Unhealthy, "description": UNHEALTHY}},
+        tags=["operations"],
+    )
+    def healthz() -> Healthy | JSONResponse:
+        """Readiness: the database answers and its schema is at head (no token needed)."""
+        problem = health.problem()
+        if problem is not None:
+            return JSONResponse(problem.model_dump(), status_code=503)
+        return Healthy(status="ok", database=safe_url(settings.database_url))
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    def root() -> RedirectResponse:
+        """Whoever opens the server's address in a browser wants the dashboard."""
+        return RedirectResponse("/dashboard")
 
     @app.get(
         "/metrics",
@@ -62,6 +81,61 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     return app
+
+
+UNHEALTHY = "the database cannot be reached, or its schema is not at head"
+
+
+class Healthy(BaseModel):
+    status: Literal["ok"]
+    database: str = Field(description="the database's URL, password masked")
+
+
+class Unhealthy(BaseModel):
+    status: Literal["unavailable"]
+    database: str = Field(description="the database's URL, password masked")
+    detail: str = Field(description="what is wrong, and what to do about it")
+    command: str | None = Field(description="the command that fixes it, where one does")
+
+
+class HealthCheck:
+    """/healthz's checks, cheap enough for a load balancer's polling: a round trip to the
+    database at every call (it can go away at any time), and its schema's revisions only
+    until they are once at head (a schema does not go back)."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.schema_at_head = False
+
+    def problem(self) -> Unhealthy | None:
+        """What keeps the server from serving, or None when nothing does."""
+        url = self.database_url
+        try:
+            with session_scope(url) as session:
+                session.execute(text("SELECT 1"))
+            behind = None if self.schema_at_head else schema_behind(url)
+        except (*DATABASE_ERRORS, OSError) as exc:
+            reason = _without_password(driver_reason(exc), url)
+            return self._unhealthy(f"the database at {safe_url(url)} cannot be reached: {reason}")
+        if behind is not None:
+            command = migrate_command(url)
+            detail = f"the database at {safe_url(url)} is not at this hpsearch's schema: {behind}"
+            return self._unhealthy(f"{detail}; run `{command}`", command)
+        self.schema_at_head = True
+        return None
+
+    def _unhealthy(self, detail: str, command: str | None = None) -> Unhealthy:
+        database = safe_url(self.database_url)
+        return Unhealthy(status="unavailable", database=database, detail=detail, command=command)
+
+
+def _without_password(message: str, url: str) -> str:
+    """A driver's message with the URL's password masked, should the driver quote it."""
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        return message
+    return message.replace(str(password), "***") if password else message
 
 
 class BodyLimitMiddleware:

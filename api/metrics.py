@@ -7,9 +7,12 @@ API replica reports the same numbers and a restart loses nothing.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -17,25 +20,51 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from storage import StudyRecord, WorkerRecord, grace_period_s, session_scope
+from storage import DATABASE_ERRORS, StudyRecord, WorkerRecord, grace_period_s, session_scope
+from storage.engine import driver_reason
+from storage.models import STUDY_STATES
 from storage.queries import finished_trial_seconds, trial_counts_by_study_name
 
 TRIAL_SECONDS_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+log = logging.getLogger("hpsearch.api")
+
 
 class DatabaseCollector(Collector):
-    """Gauges and a histogram read from the database when Prometheus scrapes."""
+    """Gauges and a histogram read from the database when Prometheus scrapes.
+
+    A database that cannot be read gives `hpsearch_database_up 0` and no figures, not an
+    error: the scrape still carries the request latencies, and an alert can watch the gauge.
+    """
 
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
 
     def collect(self) -> Iterator[Metric]:
+        try:
+            figures = self._read()
+        except DATABASE_ERRORS as exc:
+            log.warning("metrics: the database cannot be read: %s", driver_reason(exc))
+            figures = None
+        yield _gauge(
+            "hpsearch_database_up",
+            "Whether the database could be read.",
+            [],
+            [(int(figures is not None),)],
+        )
+        if figures is not None:
+            yield from figures.families()
+
+    def _read(self) -> DatabaseFigures:
         with session_scope(self.database_url) as session:
             trials = trial_counts_by_study_name(session)
-            studies = session.execute(
-                select(StudyRecord.state, func.count()).group_by(StudyRecord.state)
-            ).all()
+            studies = dict.fromkeys(STUDY_STATES, 0)
+            studies.update(
+                session.execute(
+                    select(StudyRecord.state, func.count()).group_by(StudyRecord.state)
+                ).all()
+            )
             now = session.scalar(select(func.now()))  # the database's clock, as for trials
             alive_after = now - timedelta(seconds=grace_period_s())
             workers = session.execute(
@@ -44,17 +73,33 @@ class DatabaseCollector(Collector):
                 .group_by(WorkerRecord.device)
             ).all()
             under, total = finished_trial_seconds(session, TRIAL_SECONDS_BUCKETS)
-        yield _gauge("hpsearch_trials", "Trials by study and state.", ["study", "state"], trials)
-        yield _gauge("hpsearch_studies", "Studies by state.", ["state"], studies)
+        return DatabaseFigures(trials, list(studies.items()), workers, under, total)
+
+
+@dataclass(frozen=True)
+class DatabaseFigures:
+    """One scrape's reading of the database; every study state is there, zero or not."""
+
+    trials: list[Any]
+    studies: list[Any]
+    workers: list[Any]
+    duration_buckets: list[int]
+    duration_sum: float
+
+    def families(self) -> Iterator[Metric]:
         yield _gauge(
-            "hpsearch_workers_alive", "Workers with a recent heartbeat.", ["device"], workers
+            "hpsearch_trials", "Trials by study and state.", ["study", "state"], self.trials
+        )
+        yield _gauge("hpsearch_studies", "Studies by state.", ["state"], self.studies)
+        yield _gauge(
+            "hpsearch_workers_alive", "Workers with a recent heartbeat.", ["device"], self.workers
         )
         bounds = [str(bound) for bound in TRIAL_SECONDS_BUCKETS] + ["+Inf"]
         yield HistogramMetricFamily(
             "hpsearch_trial_duration_seconds",
             "Wall time of finished (complete or pruned) trials.",
-            buckets=list(zip(bounds, under, strict=True)),
-            sum_value=total,
+            buckets=list(zip(bounds, self.duration_buckets, strict=True)),
+            sum_value=self.duration_sum,
         )
 
 

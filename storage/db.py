@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import random
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,16 +49,19 @@ from sqlalchemy.exc import (
 from sqlalchemy.orm import Session
 
 from storage.engine import (
+    OPTUNA_VERSION_TABLE,
     SQLITE_BUSY_TIMEOUT_S,
     StorageError,
     driver_reason,
     file_lock,
+    optuna_head_revision,
+    optuna_storage,
     parse_url,
     safe_url,
     sqlite_path,
 )
 from storage.models import CheckpointRecord, ModelRecord, StudyRecord
-from storage.queries import trial_counts
+from storage.queries import RunningTrial, running_trials, trial_counts
 
 T = TypeVar("T")
 
@@ -154,15 +158,87 @@ def _immediate_engine(engine: sqlalchemy.Engine) -> sqlalchemy.Engine:
 
 
 def upgrade(url: str) -> None:
-    """Bring the service's tables to the newest migration.
+    """Bring the database's whole schema to head: the service's tables (its migrations) and
+    Optuna's (created by Optuna where missing). Both are needed before any request: listings
+    and /metrics join the two.
 
-    Cheap when they are there already (one query), so every process may call it at start;
-    safe when several start together on a new database: one migrates under a lock, and the
-    others wait for it and then find nothing left to do.
+    Cheap when they are there already (one query, once this process has seen Optuna's tables
+    at head), so every process may call it at start; safe when several start together on a
+    new database: one migrates under a lock, and the others wait for it and then find
+    nothing left to do. Optuna's tables of an older Optuna are not migrated here (Optuna
+    asks for that to be a deliberate step): StorageError naming `hpsearch migrate`.
     """
-    engine = make_engine(url)
-    if _current_revision(engine) == _head_revision():
+    key = (os.getpid(), url)
+    try:
+        engine = make_engine(url)
+    except OSError as exc:  # a SQLite file whose folder cannot be made
+        raise StorageError(f"cannot use the database at {safe_url(url)}: {exc}") from exc
+    at_head = _current_revision(engine) == _head_revision()
+    if at_head and key in _complete_schemas:
         return
+    if not at_head:
+        _migrate(engine, url)
+    _require_optuna_schema(engine, url)
+    _complete_schemas.add(key)
+
+
+# (process id, URL) of the databases whose Optuna tables this process has found at head.
+_complete_schemas: set[tuple[int, str]] = set()
+
+
+def migrate_command(url: str) -> str:
+    """The command that brings the database at `url` to head, as it may be shown to users
+    (password masked)."""
+    return f"hpsearch migrate --db {shlex.quote(safe_url(url))}"
+
+
+def schema_behind(url: str) -> str | None:
+    """Why the database's schema is not at head (hpsearch's tables or Optuna's missing or at
+    an older revision), or None when it is. Reads the two version tables and changes
+    nothing, so a health check may call it; raises when the database cannot be reached."""
+    engine = make_engine(url)
+    for owner, table, head in (
+        ("hpsearch's", VERSION_TABLE, _head_revision()),
+        ("Optuna's", OPTUNA_VERSION_TABLE, optuna_head_revision()),
+    ):
+        revision = _read_version(engine, table)
+        if revision is None:
+            return f"{owner} tables are missing"
+        if revision != head:
+            return f"{owner} tables are at revision {revision}, not {head}"
+    return None
+
+
+def _read_version(engine: sqlalchemy.Engine, table: str) -> str | None:
+    """The revision in an Alembic version table; None where the table is missing or empty.
+    A lost connection is raised, not taken for a missing table."""
+    try:
+        with engine.connect() as connection:
+            return connection.execute(sqlalchemy.text(f"SELECT version_num FROM {table}")).scalar()
+    except DBAPIError as exc:
+        if is_transient(exc):
+            raise
+        return None
+
+
+@contextmanager
+def _schema_lock(engine: sqlalchemy.Engine) -> Iterator[None]:
+    """The migration lock, held while Optuna creates its tables on connections of its own:
+    PostgreSQL's advisory lock in a transaction kept open meanwhile, or a file lock beside
+    a SQLite file (its write lock would make Optuna's connections wait for ours)."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection, connection.begin():
+            connection.execute(
+                sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
+            yield
+        return
+    path = sqlite_path(engine.url)
+    with file_lock(path, "schema") if path else contextlib.nullcontext():
+        yield
+
+
+def _migrate(engine: sqlalchemy.Engine, url: str) -> None:
     try:
         _migrate_under_lock(engine)
     except SQLAlchemyError as exc:
@@ -173,6 +249,24 @@ def upgrade(url: str) -> None:
         raise StorageError(
             f"the database at {safe_url(url)} has a schema this hpsearch does not know "
             f"({exc}); upgrade hpsearch"
+        ) from exc
+
+
+def _require_optuna_schema(engine: sqlalchemy.Engine, url: str) -> None:
+    """Create Optuna's tables where they are missing; refuse those of another Optuna.
+
+    Under a lock, read again inside it: processes that start together on a new database
+    would otherwise all create the tables and stamp their version, and all but one fail."""
+    if _read_version(engine, OPTUNA_VERSION_TABLE) == optuna_head_revision():
+        return
+    try:
+        with _schema_lock(engine):
+            if _read_version(engine, OPTUNA_VERSION_TABLE) != optuna_head_revision():
+                optuna_storage(url).engine.dispose()
+    except RuntimeError as exc:  # Optuna's refusal of tables from another Optuna version
+        raise StorageError(
+            f"Optuna's tables in the database at {safe_url(url)} are not at this Optuna's "
+            f"schema ({str(exc).split('. ')[0]}); run `{migrate_command(url)}`"
         ) from exc
 
 
@@ -216,6 +310,12 @@ def _alembic_config(connection: Connection | None = None) -> Config:
     config.set_main_option("path_separator", "os")
     config.attributes["connection"] = connection
     return config
+
+
+def own_tables_only(name: str | None, type_: str, _parents: dict[str, str | None]) -> bool:
+    """Alembic's `include_name` for comparing the schema with the models: hpsearch's tables
+    only, since Optuna's share the database and are Optuna's to migrate."""
+    return type_ != "table" or (name or "").startswith("hps_")
 
 
 @contextmanager
@@ -272,6 +372,14 @@ class StudyClaim:
             return {}
         with self._session() as session:
             return dict(trial_counts(session, [study_id]).get(study_id, {}))
+
+    def running_trials(self, holder_key: str) -> list[RunningTrial]:
+        """The study's running trials, who holds them and how long ago each last beat."""
+        study_id = self.record.optuna_study_id
+        if study_id is None:
+            return []
+        with self._session() as session:
+            return running_trials(session, study_id, holder_key)
 
     def beat_for_orphans(self) -> None:
         """Give a first heartbeat (the database's time) to the study's running trials that

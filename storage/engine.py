@@ -8,6 +8,7 @@ Trials live in Optuna's own schema (`RDBStorage`), so `optuna.load_study` and
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import sqlite3
 import time
@@ -18,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import optuna.storages._rdb.storage
 import sqlalchemy
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -31,6 +34,8 @@ DEFAULT_URL = "sqlite:///hpsearch.db"
 SQLITE_BUSY_TIMEOUT_S = 60
 SCHEMA_RACE_RETRIES = 3
 MAX_RETRIES = 10  # a trial that keeps killing its workers is given up after this many retries
+# Optuna's own Alembic version table; hpsearch's is `hps_alembic_version`.
+OPTUNA_VERSION_TABLE = "alembic_version"
 
 
 class StorageError(Exception):
@@ -80,12 +85,16 @@ def grace_period_s() -> int:
     return int(os.environ.get("HPSEARCH_GRACE_PERIOD_S", str(6 * heartbeat_interval_s())))
 
 
-def optuna_storage(url: str, grace_s: int | None = None) -> optuna.storages.RDBStorage:
+def optuna_storage(
+    url: str, grace_s: int | None = None, *, check_schema: bool = True
+) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage on `url`, tuned for several local processes or many remote ones.
 
     Heartbeats are on: a trial whose heartbeat is older than the grace period (`grace_s`,
     by default `grace_period_s()`, judged by the database's clock) is failed by
     `optuna.storages.fail_stale_trials` and retried with the same params as a new trial.
+    Optuna's tables are created where missing; `check_schema=False` opens tables of an older
+    Optuna's schema too, which only `upgrade_optuna` should want.
     """
     parsed = parse_url(url)
     path = sqlite_path(parsed)
@@ -105,6 +114,7 @@ def optuna_storage(url: str, grace_s: int | None = None) -> optuna.storages.RDBS
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=MAX_RETRIES
                 ),
+                skip_compatibility_check=not check_schema,
             )
             if path is not None:
                 _serialise_sqlite_transactions(storage.engine)
@@ -120,6 +130,36 @@ def optuna_storage(url: str, grace_s: int | None = None) -> optuna.storages.RDBS
                 ) from exc
             attempt += 1
             time.sleep(0.2 * attempt)
+
+
+@functools.cache
+def optuna_head_revision() -> str | None:
+    """The newest revision of Optuna's schema, from the migrations the installed Optuna ships:
+    what its `alembic_version` must read for Optuna to open the tables."""
+    directory = Path(optuna.storages._rdb.storage.__file__).with_name("alembic")
+    return ScriptDirectory(str(directory)).get_current_head()
+
+
+def upgrade_optuna(url: str) -> None:
+    """Create Optuna's tables, or bring those of an older Optuna to the installed one's schema,
+    as `optuna storage upgrade` does; Optuna itself refuses to open older tables."""
+    storage = optuna_storage(url, check_schema=False)
+    try:
+        current = storage.get_current_version()
+        if current == storage.get_head_version():
+            return
+        if current not in storage.get_all_versions():
+            raise StorageError(
+                f"Optuna's tables in the database at {safe_url(url)} are of a newer Optuna "
+                f"(revision {current}); upgrade optuna"
+            )
+        storage.upgrade()
+    except SQLAlchemyError as exc:
+        raise StorageError(
+            f"cannot use the database at {safe_url(url)}: {driver_reason(exc)}"
+        ) from exc
+    finally:
+        storage.engine.dispose()
 
 
 def _serialise_sqlite_transactions(engine: sqlalchemy.Engine) -> None:
@@ -153,8 +193,10 @@ def _index_trials_by_state(engine: sqlalchemy.Engine) -> None:
 
 
 def _lost_schema_race(exc: BaseException) -> bool:
+    """Whether creating Optuna's tables failed on rows or tables another process created
+    meanwhile (its version rows, on SQLite, break a UNIQUE constraint)."""
     text = str(exc).lower()
-    return "already exists" in text or "duplicate" in text
+    return any(sign in text for sign in ("already exists", "duplicate", "unique constraint"))
 
 
 def _prepare_sqlite(path: Path) -> None:
@@ -174,9 +216,10 @@ def driver_reason(exc: BaseException) -> str:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on a file beside `path`, held across processes of this host."""
-    with open(f"{path}.claim-lock", "a") as handle:
+def file_lock(path: Path, purpose: str = "claim") -> Iterator[None]:
+    """An exclusive lock on a file beside `path`, held across processes of this host; one
+    file per purpose, so that holding one lock never waits for another."""
+    with open(f"{path}.{purpose}-lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

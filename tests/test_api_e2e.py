@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,35 +61,48 @@ def environment(tmp_path: Path) -> dict[str, str]:
     return os.environ | {"HPSEARCH_DATA_DIR": str(tmp_path), "COLUMNS": "200"}
 
 
-@pytest.fixture
-def server(postgres_url: str, tmp_path: Path) -> Iterator[str]:
+@contextmanager
+def serving(url: str, cwd: Path, env: dict[str, str]) -> Iterator[str]:
+    """`hpsearch serve` on `url` in its own process, its output in `cwd`/serve.log; yields
+    its base URL once it answers HTTP, and stops it (SIGTERM) at the end."""
     port = free_port()
-    env = environment(tmp_path) | {"HPSEARCH_API_TOKENS": TOKEN}
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(
-        hpsearch_command("serve", "--port", str(port), "--db", postgres_url),
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = cwd / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            hpsearch_command("serve", "--port", str(port), "--db", url),
+            cwd=cwd,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
 
-    def healthy() -> bool:
+    def answers() -> bool:
         if process.poll() is not None:
-            pytest.fail(f"the server exited: {(tmp_path / 'server.log').read_text()}")
+            pytest.fail(f"the server exited: {log_path.read_text()}")
         try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
+            httpx.get(f"{base}/openapi.json", timeout=5)
         except httpx.HTTPError:
             return False
+        return True
 
     try:
-        wait_for(healthy, 60, "the API server")
+        wait_for(answers, 120, "the API server")
         yield base
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-        log.close()
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def server(postgres_url: str, tmp_path: Path) -> Iterator[str]:
+    env = environment(tmp_path) | {"HPSEARCH_API_TOKENS": TOKEN}
+    with serving(postgres_url, tmp_path, env) as base:
+        yield base
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from storage.db import VERSION_TABLE
+from storage.db import VERSION_TABLE, own_tables_only
 from storage.models import Base
 
 connection = context.config.attributes["connection"]
@@ -18,6 +18,7 @@ context.configure(
     connection=connection,
     target_metadata=Base.metadata,
     version_table=VERSION_TABLE,
+    include_name=own_tables_only,  # autogenerate must never drop Optuna's tables
     render_as_batch=connection.dialect.name == "sqlite",
 )
 with context.begin_transaction():
