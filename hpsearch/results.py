@@ -15,13 +15,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from hpsearch.diagnosis import TrialFacts, advise
-from hpsearch.service import StudyNotFound, find_study
+from hpsearch.recovery import Recovery
+from hpsearch.service import HANDED_BACK_ERROR, StudyNotFound, effective_budget, find_study
 from hpsearch.spec import StudySpec
 from hpsearch.views import (
     CurvePoint,
     LeaderboardEntry,
     Page,
     Progress,
+    ResumedStudy,
     StudyDetail,
     StudySummary,
     TrialDetail,
@@ -32,6 +34,7 @@ from storage import ModelRecord, StudyRecord, WorkerRecord, grace_period_s, sess
 from storage.queries import (
     TrialRow,
     best_values,
+    fail_kind,
     finished_trials,
     intermediate_values,
     one_trial,
@@ -57,7 +60,7 @@ def list_studies(url: str, limit: int = 100, offset: int = 0) -> Page[StudySumma
             select(StudyRecord).order_by(StudyRecord.id.desc()).limit(limit).offset(offset)
         ).all()
         ids = [r.optuna_study_id for r in records if r.optuna_study_id is not None]
-        counts, bests = trial_counts(session, ids), best_values(session, ids)
+        counts, bests = trial_counts(session, ids, HANDED_BACK_ERROR), best_values(session, ids)
         items = [_summary(r, counts.get(r.optuna_study_id, {}), bests) for r in records]
     return Page[StudySummary](items=items, total=total, limit=limit, offset=offset)
 
@@ -72,7 +75,9 @@ def study_detail(url: str, study: str | int) -> StudyDetail:
         best = ranked_trials(session, _optuna_id(record), _maximize(spec), top=1)
         best_trial = _trial_summary(best[0]) if best else None
         finished = finished_trials(session, _optuna_id(record))
-    advice = advise([_facts(row) for row in finished], spec)
+    # A handed-back or lost trial is retried: its retry is the evidence, counted once.
+    evidence = [row for row in finished if _state_of(row) not in ("handed_back", "lost")]
+    advice = advise([_facts(row) for row in evidence], spec)
     return StudyDetail(**summary.model_dump(), spec=spec, best_trial=best_trial, advice=advice)
 
 
@@ -81,14 +86,34 @@ def _facts(row: TrialRow) -> TrialFacts:
 
 
 def _diagnosis_of(row: TrialRow) -> str | None:
-    """The recorded diagnosis; a failed trial (an error, or a worker that died) crashed."""
-    return row.attrs.get("diagnosis") or ("crashed" if row.state == "failed" else None)
+    """The recorded diagnosis; a failed trial (an error, or a worker that died) crashed. A
+    handed-back trial did not: its retry trains on from its checkpoint."""
+    return row.attrs.get("diagnosis") or (
+        "crashed" if _state_of(row) in ("failed", "lost") else None
+    )
+
+
+def _state_of(row: TrialRow) -> str:
+    """The trial's state, with Optuna's FAIL told apart: failed, handed back, or lost."""
+    if row.state != "failed":
+        return row.state
+    return fail_kind(row.attrs.get("error"), HANDED_BACK_ERROR)
 
 
 def study_summary(url: str, study: str | int) -> StudySummary:
     upgrade(url)
     with session_scope(url) as session:
         return _summary_of(session, find_study(session, study))
+
+
+def resumed_study(url: str, study: str | int, recovery: Recovery) -> ResumedStudy:
+    """The study after `resume`, with what it freed and what it left running."""
+    return ResumedStudy(
+        **study_summary(url, study).model_dump(),
+        freed_trials=recovery.freed,
+        running_trials=[trial.number for trial in recovery.running],
+        lost_after_s=recovery.lost_after_s,
+    )
 
 
 def leaderboard(url: str, study: str | int, top: int = 10) -> list[LeaderboardEntry]:
@@ -111,7 +136,9 @@ def list_trials(
     upgrade(url)
     with session_scope(url) as session:
         record = find_study(session, study)
-        rows, total = trial_page(session, _optuna_id(record), state, limit, offset)
+        rows, total = trial_page(
+            session, _optuna_id(record), state, limit, offset, HANDED_BACK_ERROR
+        )
     items = [_trial_summary(row) for row in rows]
     return Page[TrialSummary](items=items, total=total, limit=limit, offset=offset)
 
@@ -190,7 +217,8 @@ def list_workers(url: str) -> list[WorkerView]:
 
 def _summary_of(session: Session, record: StudyRecord) -> StudySummary:
     ids = [_optuna_id(record)]
-    return _summary(record, trial_counts(session, ids).get(ids[0], {}), best_values(session, ids))
+    counts = trial_counts(session, ids, HANDED_BACK_ERROR).get(ids[0], {})
+    return _summary(record, counts, best_values(session, ids))
 
 
 def _summary(
@@ -208,7 +236,7 @@ def _summary(
         direction=spec.objective.direction,
         sampler=spec.sampler.name,
         pruner=spec.pruner.name,
-        progress=Progress(budget=record.n_trials, **counts),
+        progress=Progress(budget=effective_budget(spec, record.n_trials), **counts),
         best_value=best,
         created_at=record.created_at,
     )
@@ -218,7 +246,7 @@ def _trial_summary(row: TrialRow) -> TrialSummary:
     attrs = row.attrs
     return TrialSummary(
         number=row.number,
-        state=row.state,
+        state=_state_of(row),
         value=row.value,
         params=row.params,
         epochs=attrs.get("epochs"),

@@ -11,18 +11,31 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 from hpsearch.spec import StudySpec
 
 StudyStateName = Literal["queued", "running", "paused", "completed", "cancelled", "failed"]
-TrialStateName = Literal["running", "waiting", "complete", "pruned", "failed"]
+# Optuna's FAIL is three states here: "failed" (the training raised), "handed_back" (a
+# stopping worker checkpointed it for a retry) and "lost" (its worker died; retried).
+TrialStateName = Literal[
+    "running", "waiting", "complete", "pruned", "failed", "handed_back", "lost"
+]
 
 
 class Progress(BaseModel):
-    """Trials by state against the budget (finished = complete + pruned)."""
+    """Trials by state against the budget (finished = complete + pruned). Optuna records
+    handed-back and lost trials as failed too, but only a failed trial's training raised:
+    the other two were stopped from outside and queued again, so they say nothing about
+    their hyperparameters."""
 
     budget: int
     complete: int = 0
     pruned: int = 0
     running: int = 0
     waiting: int = 0
-    failed: int = 0
+    failed: int = Field(0, description="trials whose training failed with an error")
+    handed_back: int = Field(
+        0, description="trials a stopping worker checkpointed and handed back for a retry"
+    )
+    lost: int = Field(
+        0, description="trials whose worker died: failed as stale, retried up to a limit"
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -73,7 +86,19 @@ class StudyDetail(StudySummary):
 
 
 class ResumedStudy(StudySummary):
-    freed_trials: int = Field(description="stale trials of crashed workers freed for retry")
+    freed_trials: int = Field(
+        description="lost trials (their worker certainly dead, or silent for two heartbeats) "
+        "failed now; their retries resume from their checkpoints"
+    )
+    running_trials: list[int] = Field(
+        default_factory=list,
+        description="numbers of the trials left running: their workers beat recently",
+    )
+    lost_after_s: float | None = Field(
+        default=None,
+        description="if the workers of the trials left running are dead, seconds until those "
+        "trials count as lost and any worker resumes them",
+    )
 
 
 class CurvePoint(BaseModel):

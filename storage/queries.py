@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 from optuna.distributions import json_to_distribution
 from optuna.storages._rdb.models import (
     StudyModel,
+    TrialHeartbeatModel,
     TrialIntermediateValueModel,
     TrialModel,
     TrialParamModel,
@@ -30,7 +31,7 @@ from optuna.storages._rdb.models import (
 )
 from optuna.trial import TrialState
 from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 # The names clients see; Optuna's FAIL reads better as "failed" beside the study states.
 STATE_NAMES: dict[TrialState, str] = {
@@ -41,6 +42,12 @@ STATE_NAMES: dict[TrialState, str] = {
     TrialState.FAIL: "failed",
 }
 STATES_BY_NAME = {name: state for state, name in STATE_NAMES.items()}
+# Optuna's FAIL covers three endings, told apart by the trial's `error` user attribute: a
+# trial whose training raised records the error ("failed"); one handed back by a stopping
+# worker records the caller's marker ("handed_back"); one failed as stale because its worker
+# died records none ("lost"). Only the first says anything about the hyperparameters; the
+# other two are queued again by Optuna's retry callback.
+FAIL_KINDS = ("failed", "handed_back", "lost")
 # Optuna's models expose these as properties; the columns themselves are the table's.
 _STARTED = TrialModel.__table__.c.datetime_start
 _COMPLETED = TrialModel.__table__.c.datetime_complete
@@ -70,8 +77,14 @@ class TrialRow:
         return (self.completed_at - self.started_at).total_seconds()
 
 
-def trial_counts(session: Session, study_ids: list[int]) -> dict[int, dict[str, int]]:
-    """{optuna study id: {state name: count}} in one grouped query."""
+def trial_counts(
+    session: Session, study_ids: list[int], handed_back_error: str | None = None
+) -> dict[int, dict[str, int]]:
+    """{optuna study id: {state name: count}} in one grouped query.
+
+    With `handed_back_error` (the `error` a handed-back trial records), "failed" counts only
+    the trials whose training failed, and "handed_back" and "lost" the other FAIL trials
+    (FAIL_KINDS): a second grouped query, over the failed trials alone."""
     counts: dict[int, dict[str, int]] = defaultdict(dict)
     if not study_ids:
         return counts
@@ -82,7 +95,53 @@ def trial_counts(session: Session, study_ids: list[int]) -> dict[int, dict[str, 
     )
     for study_id, state, count in session.execute(query):
         counts[study_id][STATE_NAMES[state]] = count
+    failing = [study_id for study_id, by_state in counts.items() if "failed" in by_state]
+    if handed_back_error is not None and failing:
+        for study_id in failing:
+            del counts[study_id]["failed"]
+        for study_id, kind, count in _fail_kind_counts(session, failing, handed_back_error):
+            counts[study_id][kind] = count
     return counts
+
+
+def _fail_kind_counts(
+    session: Session, study_ids: list[int], handed_back_error: str
+) -> list[tuple[int, str, int]]:
+    """(optuna study id, fail kind, count) of the studies' FAIL trials. The kind is grouped
+    on through a subquery: PostgreSQL does not take a CASE with bound parameters in GROUP BY
+    for the same expression as the select list's."""
+    error = aliased(TrialUserAttributeModel)
+    failed = (
+        select(
+            TrialModel.study_id.label("study_id"),
+            _fail_kind(error.value_json, handed_back_error).label("kind"),
+        )
+        .outerjoin(error, and_(error.trial_id == TrialModel.trial_id, error.key == "error"))
+        .where(TrialModel.study_id.in_(study_ids), TrialModel.state == TrialState.FAIL)
+        .subquery()
+    )
+    query = select(failed.c.study_id, failed.c.kind, func.count()).group_by(
+        failed.c.study_id, failed.c.kind
+    )
+    return [(study_id, kind, count) for study_id, kind, count in session.execute(query)]
+
+
+def fail_kind(error: Any, handed_back_error: str) -> str:
+    """Which of FAIL_KINDS a FAIL trial is, from its `error` user attribute (None when it has
+    none): what `_fail_kind` tells in SQL."""
+    if error is None:
+        return "lost"
+    return "handed_back" if error == handed_back_error else "failed"
+
+
+def _fail_kind(error_json: Any, handed_back_error: str) -> ColumnElement[str]:
+    """Which of FAIL_KINDS a FAIL trial is, from the stored JSON of its `error` attribute
+    (Optuna stores `json.dumps` of the value; a JSON null is no error either)."""
+    return case(
+        (or_(error_json.is_(None), error_json == json.dumps(None)), "lost"),
+        (error_json == json.dumps(handed_back_error), "handed_back"),
+        else_="failed",
+    )
 
 
 def best_values(session: Session, study_ids: list[int]) -> dict[int, tuple[float, float]]:
@@ -113,15 +172,37 @@ def ranked_trials(session: Session, study_id: int, maximize: bool, top: int) -> 
 
 
 def trial_page(
-    session: Session, study_id: int, state: str | None, limit: int, offset: int
+    session: Session,
+    study_id: int,
+    state: str | None,
+    limit: int,
+    offset: int,
+    handed_back_error: str | None = None,
 ) -> tuple[list[TrialRow], int]:
-    """One page of trials by number, and how many trials match in all."""
+    """One page of trials by number, and how many trials match in all. With
+    `handed_back_error`, `state` may be any of FAIL_KINDS, and "failed" means only that kind
+    (as `trial_counts` counts them)."""
     condition = TrialModel.study_id == study_id
     if state is not None:
-        condition = and_(condition, TrialModel.state == STATES_BY_NAME[state])
+        condition = and_(condition, _state_condition(state, handed_back_error))
     total = session.scalar(select(func.count()).select_from(TrialModel).where(condition)) or 0
     query = _trial_query().where(condition).order_by(TrialModel.number).limit(limit).offset(offset)
     return _with_details(session, _rows(session, query)), total
+
+
+def _state_condition(state: str, handed_back_error: str | None) -> ColumnElement[bool]:
+    if handed_back_error is None or state not in FAIL_KINDS:
+        return TrialModel.state == STATES_BY_NAME[state]
+    error_json = (
+        select(TrialUserAttributeModel.value_json)
+        .where(
+            TrialUserAttributeModel.trial_id == TrialModel.trial_id,
+            TrialUserAttributeModel.key == "error",
+        )
+        .scalar_subquery()
+    )
+    kind = _fail_kind(error_json, handed_back_error)
+    return and_(TrialModel.state == TrialState.FAIL, kind == state)
 
 
 def finished_trials(session: Session, study_id: int) -> list[TrialRow]:
@@ -320,3 +401,35 @@ def _with_details(
     for trial_id, key, value_json in session.execute(attrs):
         by_id[trial_id].attrs[key] = json.loads(value_json)
     return rows
+
+
+class RunningTrial(NamedTuple):
+    trial_id: int
+    number: int
+    holder: Any  # the trial's holder attribute (decoded), None if it has none
+    beat_age_s: float | None  # since its last heartbeat, by the database's clock
+
+
+def running_trials(session: Session, study_id: int, holder_key: str) -> list[RunningTrial]:
+    """The study's running trials with who holds them and how long ago they last beat: what
+    decides whether a trial's worker is gone. One query on the (study, state) index."""
+    holder = aliased(TrialSystemAttributeModel)
+    beat = TrialHeartbeatModel.__table__.c.heartbeat
+    rows = session.execute(
+        select(TrialModel.trial_id, TrialModel.number, holder.value_json, beat)
+        .outerjoin(holder, and_(holder.trial_id == TrialModel.trial_id, holder.key == holder_key))
+        .outerjoin(TrialHeartbeatModel, TrialHeartbeatModel.trial_id == TrialModel.trial_id)
+        .where(TrialModel.study_id == study_id, TrialModel.state == TrialState.RUNNING)
+        .order_by(TrialModel.number)
+    )
+    # The heartbeats were written with the database's clock, as its local time.
+    now = session.scalar(select(func.current_timestamp())).replace(tzinfo=None)
+    return [
+        RunningTrial(
+            trial_id,
+            number,
+            None if value is None else json.loads(value),
+            None if beaten is None else (now - beaten.replace(tzinfo=None)).total_seconds(),
+        )
+        for trial_id, number, value, beaten in rows
+    ]

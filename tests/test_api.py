@@ -55,7 +55,7 @@ def test_a_submitted_study_is_listed_and_shown(client: TestClient) -> None:
     assert body["state"] == "queued" and body["metric"] == "val_accuracy"
     assert body["progress"] == {
         "budget": 3, "complete": 0, "pruned": 0, "running": 0, "waiting": 0, "failed": 0,
-        "finished": 0,
+        "handed_back": 0, "lost": 0, "finished": 0,
     }  # fmt: skip
     assert body["spec"]["task"] == "classification"
     again = client.post("/api/v1/studies", json=with_(budget={"n_trials": 5}))
