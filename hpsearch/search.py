@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -85,10 +86,52 @@ def _sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+# Trials that count against a study's n_trials, and so hold their grid point: finished,
+# running, and retries waiting to resume. A failed trial uses no budget and frees its point.
+BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+class GridExhausted(RuntimeError):
+    """Every point of the grid is held by a trial: there is nothing left to ask for."""
+
+
 class _GridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler without its `after_trial`, which stops `study.optimize` once
-    every point was visited and raises outside of it (a worker's `tell`): the study's
-    budget decides when an hpsearch study ends."""
+    """Optuna's grid sampler, with each new trial given a point that no trial holds.
+
+    Optuna's own picks point `number` for the first trials, which a failed trial (its number
+    taken, its point free again) turns into a repeat, and once every point has started it
+    repeats one; its `after_trial` stops `study.optimize`, and raises outside of it (a
+    worker's `tell`). Here a new trial takes the first free point in the seed's order,
+    points never tried before those whose trials failed; a retry keeps the point of the
+    trial it retries. Under the study's claim lock, where `hpsearch.study.claim_trial` asks,
+    the sampler sees every running trial, so parallel workers never share a point; the
+    claim stops once the grid is spent (`hpsearch.service.effective_budget`), and asking
+    for more here raises GridExhausted rather than repeating a point.
+    """
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Store the trial's point (`grid_id`), which `sample_independent` reads."""
+        if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:
+            return
+        free = self.free_points(study)
+        if not free:
+            raise GridExhausted(
+                f"all {len(self._all_grids)} points of the grid are taken by trials"
+            )
+        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
+        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", free[0])
+
+    def free_points(self, study: optuna.Study) -> list[int]:
+        """The grid ids no trial in BUDGET_STATES holds, in the order they are handed out."""
+        held: set[int] = set()
+        failed: set[int] = set()
+        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+            grid_id = t.system_attrs.get("grid_id")
+            if grid_id is None:
+                continue
+            (held if t.state in BUDGET_STATES else failed).add(grid_id)
+        free = set(range(len(self._all_grids))) - held
+        return sorted(free, key=lambda grid_id: (grid_id in failed, grid_id))
 
     def after_trial(
         self,
@@ -97,7 +140,14 @@ class _GridSampler(optuna.samplers.GridSampler):
         state: TrialState,
         values: Sequence[float] | None,
     ) -> None:
-        """Nothing: see the class."""
+        """Nothing: a study ends when its budget, capped at the grid's size, is spent."""
+
+
+def grid_size(spec: StudySpec) -> int | None:
+    """How many points the spec's grid has; None when the sampler is not `grid`."""
+    if spec.sampler.name != "grid":
+        return None
+    return math.prod(dim.count() for dim in spec.search_space.dimensions().values())
 
 
 def trial_seed(seed: int, number: int) -> int:

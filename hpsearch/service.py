@@ -14,18 +14,18 @@ import optuna
 from optuna.storages._rdb.models import TrialModel
 from optuna.trial import TrialState
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from hpsearch import memory
 from hpsearch.data import DataFacts, inspect_dataset, split_sizes
 from hpsearch.errors import Conflict, DatasetError, HpsearchError, NotFound, SpecError
+from hpsearch.recovery import Recovery, recover
+from hpsearch.search import grid_size
 from hpsearch.spec import MAX_COUNT, MAX_ROW_ID, StudySpec, UploadedDataset, field_errors
 from storage import (
     StudyRecord,
-    claim_study,
     delete_optuna_study,
-    heartbeat_interval_s,
     optuna_storage,
     session_scope,
     upgrade,
@@ -282,10 +282,17 @@ def mark_running(url: str, study_id: int) -> None:
     _transition(url, study_id, "queued", "running")
 
 
+def effective_budget(spec: StudySpec, n_trials: int) -> int:
+    """The trials a study trains: `n_trials`, and for a grid study at most one per point of
+    its grid, as Optuna's and Katib's grid searches end once every point was tried."""
+    points = grid_size(spec)
+    return n_trials if points is None else min(n_trials, points)
+
+
 def mark_completed_if_done(url: str, study_id: int) -> None:
-    """running -> completed once the study's complete and pruned trials fill its budget:
-    counted and compared by the database in one statement, so an `extend` meanwhile keeps
-    the study running."""
+    """running -> completed once the study's complete and pruned trials fill its budget (a
+    grid study's: at most its grid's size): counted and compared by the database in one
+    statement, so an `extend` meanwhile keeps the study running."""
     finished = (
         select(func.count())
         .select_from(TrialModel)
@@ -295,16 +302,25 @@ def mark_completed_if_done(url: str, study_id: int) -> None:
         )
         .scalar_subquery()
     )
+    filled = StudyRecord.n_trials <= finished
+    points = _grid_size_of(url, study_id)
+    if points is not None:  # a study's grid never changes: read apart from the update
+        filled = or_(filled, finished >= points)
     with session_scope(url) as session:
         session.execute(
             update(StudyRecord)
-            .where(
-                StudyRecord.id == study_id,
-                StudyRecord.state == "running",
-                StudyRecord.n_trials <= finished,
-            )
+            .where(StudyRecord.id == study_id, StudyRecord.state == "running", filled)
             .values(state="completed")
         )
+
+
+def _grid_size_of(url: str, study_id: int) -> int | None:
+    """The size of the study's grid; None for another sampler, or a study not there."""
+    with session_scope(url) as session:
+        stored = session.scalar(select(StudyRecord.spec).where(StudyRecord.id == study_id))
+    if stored is None or stored.get("sampler", {}).get("name") != "grid":
+        return None
+    return grid_size(StudySpec.model_validate(stored))
 
 
 def fail_study(url: str, study_id: int, reason: str) -> bool:
@@ -353,18 +369,17 @@ def _transition(url: str, study_id: int, before: str, after: str) -> None:
         )
 
 
-def resume_study(url: str, study: str | int) -> tuple[StudyState, int]:
-    """Set the study running and fail its stale trials now rather than after the grace
-    period: a trial whose heartbeat missed two beats lost its worker. Each is retried with
-    the same params and resumes from its checkpoint. Returns the study and how many."""
+def resume_study(
+    url: str, study: str | int, *, free_running: bool = False
+) -> tuple[StudyState, Recovery]:
+    """Set the study running and free its lost trials now rather than after the grace
+    period (`hpsearch.recovery.recover`): a trial whose worker is certainly dead or whose
+    heartbeat missed two beats. Each is retried with the same params and resumes from its
+    checkpoint. `free_running`: the user knows the workers are dead; wait up to two
+    heartbeats for each running trial to prove its worker alive, and free the others."""
     state = change_state(url, study, "resume")
-    storage = optuna_storage(url, grace_s=2 * heartbeat_interval_s())
-    optuna_study = optuna.load_study(study_name=state.name, storage=storage)
-    with claim_study(url, state.id) as claim:  # failing and queueing the retry: one step
-        before = claim.trial_counts().get("failed", 0)
-        optuna.storages.fail_stale_trials(optuna_study)
-        after = claim.trial_counts().get("failed", 0)
-    return state, after - before
+    optuna_study = optuna.load_study(study_name=state.name, storage=optuna_storage(url))
+    return state, recover(url, optuna_study, state.id, wait_for_silence=free_running)
 
 
 def delete_study(url: str, study: str | int) -> str:
