@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -16,10 +15,17 @@ from dataclasses import dataclass
 
 import optuna
 
-from hpsearch.errors import HpsearchError
+from hpsearch.errors import HpsearchError, Interrupted
+from hpsearch.logs import LogSettings
 from hpsearch.service import StudyState
 from hpsearch.study import FINISHED_STATES
-from hpsearch.worker import Worker, WorkerOptions, stop_on_signals
+from hpsearch.worker import (
+    Worker,
+    WorkerOptions,
+    signals_passed_on,
+    start_processes,
+    stop_on_signals,
+)
 from storage import DATABASE_ERRORS, StorageError, optuna_storage, session_scope
 from storage.db import is_transient
 from storage.queries import STATE_NAMES, best_values, trial_counts
@@ -43,8 +49,9 @@ def run_workers(
 ) -> list[int]:
     """Start `jobs` worker processes on the study and poll its progress until they exit.
 
-    Returns the workers' exit codes. Ctrl-C (SIGINT) is passed on to the workers, which
-    checkpoint their running trial, hand it back and stop; running again resumes it.
+    Returns the workers' exit codes. Ctrl-C (SIGINT) or SIGTERM is passed on to the
+    workers, which checkpoint their running trials, hand them back and stop; once they have,
+    Interrupted is raised. Running again resumes the trials handed back.
     """
     timeout_s = state.spec.budget.timeout_s
     deadline = None if timeout_s is None else time.time() + timeout_s
@@ -58,22 +65,19 @@ def run_workers(
         )
         for i in range(jobs)
     ]
-    for worker in workers:
-        worker.start()
     study = optuna.load_study(study_name=state.name, storage=optuna_storage(url))
-    try:
-        while any(w.is_alive() for w in workers):
+    with signals_passed_on(workers) as received:
+        start_processes(workers)
+        try:
+            while any(w.is_alive() for w in workers):
+                _show_progress(on_progress, url, study)
+                time.sleep(poll_s)
+        finally:
+            for worker in workers:
+                worker.join()
             _show_progress(on_progress, url, study)
-            time.sleep(poll_s)
-    except KeyboardInterrupt:
-        for worker in workers:
-            if worker.is_alive() and worker.pid is not None:
-                os.kill(worker.pid, signal.SIGINT)
-        for worker in workers:
-            worker.join()
-        raise
-    finally:
-        _show_progress(on_progress, url, study)
+    if received:
+        raise Interrupted(received[0])
     return [w.exitcode if w.exitcode is not None else 1 for w in workers]
 
 
@@ -128,6 +132,7 @@ def _worker_main(
     )
     stop_on_signals(worker.stop)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    LogSettings("warning").apply()  # the progress bar tells the rest
     try:
         raise SystemExit(worker.run())
     except (HpsearchError, StorageError) as exc:

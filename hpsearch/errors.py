@@ -36,3 +36,18 @@ class NotFound(HpsearchError):
 
 class Conflict(HpsearchError):
     """A name taken by something else, or a change the current state forbids (HTTP 409)."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM reached the command line. A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` swallows it; its own class, so that
+    Click does not turn it into "Aborted!" and exit code 1."""
+
+    def __init__(self, signum: int = 2) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a command a signal ended."""
+        return 128 + self.signum

@@ -57,7 +57,7 @@ def write_spec(path: Path, **spec: Any) -> Path:
 
 
 def hpsearch_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "hpsearch.cli", *args]
+    return [sys.executable, "-m", "hpsearch", *args]
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:

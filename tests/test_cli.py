@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import os
-import signal
-import sqlite3
 import subprocess
-import time
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -60,83 +56,6 @@ def test_run_prints_the_leaderboard_and_a_second_run_adds_nothing(tmp_path: Path
     second = run_cli("run", str(spec), cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert [t.number for t in trials(url, "iris-quick")] == [t.number for t in done]
-
-
-def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> None:
-    name, budget = "digits-resume", 6
-    spec = write_spec(
-        tmp_path / "digits.yaml",
-        **quick_spec(
-            name,
-            budget,
-            dataset={"source": "builtin", "name": "digits"},
-            training={
-                "max_epochs": 25,
-                "early_stopping_patience": None,
-                "checkpoint_every_s": 0,
-            },
-            sampler={"name": "random", "seed": 0},
-        ),
-    )
-    url = f"sqlite:///{tmp_path / 'study.db'}"
-    env = os.environ | {"HPSEARCH_DATA_DIR": str(tmp_path)}
-    process = subprocess.Popen(
-        hpsearch_command("run", str(spec), "--db", url, "--jobs", "2"),
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal's Ctrl-C reaches
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        states = _trial_states(tmp_path / "study.db")
-        if states.count("COMPLETE") + states.count("PRUNED") >= 2 and "RUNNING" in states:
-            break
-    else:
-        process.kill()
-        _, stderr = process.communicate()
-        pytest.fail(f"the first run never had two finished trials and one running: {stderr}")
-    os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert "run the same command again to resume" in stderr
-    assert "Traceback" not in stderr
-
-    before = trials(url, name)
-    finished_before = {t.number: t.params for t in before if t.state in FINISHED}
-    assert 2 <= len(finished_before) < budget
-    assert not [t for t in before if t.state == TrialState.RUNNING]  # handed back, not left running
-
-    again = run_cli("run", str(spec), "--db", url, "--jobs", "2", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    after = trials(url, name)
-    finished_after = {t.number: t.params for t in after if t.state in FINISHED}
-    assert len(finished_after) == budget  # exact: no trial lost, none extra
-    assert all(finished_after[n] == p for n, p in finished_before.items())  # kept as they were
-    # Ctrl-C checkpointed the running trials and queued their retries; the second run
-    # resumed those and started only what the budget still lacked: nothing repeated.
-    handed_back = [t for t in before if t.state == TrialState.WAITING]
-    assert handed_back, [(t.number, t.state, t.user_attrs.get("error")) for t in before]
-    new = [t for t in after if t.number > max(t.number for t in before)]
-    assert len(new) == budget - len(finished_before) - len(handed_back), [
-        (t.number, t.state, t.user_attrs.get("error")) for t in after
-    ]
-    resumed = [after[t.number] for t in handed_back]
-    assert all(t.state in FINISHED for t in resumed)
-    assert any(t.user_attrs.get("resumed_from_epoch", 0) >= 1 for t in resumed)
-
-
-def _trial_states(path: Path) -> list[str]:
-    """Trial states read with plain SQL, so that watching never races the CLI to create
-    Optuna's tables in a new database."""
-    try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
-            return [state for (state,) in connection.execute("SELECT state FROM trials")]
-    except sqlite3.OperationalError:  # not created yet
-        return []
 
 
 @pytest.mark.postgres

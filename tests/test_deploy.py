@@ -367,7 +367,7 @@ def test_the_image_installs_every_package_and_the_migrations(tmp_path: Path) -> 
             if source.suffix in (".py", ".mako") and "__pycache__" not in source.parts:
                 assert source.relative_to(REPO).as_posix() in names, f"{source} not in the image"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "hpsearch = hpsearch.cli:app" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "hpsearch = hpsearch.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def normalized(name: str) -> str:
