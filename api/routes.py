@@ -166,12 +166,13 @@ def cancel(request: Request, study: StudyKey) -> StudySummary:
 @router.post(
     "/studies/{study}/resume", response_model=ResumedStudy, responses=responses(404, 409, 422)
 )
-def resume(request: Request, study: StudyKey) -> ResumedStudy:
+def resume(request: Request, study: StudyKey, free_running: bool = False) -> ResumedStudy:
     """Run the study again and free the trials of crashed workers now (not after the grace
-    period); they resume from their checkpoints."""
-    state, freed = resume_study(_url(request), study)
-    summary = results.study_summary(_url(request), state.id)
-    return ResumedStudy(**summary.model_dump(), freed_trials=freed)
+    period); they resume from their checkpoints. `free_running=true` when their workers
+    are known dead: each running trial is freed unless its worker beats within two
+    heartbeats (the answer takes that long at most)."""
+    state, recovery = resume_study(_url(request), study, free_running=free_running)
+    return results.resumed_study(_url(request), state.id, recovery)
 
 
 class Extension(BaseModel):

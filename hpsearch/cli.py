@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,11 +22,19 @@ from rich.table import Table
 from hpsearch import results
 from hpsearch.client import connect, dump_json
 from hpsearch.embedded import StudyProgress, read_progress, run_workers
-from hpsearch.errors import HpsearchError, SpecError
-from hpsearch.service import RUNNABLE_STATES, submit_study
+from hpsearch.errors import HpsearchError, Interrupted, SpecError
+from hpsearch.logs import LogSettings
+from hpsearch.service import RUNNABLE_STATES, effective_budget, submit_study
 from hpsearch.spec import StudySpec, load_spec
 from hpsearch.tokens import create_token, list_tokens, revoke_token
-from hpsearch.views import LeaderboardEntry, Page, StudyDetail, StudySummary, TrialDetail
+from hpsearch.views import (
+    LeaderboardEntry,
+    Page,
+    ResumedStudy,
+    StudyDetail,
+    StudySummary,
+    TrialDetail,
+)
 from hpsearch.worker import WorkerOptions, resolve_devices, run_worker_processes
 from storage import (
     DATABASE_ERRORS,
@@ -53,6 +62,18 @@ DbOption = Annotated[
         "--db", help="Database URL [default: $HPSEARCH_DATABASE_URL or sqlite:///hpsearch.db]"
     ),
 ]
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
 
 
 PackOption = Annotated[
@@ -119,10 +140,10 @@ def run(
     try:
         with progress_bar(spec) as update:
             codes = run_workers(state, url, jobs, devices, update, pack=pack)
-    except KeyboardInterrupt:
+    except Interrupted as stop:
         _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
         errors.print("interrupted: run the same command again to resume")
-        raise typer.Exit(130) from None
+        raise typer.Exit(stop.exit_code) from None
     _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
     ended = results.study_summary(url, state.id)
     if ended.state == "failed":
@@ -132,7 +153,8 @@ def run(
     if left.finished < spec.budget.n_trials and left.running:
         errors.print(
             f"{left.running} trial(s) still running elsewhere or left by a crashed process; "
-            f"if nothing else runs this study, free them with: hpsearch resume {spec.name}"
+            f"if their workers are dead, free them with: hpsearch resume {spec.name} "
+            "--free-running"
         )
     if any(code != 0 for code in codes):
         errors.print(
@@ -233,15 +255,46 @@ def pause(study: StudyArgument, api: ApiOption = None, db: DbOption = None) -> N
 
 @app.command()
 @user_errors
-def resume(study: StudyArgument, api: ApiOption = None, db: DbOption = None) -> None:
-    """Set a study running again and free its stale trials at once.
+def resume(
+    study: StudyArgument,
+    api: ApiOption = None,
+    db: DbOption = None,
+    free_running: Annotated[
+        bool,
+        typer.Option(
+            "--free-running",
+            help="Their workers are dead: free the running trials unless a worker beats "
+            "within two heartbeats",
+        ),
+    ] = False,
+) -> None:
+    """Set a study running again and free the trials of crashed workers at once.
 
-    No waiting for the grace period: the trials of crashed workers are retried from their
-    checkpoints by workers or `hpsearch run`.
+    A trial whose worker is certainly dead (a process of this machine that exited) or
+    silent for two heartbeats is retried from its checkpoint by workers or `hpsearch run`,
+    without waiting for the grace period.
     """
-    answer = connect(api, db).resume(study)
+    answer = connect(api, db).resume(study, free_running=free_running)
     console.print(_study_line(answer))
-    console.print(f"{answer.freed_trials} stale trial(s) freed for retry")
+    console.print(f"{answer.freed_trials} lost trial(s) freed for retry from their checkpoints")
+    for line in _still_running(answer, free_running):
+        console.print(line)
+
+
+def _still_running(answer: ResumedStudy, free_running: bool) -> list[str]:
+    """What `resume` left running, when it counts as lost, and how to free it now."""
+    running = answer.running_trials
+    if not running:
+        return []
+    numbers = ", ".join(map(str, running))
+    if free_running:
+        return [f"{len(running)} trial(s) left running ({numbers}): their workers are alive"]
+    return [
+        f"{len(running)} trial(s) left running ({numbers}): their workers beat recently. If "
+        f"they are dead, the trials count as lost within {answer.lost_after_s or 0:.0f} s and "
+        "any worker resumes them then.",
+        f"If you know those workers are dead: hpsearch resume {answer.name} --free-running",
+    ]
 
 
 @app.command()
@@ -296,12 +349,21 @@ def worker(
             "one host, give each cores / workers]",
         ),
     ] = None,
+    log_level: Annotated[
+        LogLevel, typer.Option(case_sensitive=False, help="Log this level and above to stderr")
+    ] = LogLevel.info,
+    log_format: Annotated[
+        LogFormat, typer.Option(case_sensitive=False, help="text, or json for log collectors")
+    ] = LogFormat.text,
 ) -> None:
     """Claim and train trials of the runnable studies in the database until stopped.
 
-    SIGTERM or Ctrl-C checkpoints the running trial, hands it back, and exits 0.
+    SIGTERM or Ctrl-C checkpoints the running trial, hands it back, and exits 0. The log
+    (stderr) tells claims, trial ends, pruning, hand-backs, retries and database waits.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logs = LogSettings(log_level.value, log_format.value)
+    logs.apply()
     url = db or default_url()
     devices = resolve_devices(device)
     options = WorkerOptions(
@@ -311,6 +373,7 @@ def worker(
         idle_exit_s=idle_exit,
         pack=pack,
         threads=threads,
+        logs=logs,
     )
     raise typer.Exit(run_worker_processes(options, devices))
 
@@ -333,7 +396,9 @@ def serve(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     settings = Settings.from_env(db)
-    upgrade(settings.database_url)  # an unreachable database is one line now, not per request
+    # Optuna's tables and hpsearch's, before any request; an unreachable database is one
+    # line now, not one per request.
+    upgrade(settings.database_url)
     if not configured_hashes(settings)[1] and host not in LOOPBACK:
         errors.print(
             "[yellow]no API token configured:[/] listening on 127.0.0.1 only; create one with "
@@ -353,9 +418,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @user_errors
 def migrate(db: DbOption = None) -> None:
     """Create or upgrade the database's tables (Optuna's and hpsearch's); safe to repeat."""
+    from storage.engine import upgrade_optuna
+
     url = db or default_url()
+    upgrade_optuna(url)  # first: `upgrade` refuses Optuna's tables of an older Optuna
     upgrade(url)
-    optuna_storage(url)
     console.print(f"database {escape(safe_url(url))} is up to date")
 
 
@@ -409,7 +476,8 @@ def progress_bar(spec: StudySpec) -> Iterator[Callable[[StudyProgress], None]]:
         TimeElapsedColumn(),
         console=console,
     ) as bar:
-        task = bar.add_task(spec.name, total=spec.budget.n_trials, running=0, best="-")
+        total = effective_budget(spec, spec.budget.n_trials)  # a grid's size at most
+        task = bar.add_task(spec.name, total=total, running=0, best="-")
 
         def update(progress: StudyProgress) -> None:
             best = "-" if progress.best is None else f"{progress.best:.4g}"
@@ -460,6 +528,8 @@ def studies_table(page: Page[StudySummary]) -> Table:
         "running",
         "pruned",
         "failed",
+        "handed back",
+        "lost",
         "best",
         "metric",
         "sampler",
@@ -477,6 +547,8 @@ def studies_table(page: Page[StudySummary]) -> Table:
             str(p.running),
             str(p.pruned),
             str(p.failed),
+            str(p.handed_back),
+            str(p.lost),
             _fmt(study.best_value),
             study.metric,
             study.sampler,
@@ -489,7 +561,9 @@ def status_view(study: StudyDetail) -> Group:
     lines = [
         _study_line(study),
         f"progress: {p.finished}/{p.budget} finished ({p.complete} complete, {p.pruned} pruned), "
-        f"{p.running} running, {p.waiting} waiting to resume, {p.failed} failed",
+        f"{p.running} running, {p.waiting} waiting to resume, {p.failed} failed"
+        + (f", {p.handed_back} handed back by stopping workers" if p.handed_back else "")
+        + (f", {p.lost} lost with their workers" if p.lost else ""),
         f"objective: {study.metric} ({study.direction}); "
         f"sampler {study.sampler}, pruner {study.pruner}",
     ]
@@ -509,7 +583,8 @@ def status_view(study: StudyDetail) -> Group:
 
 def trial_view(trial: TrialDetail) -> Group:
     head = (
-        f"trial {trial.number}: {trial.state}, value {_fmt(trial.value)}, {trial.diagnosis or '-'}"
+        f"trial {trial.number}: {trial.state.replace('_', ' ')}, value {_fmt(trial.value)}, "
+        f"{trial.diagnosis or '-'}"
     )
     facts = Table("", "", box=None, show_header=False)
     for name, value in {**trial.params, **trial.metrics}.items():
@@ -572,7 +647,3 @@ def _last_failure(study: optuna.Study) -> str:
     return (
         failed[-1].user_attrs.get("error", "unknown error") if failed else "see the messages above"
     )
-
-
-if __name__ == "__main__":
-    app()

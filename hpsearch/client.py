@@ -41,7 +41,7 @@ class Backend(Protocol):
     def leaderboard(self, study: str, top: int) -> list[LeaderboardEntry]: ...
     def trial(self, study: str, number: int) -> TrialDetail: ...
     def change(self, study: str, change: str, n_trials: int = 0) -> StudySummary: ...
-    def resume(self, study: str) -> ResumedStudy: ...
+    def resume(self, study: str, free_running: bool = False) -> ResumedStudy: ...
     def delete(self, study: str) -> None: ...
 
 
@@ -81,10 +81,9 @@ class DatabaseBackend:
         state = change_state(self.url, study, change, n_trials)
         return results.study_summary(self.url, state.id)
 
-    def resume(self, study: str) -> ResumedStudy:
-        state, freed = resume_study(self.url, study)
-        summary = results.study_summary(self.url, state.id)
-        return ResumedStudy(**summary.model_dump(), freed_trials=freed)
+    def resume(self, study: str, free_running: bool = False) -> ResumedStudy:
+        state, recovery = resume_study(self.url, study, free_running=free_running)
+        return results.resumed_study(self.url, state.id, recovery)
 
     def delete(self, study: str) -> None:
         delete_study(self.url, study)
@@ -121,8 +120,9 @@ class ApiBackend:
         body = {"n_trials": n_trials} if change == "extend" else None
         return self._call(StudySummary, "POST", f"/studies/{study}/{change}", json=body)
 
-    def resume(self, study: str) -> ResumedStudy:
-        return self._call(ResumedStudy, "POST", f"/studies/{study}/resume")
+    def resume(self, study: str, free_running: bool = False) -> ResumedStudy:
+        params = {"free_running": "true"} if free_running else None
+        return self._call(ResumedStudy, "POST", f"/studies/{study}/resume", params=params)
 
     def delete(self, study: str) -> None:
         self._request("DELETE", f"/studies/{study}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import socket
 import threading
@@ -19,20 +20,30 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from hpsearch import recovery
 from hpsearch.data import TensorData
 from hpsearch.diagnosis import diagnose
 from hpsearch.fused import pack_key, train_pack
 from hpsearch.pruning import StudyPruning
-from hpsearch.search import make_pruner, make_sampler, suggest_params
-from hpsearch.service import HANDED_BACK_ERROR, RUNNABLE_STATES, StudyState, mark_running
+from hpsearch.search import BUDGET_STATES, make_pruner, make_sampler, suggest_params
+from hpsearch.service import (
+    HANDED_BACK_ERROR,
+    RUNNABLE_STATES,
+    StudyState,
+    effective_budget,
+    mark_completed_if_done,
+    mark_running,
+)
 from hpsearch.spec import StudySpec
 from hpsearch.train import EpochRecord, TrainResult, TrialConfig, checkpoint_history, train
 from storage import (
     DATABASE_ERRORS,
     LeaseLost,
+    StudyClaim,
     TrialWrite,
     claim_study,
     delete_checkpoints,
+    grace_period_s,
     heartbeat_interval_s,
     keep_best_model,
     newest_checkpoint,
@@ -44,10 +55,9 @@ from storage import (
 from storage.engine import MAX_RETRIES
 from storage.queries import STATE_NAMES
 
+log = logging.getLogger(__name__)
 KEEP_BEST_MODELS = 5  # the trained weights of this many best trials per study are kept
 WRITE_EVERY_S = 2.0  # a running trial's reports reach the database at least this often
-# Trials that count against n_trials: finished, running, and retries waiting to resume.
-BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # (storage, trial id) of the trials whose heartbeats a `_heartbeat` block records now.
 _BEATING: set[tuple[int, int]] = set()
@@ -71,25 +81,46 @@ def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Tria
     Counting and creating happen under the study's claim lock, and the params are stored
     before the lock is released, so a parallel sampler sees them (constant liar). The budget
     is counted by the database, so a claim costs the same in a study of 10 or 10,000 trials.
+    A grid study's budget is at most its grid's size (`effective_budget`). One whose grid is
+    spent while its n_trials is larger is completed here once its trials have ended: its
+    budget may have been raised after the last of them ended, and no trial would end again
+    to complete it.
     """
     with claim_study(url, state.id) as claim:
         if claim.record.state not in RUNNABLE_STATES:
             return None
-        claim.beat_for_orphans()
-        optuna.storages.fail_stale_trials(study)  # their retries wait in the queue
-        counts = claim.trial_counts()
-        used = sum(counts.get(STATE_NAMES[s], 0) for s in BUDGET_STATES)
-        retry_waiting = counts.get(STATE_NAMES[TrialState.WAITING], 0) > 0
-        if not retry_waiting and used >= claim.record.n_trials:
-            return None
-        trial = study.ask()  # a waiting retry first, with its params
-        # A first heartbeat at once: a trial orphaned by a crash right after this point
-        # still goes stale and is retried, instead of holding budget for ever.
-        study._storage.record_heartbeat(trial._trial_id)
-        suggest_params(trial, state.spec)
+        n_trials = claim.record.n_trials
+        budget = effective_budget(state.spec, n_trials)
+        trial = _claim_within_budget(study, state, claim, budget)
         first = claim.record.state == "queued"
+    # Outside the lock: on PostgreSQL it is a lock on the study's row, which these update.
+    if trial is None:
+        if budget < n_trials:
+            mark_completed_if_done(url, state.id)
+        return None
     if first:
         mark_running(url, state.id)
+    return trial
+
+
+def _claim_within_budget(
+    study: optuna.Study, state: StudyState, claim: StudyClaim, budget: int
+) -> optuna.Trial | None:
+    """Under the claim lock: a new trial, or a waiting retry (which holds budget already),
+    unless the trials that count against the budget fill it."""
+    claim.beat_for_orphans()
+    recovery.reap_lost_trials(study, claim, grace_period_s())  # their retries wait in the queue
+    counts = claim.trial_counts()
+    used = sum(counts.get(STATE_NAMES[s], 0) for s in BUDGET_STATES)
+    retry_waiting = counts.get(STATE_NAMES[TrialState.WAITING], 0) > 0
+    if not retry_waiting and used >= budget:
+        return None
+    trial = study.ask()  # a waiting retry first, with its params (and grid point)
+    # A first heartbeat at once: a trial orphaned by a crash right after this point still
+    # goes stale and is retried, instead of holding budget for ever.
+    study._storage.record_heartbeat(trial._trial_id)
+    recovery.record_holder(study, trial)
+    suggest_params(trial, state.spec)
     return trial
 
 
@@ -303,6 +334,7 @@ def run_trial(
         hand_back(study, trial, context)
         return None
     except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
+        _log_taken_away(study, trial)
         return None  # another worker resumes it; this one must not write to it
     except DATABASE_ERRORS:
         raise  # telling would fail too; the trial goes stale and resumes from its checkpoint
@@ -328,13 +360,17 @@ def run_pack(
     for writer, payload in zip(writers, resume_from, strict=True):
         _begin(writer, data, payload)
 
+    def lose(i: int) -> None:
+        lost.add(i)
+        _log_taken_away(study, trials[i])
+
     def report(i: int, record: EpochRecord) -> bool:
         if i not in lost:
             try:
                 writers[i].report(record.value, record.epoch)
                 return writers[i].should_prune()
             except LeaseLost:
-                lost.add(i)
+                lose(i)
         return False
 
     def save(i: int, payload: bytes, epoch: int) -> None:
@@ -342,7 +378,7 @@ def run_pack(
             try:
                 writers[i].write(checkpoint=(epoch, payload))
             except LeaseLost:
-                lost.add(i)
+                lose(i)
 
     def done(i: int, result: TrainResult) -> None:
         if i in lost:
@@ -354,7 +390,7 @@ def run_pack(
             _record(writers[i], result)
             outcomes[i] = _tell(study, trials[i], result, context)
         except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
-            lost.add(i)
+            lose(i)
 
     try:
         with keep_alive(study, trials):
@@ -431,6 +467,7 @@ def _tell(
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, result.value)
+    _log_end(study, trial, result)
     if context is not None:
         if not result.pruned:
             curve = {r.epoch: r.value for r in result.history}
@@ -441,9 +478,47 @@ def _tell(
 
 
 def _fail(study: optuna.Study, trial: optuna.Trial, exc: Exception) -> TrialState:
-    trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+    error = f"{type(exc).__name__}: {exc}"
+    trial.set_user_attr("error", error)
     study.tell(trial, state=TrialState.FAIL)
+    log.warning(
+        "study %s: trial %d failed: %s",
+        study.study_name,
+        trial.number,
+        error,
+        extra={"study": study.study_name, "trial": trial.number, "state": "failed"},
+    )
     return TrialState.FAIL
+
+
+def _log_end(study: optuna.Study, trial: optuna.Trial, result: TrainResult) -> None:
+    state = "pruned" if result.pruned else "complete"
+    log.info(
+        "study %s: trial %d %s after %d epochs (%.1f s), value %.6g",
+        study.study_name,
+        trial.number,
+        state,
+        result.epochs_run,
+        result.seconds,
+        result.value,
+        extra={
+            "study": study.study_name,
+            "trial": trial.number,
+            "state": state,
+            "value": result.value,
+            "epochs": result.epochs_run,
+        },
+    )
+
+
+def _log_taken_away(study: optuna.Study, trial: optuna.Trial) -> None:
+    log.warning(
+        "study %s: trial %d was failed as stale (its heartbeats were late) and is retried "
+        "elsewhere; this worker stops training it",
+        study.study_name,
+        trial.number,
+        extra={"study": study.study_name, "trial": trial.number, "state": "lost"},
+    )
 
 
 def fail_trials(
@@ -496,6 +571,12 @@ def hand_back(study: optuna.Study, trial: optuna.Trial, context: TrialContext) -
         trial.set_user_attr("error", HANDED_BACK_ERROR)
         frozen = study.tell(trial, state=TrialState.FAIL)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, frozen)
+    log.info(
+        "study %s: trial %d checkpointed and handed back; its retry resumes it",
+        study.study_name,
+        trial.number,
+        extra={"study": study.study_name, "trial": trial.number, "state": "handed_back"},
+    )
 
 
 @contextmanager

@@ -20,6 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
+from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import TypeVar
 
@@ -31,7 +33,9 @@ from sqlalchemy.exc import NoResultFound
 from hpsearch import memory
 from hpsearch.data import TensorData, load_dataset
 from hpsearch.errors import HpsearchError
+from hpsearch.logs import LogSettings
 from hpsearch.pruning import StudyPruning
+from hpsearch.recovery import silent_trials
 from hpsearch.service import (
     StudyState,
     fail_if_failing,
@@ -41,6 +45,7 @@ from hpsearch.service import (
 )
 from hpsearch.study import (
     TrialContext,
+    as_asked,
     claim_trial,
     fail_trials,
     keep_alive,
@@ -83,6 +88,7 @@ class WorkerOptions:
     # CPU threads for training; None = torch's default, one per core, which several workers
     # on one host would each take, slowing all of them down.
     threads: int | None = None
+    logs: LogSettings = field(default_factory=LogSettings)  # for worker processes it starts
 
     @property
     def pack_size(self) -> int:
@@ -115,6 +121,7 @@ class Worker:
     _worker_id: int | None = None
     _finished: threading.Event = field(default_factory=threading.Event)
     _busy: bool = False
+    _waiting_for: list[int] = field(default_factory=list)  # silent trials last told of
 
     def run(self) -> int:
         if self.options.threads is not None:
@@ -123,6 +130,14 @@ class Worker:
             self._wait_for_database(self._connect)
         except Stopped:
             return 0
+        log.info(
+            "worker %s started on %s, database %s, serving %s",
+            self._worker_id,
+            self.options.device,
+            safe_url(self.options.url),
+            ", ".join(self.options.studies) or "every runnable study",
+            extra={"worker_id": self._worker_id, "device": self.options.device},
+        )
         beating = threading.Thread(target=self._beat, name="worker-heartbeat", daemon=True)
         beating.start()
         try:
@@ -152,8 +167,7 @@ class Worker:
                 waiting_since = waiting_since or now
                 if said_at is None or now - said_at >= WAITING_MESSAGE_S:
                     log.warning(
-                        "worker %d: waiting for the database at %s (%.0f s so far): %s",
-                        os.getpid(),
+                        "waiting for the database at %s (%.0f s so far): %s",
                         safe_url(self.options.url),
                         now - waiting_since,
                         driver_reason(exc),
@@ -163,7 +177,7 @@ class Worker:
                     raise Stopped from None
                 continue
             if waiting_since is not None:
-                log.warning("worker %d: the database is back", os.getpid())
+                log.warning("the database is back after %.0f s", time.monotonic() - waiting_since)
             return result
 
     def _beat(self) -> None:
@@ -181,14 +195,17 @@ class Worker:
             except Stopped:
                 break
             if not trained:
-                if self._idle_too_long(idle_since):
+                if self._idle_too_long(idle_since) and not self._lost_trials_coming():
+                    log.info("exiting: nothing to claim for %.0f s", self.options.idle_exit_s)
                     return 0
                 self.stop.wait(IDLE_POLL_S)
                 continue
             done += trained
             if self.options.max_trials is not None and done >= self.options.max_trials:
+                log.info("exiting: %d trials trained (--max-trials)", done)
                 return 0
             idle_since = time.monotonic()
+        log.info("exiting: %s", "stopped by a signal" if self.stop.is_set() else "deadline passed")
         return 0
 
     def _step(self) -> int:
@@ -218,6 +235,7 @@ class Worker:
                     trials.append(trial)
                 if trials:
                     self._turn = (self._turn + offset + 1) % len(candidates)
+                    _log_claim(state, trials)
                     return state, study, trials
         return None
 
@@ -234,10 +252,10 @@ class Worker:
             if is_transient(exc):
                 raise
             log.warning(
-                "worker %d: study %s skipped this turn: %s",
-                os.getpid(),
+                "study %s skipped this turn: %s",
                 state.name,
                 driver_reason(exc),
+                extra={"study": state.name},
             )
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
@@ -249,7 +267,7 @@ class Worker:
         self._forget(state.id)
         url = self.options.url
         if with_retries(functools.partial(fail_study, url, state.id, reason), url=url):
-            log.warning("worker %d: study %s failed: %s", os.getpid(), state.name, reason)
+            log.warning("study %s failed: %s", state.name, reason, extra={"study": state.name})
 
     def _optuna_study_exists(self, state: StudyState) -> bool:
         with session_scope(self.options.url) as session:
@@ -302,7 +320,7 @@ class Worker:
             )
             if reason is not None:
                 self._forget(state.id)
-                log.warning("worker %d: study %s failed: %s", os.getpid(), state.name, reason)
+                log.warning("study %s failed: %s", state.name, reason, extra={"study": state.name})
         with_retries(
             lambda: mark_completed_if_done(self.options.url, state.id), url=self.options.url
         )
@@ -324,11 +342,12 @@ class Worker:
                         outcomes += run_pack(study, group, state.spec, data, context)
         except DATABASE_ERRORS as exc:
             log.warning(
-                "worker %d: lost the database during trials %s (%s); they will be retried "
+                "study %s: lost the database during trials %s (%s); they will be retried "
                 "from their checkpoints",
-                os.getpid(),
+                state.name,
                 [t.number for t in trials],
-                type(exc).__name__,
+                driver_reason(exc),
+                extra={"study": state.name, "trials": [t.number for t in trials]},
             )
         return outcomes
 
@@ -338,6 +357,31 @@ class Worker:
         if self._busy:
             self._set(state="idle", current_study_id=None, current_trial_number=None)
             self._busy = False
+            log.info("idle: no trial to claim")
+
+    def _lost_trials_coming(self) -> bool:
+        """Whether a study this worker serves has running trials whose heartbeats stopped:
+        their workers died, and their retries will be claimable at the end of the grace
+        period. Exiting idle before then would leave the study unfinished."""
+        for state in self._runnable():
+            if state.optuna_study_id is None:
+                continue
+            silent = with_retries(
+                functools.partial(silent_trials, self.options.url, state.optuna_study_id),
+                url=self.options.url,
+            )
+            if silent and self._waiting_for != (numbers := [t.number for t in silent]):
+                self._waiting_for = numbers  # said once, not at every poll
+                log.info(
+                    "study %s: waiting for trial(s) %s, silent for %.0f s, to count as lost",
+                    state.name,
+                    ", ".join(str(t.number) for t in silent),
+                    min(t.beat_age_s or 0.0 for t in silent),
+                    extra={"study": state.name, "trials": numbers},
+                )
+            if silent:
+                return True
+        return False
 
     def _past_deadline(self) -> bool:
         return self.options.deadline is not None and time.time() >= self.options.deadline
@@ -370,6 +414,28 @@ class Worker:
                 )
 
         with_retries(write, url=self.options.url)
+
+
+def _log_claim(state: StudyState, trials: list[optuna.Trial]) -> None:
+    """Which trials were claimed, and which of them retry a trial that did not finish."""
+    numbers = [trial.number for trial in trials]
+    log.info(
+        "study %s: claimed trial%s %s",
+        state.name,
+        "s" if len(numbers) > 1 else "",
+        ", ".join(map(str, numbers)),
+        extra={"study": state.name, "trials": numbers},
+    )
+    for trial in trials:
+        retried = as_asked(trial).system_attrs.get("failed_trial")
+        if retried is not None:
+            log.info(
+                "study %s: trial %d retries trial %d from its newest checkpoint",
+                state.name,
+                trial.number,
+                retried,
+                extra={"study": state.name, "trial": trial.number, "retries": retried},
+            )
 
 
 def resolve_devices(device: str, jobs: int = 1) -> list[str]:
@@ -412,30 +478,65 @@ def run_worker_processes(options: WorkerOptions, devices: list[str]) -> int:
         )
         for device in devices
     ]
-    for process in processes:
-        process.start()
-
-    def forward(signum: int, frame: FrameType | None) -> None:
+    with signals_passed_on(processes):
+        start_processes(processes)
         for process in processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for process in processes:
-        process.join()
+            process.join()
     return max(process.exitcode or 0 for process in processes)
 
 
 def _worker_process(options: WorkerOptions) -> None:
+    options.logs.apply()
     worker = Worker(options)
     stop_on_signals(worker.stop)
     raise SystemExit(worker.run())
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def start_processes(processes: list[BaseProcess]) -> None:
+    """Start worker processes with SIGINT and SIGTERM blocked in them until `stop_on_signals`
+    is in place: a Ctrl-C during their seconds of start-up waits, then stops the worker
+    cleanly, instead of a KeyboardInterrupt traceback from the middle of an import. The
+    blocked mask is inherited across the spawn; the resource tracker is started first
+    because starting it unblocks the signals."""
+    resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+@contextlib.contextmanager
+def signals_passed_on(processes: list[BaseProcess]) -> Iterator[list[int]]:
+    """While the block runs, SIGINT and SIGTERM are passed on to the worker processes (each
+    checkpoints its trials, hands them back and exits) instead of ending this process; the
+    signals received are listed in the list yielded, for the caller to end as they ask once
+    the workers are done. A terminal's Ctrl-C reaches the workers too: they take the first
+    signal and ignore the rest."""
+    received: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def stop_on_signals(stop: threading.Event) -> None:
     """SIGTERM and SIGINT set `stop`: the running trial is checkpointed at the end of its
-    epoch and handed back, and the worker exits 0. A second signal is ignored."""
+    epoch and handed back, and the worker exits 0. A second signal is ignored. A signal that
+    came while `start_processes` kept it blocked is delivered now."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
@@ -444,3 +545,4 @@ def stop_on_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

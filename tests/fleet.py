@@ -3,6 +3,7 @@ database, `hpsearch worker` processes with their output, and waits with deadline
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -17,6 +18,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from hpsearch.holders import HOLDER_ATTR
 from hpsearch.service import submit_study
 from hpsearch.spec import load_spec
 from storage import optuna_storage
@@ -91,6 +93,24 @@ class Db:
     def rows(self, sql: str, **params: Any) -> list[sqlalchemy.Row[Any]]:
         with self.engine.connect() as connection:
             return list(connection.execute(sqlalchemy.text(sql), params))
+
+    def execute(self, sql: str, **params: Any) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(sqlalchemy.text(sql), params)
+
+    def holders(self, study: str) -> dict[int, str]:
+        """trial number -> the holder recorded by the claim of each running trial."""
+        return {
+            number: json.loads(value)
+            for number, value in self.rows(
+                "SELECT t.number, a.value_json FROM trials t "
+                "JOIN studies s ON s.study_id = t.study_id "
+                "JOIN trial_system_attributes a ON a.trial_id = t.trial_id "
+                "WHERE s.study_name = :name AND t.state = 'RUNNING' AND a.key = :key",
+                name=study,
+                key=HOLDER_ATTR,
+            )
+        }
 
     def snapshot(self) -> Snapshot:
         with self.engine.connect() as connection:
@@ -179,7 +199,10 @@ class Workers:
     directory: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, url: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, url: str, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """`hpsearch worker` with WORKER_ENV, or `env` over it."""
         index = len(self.processes)
         with (
             open(self.directory / f"worker-{index}.out", "wb") as out,
@@ -188,7 +211,10 @@ class Workers:
             process = subprocess.Popen(
                 hpsearch_command("worker", "--db", url, "--device", "cpu", *args),
                 cwd=self.directory,
-                env=os.environ | WORKER_ENV | {"HPSEARCH_DATA_DIR": str(self.directory)},
+                env=os.environ
+                | WORKER_ENV
+                | (env or {})
+                | {"HPSEARCH_DATA_DIR": str(self.directory)},
                 stdout=out,
                 stderr=err,
             )
@@ -326,12 +352,33 @@ def running_checkpointed(db: Db, study: str, min_epoch: int, count: int = 1) -> 
     return reached if len(reached) >= count else {}
 
 
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """An `hpsearch` command with the workers' heartbeat settings."""
+def kill_while_running(
+    db: Db, workers: Workers, url: str, study: str, count: int, env: dict[str, str] | None = None
+) -> dict[int, int]:
+    """Start `count` workers, SIGKILL them all once `count` trials run with a checkpoint,
+    and return the checkpoints (number -> epoch) of the trials left running."""
+    for _ in range(count):
+        workers.start(url, env=env)
+    wait_for(
+        f"{count} running trials with checkpoints",
+        lambda: running_checkpointed(db, study, 1, count=count),
+        workers,
+    )
+    workers.kill_all()
+    return running_checkpointed(db, study, 1)  # read after the kills: nothing moves now
+
+
+def cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """An `hpsearch` command with the workers' heartbeat settings (or `env` over them)."""
     return subprocess.run(
         hpsearch_command(*args),
         cwd=cwd,
-        env=os.environ | WORKER_ENV | {"HPSEARCH_DATA_DIR": str(cwd), "COLUMNS": "200"},
+        env=os.environ
+        | WORKER_ENV
+        | (env or {})
+        | {"HPSEARCH_DATA_DIR": str(cwd), "COLUMNS": "200"},
         capture_output=True,
         text=True,
         timeout=120,

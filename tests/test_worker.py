@@ -34,6 +34,7 @@ from tests.fleet import (
     assert_resumed_whole,
     cli,
     crash_spec,
+    kill_while_running,
     load_trials,
     original_of,
     running_checkpointed,
@@ -110,21 +111,13 @@ def test_all_workers_killed_then_resume_frees_and_resumes_every_trial(
     name, n_trials, max_epochs = "sigkill-all", 4, 60
     submit(postgres_url, tmp_path, crash_spec(name, n_trials, max_epochs=max_epochs))
     db = Db(postgres_url)
-    for _ in range(2):
-        workers.start(postgres_url)
-    wait_for(
-        "two running trials with checkpoints",
-        lambda: running_checkpointed(db, name, 1, count=2),
-        workers,
-    )
-    workers.kill_all()
-    orphaned = running_checkpointed(db, name, 1)  # read after the kills: nothing moves now
+    orphaned = kill_while_running(db, workers, postgres_url, name, 2)
     # Usually both; one may have finished between the wait and the kill on a loaded machine.
     assert len(orphaned) >= 1, (orphaned, db.snapshot())
 
     resumed = cli("resume", name, "--db", postgres_url, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    freed = re.search(r"(\d+) stale trial\(s\) freed for retry", resumed.stdout)
+    freed = re.search(r"(\d+) lost trial\(s\) freed for retry", resumed.stdout)
     assert freed is not None, resumed.stdout
     assert int(freed.group(1)) == len(orphaned) >= 1, resumed.stdout
     snapshot = db.snapshot()
@@ -164,6 +157,7 @@ def test_sigterm_hands_the_trial_back_and_another_worker_resumes_it(
         pytest.fail(f"the worker did not exit within 10 s of SIGTERM\n{workers.report()}")
     assert code == 0, workers.report()
     assert "Traceback" not in workers.stderr(first), workers.report()
+    assert "study sigterm: trial 0 checkpointed and handed back" in workers.stderr(first)
     stopped = db.rows("SELECT state FROM hps_workers WHERE pid = :pid", pid=first.pid)
     assert [state for (state,) in stopped] == ["stopped"]
 
@@ -183,6 +177,7 @@ def test_sigterm_hands_the_trial_back_and_another_worker_resumes_it(
 
     assert second.returncode == 0, workers.report()
     assert "Traceback" not in workers.stderr(second), workers.report()
+    assert "study sigterm: trial 1 retries trial 0" in workers.stderr(second)
     assert_budget_never_exceeded(snapshots, name, n_trials)
     trials = assert_finished_exactly(postgres_url, name, n_trials)
     assert len(trials) == n_trials + 1, summary(trials)  # the handed-back trial, once
