@@ -31,12 +31,13 @@ format: install
 	$(BIN)/ruff format .
 
 # Every benchmark, each rewriting its own section of BENCHMARKS.md (about an hour and a half
-# on 2 cores; bench/service.py needs PostgreSQL, see its docstring).
+# on 2 cores; bench/service.py and bench/chaos.py need PostgreSQL, see their docstrings).
 bench: install
 	$(BIN)/python bench/samplers.py
 	$(BIN)/python bench/search_quality.py
 	$(BIN)/python bench/service.py
 	$(BIN)/python bench/delete.py
+	$(BIN)/python bench/chaos.py
 	$(BIN)/python bench/throughput.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/compile.py --write
 
