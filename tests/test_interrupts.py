@@ -22,7 +22,7 @@ from tests.conftest import hpsearch_command, run_cli, write_spec
 from tests.test_cli import FINISHED, quick_spec, trials
 
 # Rounds of the random-moment test; the suite runs a few, HPSEARCH_INTERRUPT_ROUNDS=20 more.
-ROUNDS = int(os.environ.get("HPSEARCH_INTERRUPT_ROUNDS", "3"))
+ROUNDS = int(os.environ.get("HPSEARCH_INTERRUPT_ROUNDS", "2"))
 RESUME = "run the same command again to resume"
 
 
