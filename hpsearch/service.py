@@ -289,7 +289,7 @@ def effective_budget(spec: StudySpec, n_trials: int) -> int:
     return n_trials if points is None else min(n_trials, points)
 
 
-def mark_completed_if_done(url: str, study_id: int) -> None:
+def mark_completed_if_done(url: str, state: StudyState) -> None:
     """running -> completed once the study's complete and pruned trials fill its budget (a
     grid study's: at most its grid's size): counted and compared by the database in one
     statement, so an `extend` meanwhile keeps the study running."""
@@ -303,24 +303,15 @@ def mark_completed_if_done(url: str, study_id: int) -> None:
         .scalar_subquery()
     )
     filled = StudyRecord.n_trials <= finished
-    points = _grid_size_of(url, study_id)
-    if points is not None:  # a study's grid never changes: read apart from the update
+    points = grid_size(state.spec)
+    if points is not None:  # a study's grid never changes, unlike its n_trials
         filled = or_(filled, finished >= points)
     with session_scope(url) as session:
         session.execute(
             update(StudyRecord)
-            .where(StudyRecord.id == study_id, StudyRecord.state == "running", filled)
+            .where(StudyRecord.id == state.id, StudyRecord.state == "running", filled)
             .values(state="completed")
         )
-
-
-def _grid_size_of(url: str, study_id: int) -> int | None:
-    """The size of the study's grid; None for another sampler, or a study not there."""
-    with session_scope(url) as session:
-        stored = session.scalar(select(StudyRecord.spec).where(StudyRecord.id == study_id))
-    if stored is None or stored.get("sampler", {}).get("name") != "grid":
-        return None
-    return grid_size(StudySpec.model_validate(stored))
 
 
 def fail_study(url: str, study_id: int, reason: str) -> bool:

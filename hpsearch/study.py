@@ -96,7 +96,7 @@ def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Tria
     # Outside the lock: on PostgreSQL it is a lock on the study's row, which these update.
     if trial is None:
         if budget < n_trials:
-            mark_completed_if_done(url, state.id)
+            mark_completed_if_done(url, state)
         return None
     if first:
         mark_running(url, state.id)

@@ -321,9 +321,7 @@ class Worker:
             if reason is not None:
                 self._forget(state.id)
                 log.warning("study %s failed: %s", state.name, reason, extra={"study": state.name})
-        with_retries(
-            lambda: mark_completed_if_done(self.options.url, state.id), url=self.options.url
-        )
+        with_retries(lambda: mark_completed_if_done(self.options.url, state), url=self.options.url)
         return outcomes
 
     def _train(

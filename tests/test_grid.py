@@ -85,7 +85,7 @@ def test_claims_stop_once_every_point_is_taken_and_the_last_to_end_completes(
     for i, trial in enumerate(claimed):
         assert get_study(url, "grid").state == "running"
         study.tell(trial, 0.5 + i / 10)
-        mark_completed_if_done(url, state.id)  # as a worker does after each trial
+        mark_completed_if_done(url, state)  # as a worker does after each trial
     assert get_study(url, "grid").state == "completed"
     assert results.study_summary(url, "grid").progress.budget == 4  # the grid's size
 
@@ -109,7 +109,7 @@ def test_a_budget_raised_after_the_grid_is_spent_completes_the_study_again(
     url, state, study = submitted(tmp_path, n_trials=4)
     for trial in claim_all(study, state, url):
         study.tell(trial, 0.5)
-    mark_completed_if_done(url, state.id)
+    mark_completed_if_done(url, state)
     assert get_study(url, "grid").state == "completed"
     assert change_state(url, "grid", "extend", n_trials=3).state == "running"
     assert claim_trial(study, state, url) is None  # and no trial would end to complete it

@@ -118,7 +118,7 @@ def test_claims_respect_pause_budget_completion_and_extend(url: str) -> None:
 def run_all(study: Any, state: Any, url: str, data: Any) -> None:
     while (trial := claim_trial(study, state, url)) is not None:
         run_trial(study, trial, state.spec, data)
-        mark_completed_if_done(url, state.id)
+        mark_completed_if_done(url, state)
 
 
 def test_a_queued_study_turns_running_at_its_first_claim(url: str) -> None:
