@@ -8,27 +8,29 @@ ignored, as a shell does for background jobs.
 
 from __future__ import annotations
 
-import signal
 import sys
-from types import FrameType
 
+from hpsearch import signals
 from hpsearch.errors import Interrupted
 
 
-def interrupt(signum: int, frame: FrameType | None) -> None:
-    """Raise Interrupted where the main thread is: the command decides how to end."""
-    raise Interrupted(signum)
-
-
 def main() -> None:
-    signal.signal(signal.SIGINT, interrupt)
+    signals.install()
     try:
         from hpsearch.cli import app
 
         app()
     except Interrupted as stop:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(stop.exit_code) from None
+        end(stop.exit_code)
+    except SystemExit as ended:
+        if ended.code not in (0, None) or not signals.received:
+            raise
+        end(Interrupted(signals.received[0]).exit_code)  # its exception was swallowed
+
+
+def end(code: int) -> None:
+    print("interrupted", file=sys.stderr)
+    raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

@@ -18,14 +18,9 @@ import optuna
 from hpsearch.errors import HpsearchError, Interrupted
 from hpsearch.logs import LogSettings
 from hpsearch.service import StudyState
+from hpsearch.signals import started, stop_on_signals
 from hpsearch.study import FINISHED_STATES
-from hpsearch.worker import (
-    Worker,
-    WorkerOptions,
-    signals_passed_on,
-    start_processes,
-    stop_on_signals,
-)
+from hpsearch.worker import Worker, WorkerOptions
 from storage import DATABASE_ERRORS, StorageError, optuna_storage, session_scope
 from storage.db import is_transient
 from storage.queries import STATE_NAMES, best_values, trial_counts
@@ -66,8 +61,7 @@ def run_workers(
         for i in range(jobs)
     ]
     study = optuna.load_study(study_name=state.name, storage=optuna_storage(url))
-    with signals_passed_on(workers) as received:
-        start_processes(workers)
+    with started(workers) as received:
         try:
             while any(w.is_alive() for w in workers):
                 _show_progress(on_progress, url, study)

@@ -14,15 +14,11 @@ import functools
 import logging
 import multiprocessing
 import os
-import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from multiprocessing import resource_tracker
-from multiprocessing.process import BaseProcess
-from types import FrameType
 from typing import TypeVar
 
 import optuna
@@ -43,6 +39,7 @@ from hpsearch.service import (
     mark_completed_if_done,
     runnable_studies,
 )
+from hpsearch.signals import started, stop_on_signals
 from hpsearch.study import (
     TrialContext,
     as_asked,
@@ -476,8 +473,7 @@ def run_worker_processes(options: WorkerOptions, devices: list[str]) -> int:
         )
         for device in devices
     ]
-    with signals_passed_on(processes):
-        start_processes(processes)
+    with started(processes):
         for process in processes:
             process.join()
     return max(process.exitcode or 0 for process in processes)
@@ -488,59 +484,3 @@ def _worker_process(options: WorkerOptions) -> None:
     worker = Worker(options)
     stop_on_signals(worker.stop)
     raise SystemExit(worker.run())
-
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def start_processes(processes: list[BaseProcess]) -> None:
-    """Start worker processes with SIGINT and SIGTERM blocked in them until `stop_on_signals`
-    is in place: a Ctrl-C during their seconds of start-up waits, then stops the worker
-    cleanly, instead of a KeyboardInterrupt traceback from the middle of an import. The
-    blocked mask is inherited across the spawn; the resource tracker is started first
-    because starting it unblocks the signals."""
-    resource_tracker.ensure_running()
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        for process in processes:
-            process.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
-
-
-@contextlib.contextmanager
-def signals_passed_on(processes: list[BaseProcess]) -> Iterator[list[int]]:
-    """While the block runs, SIGINT and SIGTERM are passed on to the worker processes (each
-    checkpoints its trials, hands them back and exits) instead of ending this process; the
-    signals received are listed in the list yielded, for the caller to end as they ask once
-    the workers are done. A terminal's Ctrl-C reaches the workers too: they take the first
-    signal and ignore the rest."""
-    received: list[int] = []
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        received.append(signum)
-        for process in processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signum)
-
-    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
-    try:
-        yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def stop_on_signals(stop: threading.Event) -> None:
-    """SIGTERM and SIGINT set `stop`: the running trial is checkpointed at the end of its
-    epoch and handed back, and the worker exits 0. A second signal is ignored. A signal that
-    came while `start_processes` kept it blocked is delivered now."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

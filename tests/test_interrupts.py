@@ -3,6 +3,7 @@ next run resumes without repeating a trial. Real processes, signals and training
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -13,11 +14,15 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
+from hpsearch import signals
+from hpsearch.__main__ import main
+from hpsearch.errors import Interrupted
 from tests.conftest import hpsearch_command, run_cli, write_spec
 from tests.test_cli import FINISHED, quick_spec, trials
 
@@ -216,3 +221,30 @@ def _trials_or_none(url: str, name: str) -> list[FrozenTrial]:
         return trials(url, name)
     except KeyError:
         return []
+
+
+def test_a_signal_whose_exception_was_swallowed_still_ends_the_command_with_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Python swallows an exception raised in a weakref callback or a finaliser; a Ctrl-C
+    landing there must not let the command end as if nothing happened."""
+    import hpsearch.cli
+
+    monkeypatch.setattr(signals, "received", [])
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's handler alone
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # restored after
+
+    def command_that_swallows_the_signal() -> None:
+        with contextlib.suppress(Interrupted):  # as Python does in a weakref callback
+            signals.interrupt(signal.SIGINT, None)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(hpsearch.cli, "app", command_that_swallows_the_signal)
+    with pytest.raises(SystemExit) as ended:
+        main()
+    assert ended.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    # Where Python reports the exception it swallowed, nothing is printed either.
+    swallowed = SimpleNamespace(exc_value=Interrupted(), exc_type=Interrupted, object=None)
+    sys.unraisablehook(swallowed)  # type: ignore[arg-type]
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,102 @@
+"""Signals: Ctrl-C (SIGINT) and SIGTERM at the command line and in worker processes.
+
+At the command line a signal raises `Interrupted` where the main thread is, so a command
+ends with one line and exit code 130 (`hpsearch.__main__`). Python swallows an exception
+raised inside a finaliser or a weakref callback ("Exception ignored in ..."), and a signal
+can land in one; so every signal is also recorded in `received`, for the command to honour
+later (`started` passes it on to the workers it starts, `hpsearch.__main__` ends with 130).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from multiprocessing import resource_tracker
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Any
+
+from hpsearch.errors import Interrupted
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+received: list[int] = []  # signals this process was sent, in order
+
+
+def install() -> None:
+    """The command line's handling: SIGINT raises Interrupted (even when the process started
+    with it ignored, as a shell starts a background job), and an Interrupted that Python
+    swallows prints no "Exception ignored" traceback: it is recorded in `received`."""
+    signal.signal(signal.SIGINT, interrupt)
+    sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable: Any) -> None:
+    if not isinstance(unraisable.exc_value, Interrupted):
+        sys.__unraisablehook__(unraisable)
+
+
+def interrupt(signum: int, frame: FrameType | None) -> None:
+    """The command line's handler: record the signal, and raise Interrupted."""
+    received.append(signum)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def started(processes: list[BaseProcess]) -> Iterator[list[int]]:
+    """Start worker processes; while the block runs, SIGINT and SIGTERM are passed on to
+    them (each checkpoints its trials, hands them back and exits) instead of ending this
+    process. Yields the signals received, for the caller to end as they ask once the workers
+    are done: one that came before the workers started is passed on to them as they start.
+    A terminal's Ctrl-C reaches the workers too: they take the first signal and ignore the
+    rest."""
+    signals = list(received)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        signals.append(signum)
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        _start(processes)
+        if signals:
+            forward(signals[0], None)
+        yield signals
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _start(processes: list[BaseProcess]) -> None:
+    """Start worker processes with SIGINT and SIGTERM blocked in them until `stop_on_signals`
+    is in place: a Ctrl-C during their seconds of start-up waits, then stops the worker
+    cleanly, instead of a KeyboardInterrupt traceback from the middle of an import. The
+    blocked mask is inherited across the spawn; the resource tracker is started first
+    because starting it unblocks the signals."""
+    resource_tracker.ensure_running()
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """A worker's handler: SIGTERM and SIGINT set `stop`; the running trial is checkpointed
+    at the end of its epoch and handed back, and the worker exits 0. A second signal is
+    ignored. A signal that came while `_start` kept it blocked is delivered now."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
