@@ -8,29 +8,49 @@ ignored, as a shell does for background jobs.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import sys
+from typing import NoReturn
 
 from hpsearch import signals
 from hpsearch.errors import Interrupted
 
 
-def main() -> None:
+def main() -> NoReturn:
     signals.install()
     try:
         from hpsearch.cli import app
 
         app()
+        code: object = 0
     except Interrupted as stop:
-        end(stop.exit_code)
+        code = _interrupted(stop.exit_code)
     except SystemExit as ended:
-        if ended.code not in (0, None) or not signals.received:
-            raise
-        end(Interrupted(signals.received[0]).exit_code)  # its exception was swallowed
+        code = ended.code
+        if code in (0, None) and signals.received:  # its exception was swallowed
+            code = _interrupted(Interrupted(signals.received[0]).exit_code)
+    leave(code)
 
 
-def end(code: int) -> None:
+def _interrupted(code: int) -> int:
     print("interrupted", file=sys.stderr)
-    raise SystemExit(code) from None
+    return code
+
+
+def leave(code: object) -> NoReturn:
+    """End the process with `code` once what it wrote is flushed, skipping the interpreter's
+    teardown: once torch is loaded, finalising its modules takes a second, and nothing is
+    left to clean up (every transaction is committed, every worker process joined)."""
+    if isinstance(code, str):  # SystemExit's message form
+        print(code, file=sys.stderr)
+        code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`| head`) or stream
+            stream.flush()
+    os._exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

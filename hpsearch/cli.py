@@ -1,50 +1,28 @@
-"""The `hpsearch` command line."""
+"""The `hpsearch` command line.
+
+Each command imports what it needs when it runs: `--help` and the client commands (status,
+leaderboard, ...) must answer at once, and only the commands that train load torch and
+scikit-learn (a test keeps it so).
+"""
 
 from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import datetime
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
-import optuna
 import typer
-from rich import box
-from rich.console import Console, Group
+from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from hpsearch import results
-from hpsearch.client import connect, dump_json
-from hpsearch.embedded import StudyProgress, read_progress, run_workers
+from hpsearch import render
 from hpsearch.errors import HpsearchError, Interrupted, SpecError
-from hpsearch.logs import LogSettings
-from hpsearch.service import RUNNABLE_STATES, effective_budget, submit_study
-from hpsearch.spec import StudySpec, load_spec
-from hpsearch.tokens import create_token, list_tokens, revoke_token
-from hpsearch.views import (
-    LeaderboardEntry,
-    Page,
-    ResumedStudy,
-    StudyDetail,
-    StudySummary,
-    TrialDetail,
-)
-from hpsearch.worker import WorkerOptions, resolve_devices, run_worker_processes
-from storage import (
-    DATABASE_ERRORS,
-    StorageError,
-    default_url,
-    optuna_storage,
-    safe_url,
-    upgrade,
-)
-from storage.engine import driver_reason
+
+if TYPE_CHECKING:
+    from hpsearch.client import Backend
 
 app = typer.Typer(
     help="Hyperparameter search for BP networks (multi-layer perceptrons).",
@@ -97,14 +75,36 @@ def user_errors(command: F) -> F:
             for path, reason in exc.errors:
                 errors.print(f"  {path or '(spec)'}: {reason}", markup=False, highlight=False)
             raise typer.Exit(2) from None
-        except (HpsearchError, StorageError) as exc:
+        except HpsearchError as exc:
             errors.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(2) from None
-        except DATABASE_ERRORS as exc:
-            errors.print(f"[red]error:[/] the database failed: {escape(driver_reason(exc))}")
+        except Exception as exc:
+            message = _database_failure(exc)
+            if message is None:
+                raise
+            errors.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _database_failure(exc: Exception) -> str | None:
+    """The line to show for a database error, or None for any other error (a bug, whose
+    traceback must be seen). Storage is imported only now: `--help` never needs it."""
+    from storage import DATABASE_ERRORS, StorageError
+    from storage.engine import driver_reason
+
+    if isinstance(exc, StorageError):
+        return str(exc)
+    if isinstance(exc, DATABASE_ERRORS):
+        return f"the database failed: {driver_reason(exc)}"
+    return None
+
+
+def _backend(api: str | None, db: str | None) -> Backend:
+    from hpsearch.client import connect
+
+    return connect(api, db)
 
 
 @app.callback()
@@ -123,33 +123,43 @@ def run(
     pack: PackOption = None,
 ) -> None:
     """Run a study here until its budget is spent; running it again resumes it."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from hpsearch import results
+    from hpsearch.logs import LogSettings
+    from hpsearch.service import RUNNABLE_STATES, effective_budget, submit_study
+    from hpsearch.spec import load_spec
+    from storage import default_url, safe_url
+
+    LogSettings("warning").apply()  # the progress bar tells the rest
     url = db or default_url()
-    devices = resolve_devices(device, jobs)
     state = submit_study(url, load_spec(spec_path))  # refused at once if it cannot run
     spec = state.spec
-    study = optuna.load_study(study_name=spec.name, storage=optuna_storage(url))
     if state.state not in RUNNABLE_STATES:
-        _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
+        console.print(render.leaderboard(results.leaderboard(url, spec.name, top), spec))
         hint = _HINTS.get(state.state, "").format(name=spec.name)
         console.print(f"study {spec.name} is {state.state}" + (f"; {hint}" if hint else ""))
         return
+    from hpsearch.embedded import read_progress, run_workers  # training: torch from here on
+    from hpsearch.worker import resolve_devices
+
+    devices = resolve_devices(device, jobs)
     console.print(
         f"study [bold]{spec.name}[/] on {escape(safe_url(url))}: {jobs} worker(s) on {devices[0]}"
     )
+    total = effective_budget(spec, spec.budget.n_trials)  # a grid's size at most
     try:
-        with progress_bar(spec) as update:
+        with render.progress_bar(spec.name, total, console) as update:
             codes = run_workers(state, url, jobs, devices, update, pack=pack)
     except Interrupted as stop:
-        _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
+        console.print(render.leaderboard(results.leaderboard(url, spec.name, top), spec))
         errors.print("interrupted: run the same command again to resume")
         raise typer.Exit(stop.exit_code) from None
-    _print_leaderboard(results.leaderboard(url, spec.name, top), spec)
+    console.print(render.leaderboard(results.leaderboard(url, spec.name, top), spec))
     ended = results.study_summary(url, state.id)
     if ended.state == "failed":
         errors.print(f"[red]error:[/] study {spec.name} failed: {escape(ended.reason or '')}")
         raise typer.Exit(1)
-    left = read_progress(url, study)
+    maximize = spec.objective.direction == "maximize"
+    left = read_progress(url, state.optuna_study_id, maximize)
     if left.finished < spec.budget.n_trials and left.running:
         errors.print(
             f"{left.running} trial(s) still running elsewhere or left by a crashed process; "
@@ -159,7 +169,7 @@ def run(
     if any(code != 0 for code in codes):
         errors.print(
             f"[red]error:[/] {sum(c != 0 for c in codes)} worker(s) stopped early: "
-            f"{_last_failure(study)}"
+            f"{_last_failure(url, spec.name)}"
         )
         raise typer.Exit(1)
 
@@ -190,8 +200,10 @@ def submit(
     as_json: JsonOption = False,
 ) -> None:
     """Queue a study for `hpsearch worker` processes to run."""
-    answer = connect(api, db).submit(load_spec(spec_path))
-    _show(answer, as_json, _study_line)
+    from hpsearch.spec import load_spec
+
+    answer = _backend(api, db).submit(load_spec(spec_path))
+    _show(answer, as_json, render.study_line)
 
 
 @app.command()
@@ -203,7 +215,7 @@ def studies(
     as_json: JsonOption = False,
 ) -> None:
     """List the studies with their progress, newest first."""
-    _show(connect(api, db).studies(limit, 0), as_json, studies_table)
+    _show(_backend(api, db).studies(limit, 0), as_json, render.studies_table)
 
 
 @app.command()
@@ -212,7 +224,7 @@ def status(
     study: StudyArgument, api: ApiOption = None, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
     """A study's state, progress and best trial."""
-    _show(connect(api, db).study(study), as_json, status_view)
+    _show(_backend(api, db).study(study), as_json, render.status_view)
 
 
 @app.command(name="leaderboard")
@@ -225,12 +237,12 @@ def leaderboard_command(
     as_json: JsonOption = False,
 ) -> None:
     """The best complete trials of a study, best first."""
-    backend = connect(api, db)
+    backend = _backend(api, db)
     rows = backend.leaderboard(study, top)
     if as_json:
-        typer.echo(dump_json(rows))
+        _show(rows, as_json, render.leaderboard)
         return
-    _print_leaderboard(rows, backend.study(study).spec)
+    console.print(render.leaderboard(rows, backend.study(study).spec))
 
 
 @app.command()
@@ -243,14 +255,14 @@ def trial(
     as_json: JsonOption = False,
 ) -> None:
     """One trial: params, metrics and its learning curve."""
-    _show(connect(api, db).trial(study, number), as_json, trial_view)
+    _show(_backend(api, db).trial(study, number), as_json, render.trial_view)
 
 
 @app.command()
 @user_errors
 def pause(study: StudyArgument, api: ApiOption = None, db: DbOption = None) -> None:
     """Stop starting new trials of a study (running ones finish)."""
-    console.print(_study_line(connect(api, db).change(study, "pause")))
+    console.print(render.study_line(_backend(api, db).change(study, "pause")))
 
 
 @app.command()
@@ -274,34 +286,18 @@ def resume(
     silent for two heartbeats is retried from its checkpoint by workers or `hpsearch run`,
     without waiting for the grace period.
     """
-    answer = connect(api, db).resume(study, free_running=free_running)
-    console.print(_study_line(answer))
+    answer = _backend(api, db).resume(study, free_running=free_running)
+    console.print(render.study_line(answer))
     console.print(f"{answer.freed_trials} lost trial(s) freed for retry from their checkpoints")
-    for line in _still_running(answer, free_running):
+    for line in render.still_running(answer, free_running):
         console.print(line)
-
-
-def _still_running(answer: ResumedStudy, free_running: bool) -> list[str]:
-    """What `resume` left running, when it counts as lost, and how to free it now."""
-    running = answer.running_trials
-    if not running:
-        return []
-    numbers = ", ".join(map(str, running))
-    if free_running:
-        return [f"{len(running)} trial(s) left running ({numbers}): their workers are alive"]
-    return [
-        f"{len(running)} trial(s) left running ({numbers}): their workers beat recently. If "
-        f"they are dead, the trials count as lost within {answer.lost_after_s or 0:.0f} s and "
-        "any worker resumes them then.",
-        f"If you know those workers are dead: hpsearch resume {answer.name} --free-running",
-    ]
 
 
 @app.command()
 @user_errors
 def cancel(study: StudyArgument, api: ApiOption = None, db: DbOption = None) -> None:
     """Stop a study for good: no new trials; its results stay."""
-    console.print(_study_line(connect(api, db).change(study, "cancel")))
+    console.print(render.study_line(_backend(api, db).change(study, "cancel")))
 
 
 @app.command()
@@ -313,14 +309,14 @@ def extend(
     db: DbOption = None,
 ) -> None:
     """Add trials to a study's budget; a completed study runs again."""
-    console.print(_study_line(connect(api, db).change(study, "extend", n_trials)))
+    console.print(render.study_line(_backend(api, db).change(study, "extend", n_trials)))
 
 
 @app.command()
 @user_errors
 def delete(study: StudyArgument, api: ApiOption = None, db: DbOption = None) -> None:
     """Delete a paused, cancelled, completed or failed study with all its trials."""
-    connect(api, db).delete(study)
+    _backend(api, db).delete(study)
     console.print(f"study {escape(study)} deleted")
 
 
@@ -361,7 +357,10 @@ def worker(
     SIGTERM or Ctrl-C checkpoints the running trial, hands it back, and exits 0. The log
     (stderr) tells claims, trial ends, pruning, hand-backs, retries and database waits.
     """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from hpsearch.logs import LogSettings
+    from hpsearch.worker import WorkerOptions, resolve_devices, run_worker_processes
+    from storage import default_url
+
     logs = LogSettings(log_level.value, log_format.value)
     logs.apply()
     url = db or default_url()
@@ -393,8 +392,10 @@ def serve(
 
     from api import Settings, create_app  # the API sits above the engine; load it on demand
     from api.auth import configured_hashes
+    from hpsearch.logs import quiet_optuna
+    from storage import safe_url, upgrade
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_optuna()
     settings = Settings.from_env(db)
     # Optuna's tables and hpsearch's, before any request; an unreachable database is one
     # line now, not one per request.
@@ -418,6 +419,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @user_errors
 def migrate(db: DbOption = None) -> None:
     """Create or upgrade the database's tables (Optuna's and hpsearch's); safe to repeat."""
+    from storage import default_url, safe_url, upgrade
     from storage.engine import upgrade_optuna
 
     url = db or default_url()
@@ -435,6 +437,9 @@ TokenName = Annotated[str, typer.Argument(metavar="NAME", help="Who or what uses
 @user_errors
 def token_create(name: TokenName, db: DbOption = None) -> None:
     """Create a token; it is printed once and stored only as a hash."""
+    from hpsearch.tokens import create_token
+    from storage import default_url
+
     view, token = create_token(db or default_url(), name)
     errors.print(f"token {escape(view.name)} created; it is shown only this once:")
     typer.echo(token)
@@ -444,205 +449,39 @@ def token_create(name: TokenName, db: DbOption = None) -> None:
 @user_errors
 def token_list(db: DbOption = None) -> None:
     """The tokens, with when each was last used and whether it was revoked."""
-    table = Table("id", "name", "created", "last used", "revoked", box=box.SIMPLE_HEAD)
-    for view in list_tokens(db or default_url()):
-        table.add_row(
-            str(view.id),
-            view.name,
-            _when(view.created_at),
-            _when(view.last_used_at),
-            _when(view.revoked_at),
-        )
-    console.print(table)
+    from hpsearch.tokens import list_tokens
+    from storage import default_url
+
+    console.print(render.tokens_table(list_tokens(db or default_url())))
 
 
 @token_app.command("revoke")
 @user_errors
 def token_revoke(name: TokenName, db: DbOption = None) -> None:
     """Revoke a token at once: the next request with it gets a 401."""
+    from hpsearch.tokens import revoke_token
+    from storage import default_url
+
     view = revoke_token(db or default_url(), name)
     console.print(f"token {escape(view.name)} revoked")
-
-
-@contextmanager
-def progress_bar(spec: StudySpec) -> Iterator[Callable[[StudyProgress], None]]:
-    """A Rich progress bar (finished / budget, running, best so far) and its update function."""
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("running {task.fields[running]}"),
-        TextColumn("best {task.fields[best]}"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        total = effective_budget(spec, spec.budget.n_trials)  # a grid's size at most
-        task = bar.add_task(spec.name, total=total, running=0, best="-")
-
-        def update(progress: StudyProgress) -> None:
-            best = "-" if progress.best is None else f"{progress.best:.4g}"
-            bar.update(task, completed=progress.finished, running=progress.running, best=best)
-
-        yield update
-
-
-def _print_leaderboard(rows: list[LeaderboardEntry], spec: StudySpec) -> None:
-    if not rows:
-        console.print("no completed trials yet")
-        return
-    console.print(leaderboard_table(rows, spec))
-
-
-def leaderboard_table(rows: list[LeaderboardEntry], spec: StudySpec) -> Table:
-    metric = spec.objective.metric
-    param_names = list(spec.search_space.dimensions())
-    test_metric = "test_" + metric.removeprefix("val_")
-    table = Table(
-        title=f"{spec.name}: best {len(rows)} by {metric} ({spec.objective.direction})",
-        box=box.SIMPLE_HEAD,
-    )
-    headers = ["#", "trial", metric, test_metric, *param_names, "epochs", "seconds", "diagnosis"]
-    for header in headers:
-        table.add_column(header, justify="left" if header == "diagnosis" else "right", no_wrap=True)
-    for row in rows:
-        table.add_row(
-            str(row.rank),
-            str(row.number),
-            f"{row.value:.4f}",
-            _fmt(row.metrics.get(test_metric)),
-            *(_fmt(row.params.get(name)) for name in param_names),
-            _fmt(row.epochs),
-            _fmt(row.seconds),
-            row.diagnosis or "",
-        )
-    return table
-
-
-def studies_table(page: Page[StudySummary]) -> Table:
-    table = Table(title=f"{page.total} studies", box=box.SIMPLE_HEAD)
-    for header in (
-        "id",
-        "name",
-        "state",
-        "finished",
-        "running",
-        "pruned",
-        "failed",
-        "handed back",
-        "lost",
-        "best",
-        "metric",
-        "sampler",
-    ):
-        table.add_column(
-            header, justify="left" if header in ("name", "state", "metric", "sampler") else "right"
-        )
-    for study in page.items:
-        p = study.progress
-        table.add_row(
-            str(study.id),
-            study.name,
-            study.state,
-            f"{p.finished}/{p.budget}",
-            str(p.running),
-            str(p.pruned),
-            str(p.failed),
-            str(p.handed_back),
-            str(p.lost),
-            _fmt(study.best_value),
-            study.metric,
-            study.sampler,
-        )
-    return table
-
-
-def status_view(study: StudyDetail) -> Group:
-    p = study.progress
-    lines = [
-        _study_line(study),
-        f"progress: {p.finished}/{p.budget} finished ({p.complete} complete, {p.pruned} pruned), "
-        f"{p.running} running, {p.waiting} waiting to resume, {p.failed} failed"
-        + (f", {p.handed_back} handed back by stopping workers" if p.handed_back else "")
-        + (f", {p.lost} lost with their workers" if p.lost else ""),
-        f"objective: {study.metric} ({study.direction}); "
-        f"sampler {study.sampler}, pruner {study.pruner}",
-    ]
-    if study.reason:
-        lines.append(f"reason: {study.reason}")
-    lines += [f"advice: {sentence}" for sentence in study.advice]
-    best = study.best_trial
-    if best is None:
-        lines.append("no completed trial yet")
-        return Group(*(escape(line) for line in lines))
-    lines.append(f"best: trial {best.number}, {study.metric} = {_fmt(best.value)}")
-    table = Table("param", "value", box=box.SIMPLE_HEAD)
-    for name, value in {**best.params, **best.metrics}.items():
-        table.add_row(name, _fmt(value))
-    return Group(*(escape(line) for line in lines), table)
-
-
-def trial_view(trial: TrialDetail) -> Group:
-    head = (
-        f"trial {trial.number}: {trial.state.replace('_', ' ')}, value {_fmt(trial.value)}, "
-        f"{trial.diagnosis or '-'}"
-    )
-    facts = Table("", "", box=None, show_header=False)
-    for name, value in {**trial.params, **trial.metrics}.items():
-        facts.add_row(name, _fmt(value))
-    for name in ("epochs", "seconds", "worker", "device", "resumed_from_epoch", "error"):
-        if getattr(trial, name) is not None:
-            facts.add_row(name, _fmt(getattr(trial, name)))
-    curve = Table(
-        "epoch",
-        "value",
-        "train loss",
-        "val loss",
-        "lr",
-        "grad norm per layer",
-        title="learning curve",
-        box=box.SIMPLE_HEAD,
-    )
-    for point in trial.curve:
-        curve.add_row(
-            str(point.epoch),
-            _fmt(point.value),
-            _fmt(point.train_loss),
-            _fmt(point.val_loss),
-            _fmt(point.learning_rate),
-            " ".join(f"{norm:.2g}" for norm in point.grad_norms or []),
-        )
-    return Group(escape(head), facts, curve)
-
-
-def _study_line(study: StudySummary) -> str:
-    p = study.progress
-    best = "" if study.best_value is None else f", best {study.metric} {_fmt(study.best_value)}"
-    return (
-        f"study {study.name} (id {study.id}): {study.state}, {p.finished}/{p.budget} trials{best}"
-    )
 
 
 def _show(answer: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
     """The answer as JSON for scripts, else rendered for people."""
     if as_json:
+        from hpsearch.client import dump_json
+
         typer.echo(dump_json(answer))
     else:
         console.print(render(answer))
 
 
-def _when(moment: datetime | None) -> str:
-    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
+def _last_failure(url: str, name: str) -> str:
+    import optuna
 
+    from storage import optuna_storage
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _last_failure(study: optuna.Study) -> str:
+    study = optuna.load_study(study_name=name, storage=optuna_storage(url))
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
     return (
         failed[-1].user_attrs.get("error", "unknown error") if failed else "see the messages above"

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from hpsearch import results
@@ -24,6 +23,9 @@ from hpsearch.views import (
     TrialDetail,
 )
 from storage import default_url
+
+if TYPE_CHECKING:
+    import httpx
 
 API_TIMEOUT_S = 30.0
 
@@ -93,6 +95,8 @@ class ApiBackend:
     """The REST API over HTTP; every failure becomes one ApiError line."""
 
     def __init__(self, base_url: str, token: str | None) -> None:
+        import httpx  # here: the --db path never needs it
+
         self.base_url = base_url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(
@@ -137,6 +141,8 @@ class ApiBackend:
             ) from exc
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        import httpx
+
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -147,6 +153,8 @@ class ApiBackend:
 
 
 def _reason(exc: httpx.HTTPError) -> str:
+    import httpx
+
     if isinstance(exc, httpx.ConnectError):
         return "connection refused or host unknown"
     if isinstance(exc, httpx.TimeoutException):

@@ -10,8 +10,8 @@ from pathlib import PurePath
 from sqlalchemy import select
 from sqlalchemy.orm import defer
 
-from hpsearch.data import DatasetFormat, frame_facts, read_table
 from hpsearch.errors import DatasetError, NotFound
+from hpsearch.tables import DatasetFormat, frame_facts, read_table
 from hpsearch.views import DatasetView
 from storage import DatasetRecord, session_scope, upgrade
 

@@ -14,12 +14,14 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError
 
 from hpsearch.spec import INTEGER_KEYS, SEARCH_RULES, Dimension, StudySpec
-from hpsearch.train import EpochRecord, TrainResult
+
+if TYPE_CHECKING:  # training's types; reading advice must not import torch
+    from hpsearch.train import EpochRecord, TrainResult
 
 Diagnosis = Literal[
     "ok",

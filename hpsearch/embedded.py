@@ -1,27 +1,32 @@
-"""The embedded mode: one machine, N local worker processes, one database file.
+"""The embedded mode: `hpsearch run` on one machine, one database, N local workers.
 
-Workers are processes, not threads: training holds the GIL between kernels, and a process
-per worker keeps a crash or an out-of-memory in one trial away from the others.
+One worker trains in this process: the command pays its start-up once. Several are
+processes, not threads (training holds the GIL between kernels, and a process per worker
+keeps a crash or an out-of-memory in one trial away from the others); they are forked from
+a server that imported the training code once (`worker.worker_processes`), instead of each
+importing it again.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 
 import optuna
 
 from hpsearch.errors import HpsearchError, Interrupted
 from hpsearch.logs import LogSettings
 from hpsearch.service import StudyState
-from hpsearch.signals import started, stop_on_signals
+from hpsearch.signals import started, stop_on_signals, stopping
 from hpsearch.study import FINISHED_STATES
-from hpsearch.worker import Worker, WorkerOptions
-from storage import DATABASE_ERRORS, StorageError, optuna_storage, session_scope
+from hpsearch.worker import Worker, WorkerOptions, worker_processes
+from storage import DATABASE_ERRORS, StorageError, session_scope
 from storage.db import is_transient
 from storage.queries import STATE_NAMES, best_values, trial_counts
 
@@ -42,59 +47,105 @@ def run_workers(
     poll_s: float = 0.5,
     pack: int | None = None,
 ) -> list[int]:
-    """Start `jobs` worker processes on the study and poll its progress until they exit.
+    """Run `jobs` workers on the study, showing its progress, until they are done.
 
-    Returns the workers' exit codes. Ctrl-C (SIGINT) or SIGTERM is passed on to the
-    workers, which checkpoint their running trials, hand them back and stop; once they have,
-    Interrupted is raised. Running again resumes the trials handed back.
+    Returns the workers' exit codes. Ctrl-C (SIGINT) or SIGTERM stops the workers, which
+    checkpoint their running trials and hand them back; once they have, Interrupted is
+    raised. Running again resumes the trials handed back.
     """
     timeout_s = state.spec.budget.timeout_s
-    deadline = None if timeout_s is None else time.time() + timeout_s
-    threads = max(1, len(os.sched_getaffinity(0)) // jobs)
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(
-            target=_worker_main,
-            args=(state, url, devices[i], i, threads, deadline, pack),
-            name=f"hpsearch-worker-{i}",
+    options = [
+        WorkerOptions(
+            url,
+            device,
+            studies=(state.name,),
+            idle_exit_s=0,
+            deadline=None if timeout_s is None else time.time() + timeout_s,
+            pack=pack,
+            threads=max(1, len(os.sched_getaffinity(0)) // jobs),
+            logs=LogSettings("warning"),  # the progress bar tells the rest
         )
-        for i in range(jobs)
+        for device in devices[:jobs]
     ]
-    study = optuna.load_study(study_name=state.name, storage=optuna_storage(url))
-    with started(workers) as received:
-        try:
-            while any(w.is_alive() for w in workers):
-                _show_progress(on_progress, url, study)
-                time.sleep(poll_s)
-        finally:
-            for worker in workers:
-                worker.join()
-            _show_progress(on_progress, url, study)
+    show = _progress_reader(on_progress, url, state)
+    with _polled(show, poll_s):
+        codes, received = _run_here(options[0]) if jobs == 1 else _run_apart(options)
     if received:
         raise Interrupted(received[0])
-    return [w.exitcode if w.exitcode is not None else 1 for w in workers]
+    return codes
 
 
-def _show_progress(
-    on_progress: Callable[[StudyProgress], None], url: str, study: optuna.Study
-) -> None:
+def _run_here(options: WorkerOptions) -> tuple[list[int], list[int]]:
+    """One worker in this process; its exit code and the signals that stopped it."""
+    options.logs.apply()
+    worker = Worker(options)
+    with stopping(worker.stop) as received:
+        code = _served(worker, 0)
+    return [code], received
+
+
+def _run_apart(options: list[WorkerOptions]) -> tuple[list[int], list[int]]:
+    """A worker process per options; their exit codes and the signals passed on to them."""
+    context = worker_processes()
+    workers = [
+        context.Process(target=_worker_main, args=(option, i), name=f"hpsearch-worker-{i}")
+        for i, option in enumerate(options)
+    ]
+    with started(workers) as received:
+        pending = [worker.sentinel for worker in workers]
+        while pending:  # woken by each exit, not by a poll
+            for sentinel in wait(pending):
+                pending.remove(sentinel)
+        for worker in workers:
+            worker.join()
+    return [w.exitcode if w.exitcode is not None else 1 for w in workers], received
+
+
+@contextlib.contextmanager
+def _polled(show: Callable[[], None], every_s: float) -> Iterator[None]:
+    """Call `show` every `every_s` seconds in a thread while the block runs, and once after."""
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(every_s):
+            try:
+                show()
+            except Exception:  # the last call, in the caller's thread, raises it
+                return
+
+    thread = threading.Thread(target=poll, name="hpsearch-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        show()
+
+
+def _progress_reader(
+    on_progress: Callable[[StudyProgress], None], url: str, state: StudyState
+) -> Callable[[], None]:
     """Show the study's progress; while the database cannot be reached, the workers wait
     for it, and so does the progress bar."""
-    try:
-        on_progress(read_progress(url, study))
-    except DATABASE_ERRORS as exc:
-        if not is_transient(exc):
-            raise
+    maximize = state.spec.objective.direction == "maximize"
+
+    def show() -> None:
+        try:
+            on_progress(read_progress(url, state.optuna_study_id, maximize))
+        except DATABASE_ERRORS as exc:
+            if not is_transient(exc):
+                raise
+
+    return show
 
 
-def read_progress(url: str, study: optuna.Study) -> StudyProgress:
+def read_progress(url: str, optuna_study_id: int | None, maximize: bool) -> StudyProgress:
     """Counts and the best value, aggregated by the database: polled twice a second, so it
     must not load the study's trials."""
-    study_id = study._study_id
     with session_scope(url) as session:
-        counts = trial_counts(session, [study_id]).get(study_id, {})
-        low_high = best_values(session, [study_id]).get(study_id)
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        counts = trial_counts(session, [optuna_study_id]).get(optuna_study_id, {})
+        low_high = best_values(session, [optuna_study_id]).get(optuna_study_id)
     return StudyProgress(
         finished=sum(counts.get(STATE_NAMES[s], 0) for s in FINISHED_STATES),
         running=counts.get(STATE_NAMES[optuna.trial.TrialState.RUNNING], 0),
@@ -102,36 +153,23 @@ def read_progress(url: str, study: optuna.Study) -> StudyProgress:
     )
 
 
-def _worker_main(
-    state: StudyState,
-    url: str,
-    device: str,
-    index: int,
-    threads: int,
-    deadline: float | None,
-    pack: int | None,
-) -> None:
-    """A worker process serving this one study until its budget is claimed, the deadline
+def _worker_main(options: WorkerOptions, index: int) -> None:
+    """A worker process serving the one study until its budget is claimed, the deadline
     passes, or Ctrl-C (which checkpoints the running trial and hands it back)."""
-    worker = Worker(
-        WorkerOptions(
-            url,
-            device,
-            studies=(state.name,),
-            idle_exit_s=0,
-            deadline=deadline,
-            pack=pack,
-            threads=threads,
-        )
-    )
+    options.logs.apply()
+    worker = Worker(options)
     stop_on_signals(worker.stop)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    LogSettings("warning").apply()  # the progress bar tells the rest
+    raise SystemExit(_served(worker, index))
+
+
+def _served(worker: Worker, index: int) -> int:
+    """The worker's exit code; what stopped it early is one line on stderr, not a
+    traceback, and the caller says the run failed."""
     try:
-        raise SystemExit(worker.run())
+        return worker.run()
     except (HpsearchError, StorageError) as exc:
         print(f"error: worker {index}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Exception as exc:  # a user reads one line, not a traceback from a child process
+        return 2
+    except Exception as exc:
         print(f"error: worker {index}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        return 1

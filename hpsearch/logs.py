@@ -41,6 +41,15 @@ class LogSettings:
         logger.addHandler(handler)
         logger.setLevel(self.level.upper())
         logger.propagate = False
+        quiet_optuna()
+
+
+def quiet_optuna() -> None:
+    """Optuna's own INFO lines (a study created, each trial's end) repeat what hpsearch
+    shows and logs: keep its warnings only."""
+    import optuna  # here: the command line's --help must not load it
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 class JsonFormatter(logging.Formatter):

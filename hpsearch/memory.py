@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from hpsearch.data import DataFacts, split_sizes
+from hpsearch.facts import DataFacts, split_sizes
 from hpsearch.spec import StudySpec
-from hpsearch.train import EVAL_CHUNK_ROWS, hidden_layers
 
 GIB = 1024**3
+EVAL_CHUNK_ROWS = 65536  # rows per forward pass when evaluating, to bound memory on big sets
 # A fifth of an 80 GB GPU, or all of a 16 GB one: room for a pack of small networks, or a
 # handful of large ones, beside whatever else shares the device.
 DEFAULT_MAX_TRIAL_GB = 16.0
@@ -59,7 +59,7 @@ def estimate(spec: StudySpec, facts: DataFacts) -> MemoryEstimate:
         for key in ("n_layers", "hidden_units")
         if key in spec.search_space.dimensions()
     }
-    widths = [*hidden_layers(spec.model.hidden, widest), facts.n_outputs]
+    widths = [*spec.model.hidden_layers(widest), facts.n_outputs]
     inputs = [facts.n_features, *widths[:-1]]
     parameters = sum((n_in + 1) * n_out for n_in, n_out in zip(inputs, widths, strict=True))
     n_train = max(1, split_sizes(facts.n_rows, spec.split)[0])

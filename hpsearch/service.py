@@ -18,8 +18,8 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from hpsearch import memory
-from hpsearch.data import DataFacts, inspect_dataset, split_sizes
 from hpsearch.errors import Conflict, DatasetError, HpsearchError, NotFound, SpecError
+from hpsearch.facts import DataFacts, inspect_dataset, split_sizes
 from hpsearch.recovery import Recovery, recover
 from hpsearch.search import grid_size
 from hpsearch.spec import MAX_COUNT, MAX_ROW_ID, StudySpec, UploadedDataset, field_errors

@@ -14,8 +14,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from multiprocessing import resource_tracker
+from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
@@ -53,23 +52,48 @@ def started(processes: list[BaseProcess]) -> Iterator[list[int]]:
     are done: one that came before the workers started is passed on to them as they start.
     A terminal's Ctrl-C reaches the workers too: they take the first signal and ignore the
     rest."""
-    signals = list(received)
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        signals.append(signum)
+    def forward(signum: int) -> None:
         for process in processes:
             if process.is_alive() and process.pid is not None:
                 os.kill(process.pid, signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
-    try:
+    with _passed_on(forward) as signals:
         _start(processes)
         if signals:
-            forward(signals[0], None)
+            forward(signals[0])
+        yield signals
+
+
+@contextlib.contextmanager
+def stopping(stop: threading.Event) -> Iterator[list[int]]:
+    """Run a worker in this process: while the block runs, SIGINT and SIGTERM set `stop`
+    (the worker checkpoints its trials, hands them back and returns) instead of raising
+    Interrupted in the middle of a training step. Yields the signals received, for the
+    caller to end as they ask once the worker is done; one that came before sets `stop` at
+    once."""
+    with _passed_on(lambda signum: stop.set()) as signals:
+        if signals:
+            stop.set()
+        yield signals
+
+
+@contextlib.contextmanager
+def _passed_on(act: Callable[[int], None]) -> Iterator[list[int]]:
+    """While the block runs, SIGINT and SIGTERM are recorded and handed to `act`; yields the
+    record, which starts with the signals this process received before."""
+    signals = list(received)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        signals.append(signum)
+        act(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    try:
         yield signals
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, handler_before in previous.items():
+            signal.signal(signum, handler_before)
 
 
 def _start(processes: list[BaseProcess]) -> None:
@@ -78,6 +102,8 @@ def _start(processes: list[BaseProcess]) -> None:
     cleanly, instead of a KeyboardInterrupt traceback from the middle of an import. The
     blocked mask is inherited across the spawn; the resource tracker is started first
     because starting it unblocks the signals."""
+    from multiprocessing import resource_tracker  # only commands that start workers need it
+
     resource_tracker.ensure_running()
     before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:

@@ -36,6 +36,7 @@ Metric = Literal["val_loss", "val_accuracy", "val_f1", "val_rmse", "val_mae", "v
 Direction = Literal["minimize", "maximize"]
 BuiltinName = Literal["digits", "breast_cancer", "wine", "iris", "diabetes", "mnist_5k"]
 
+DEFAULT_WIDTH = 64  # hidden units per layer when n_layers is searched without model.hidden
 BUILTIN_TASKS: dict[str, Task] = {
     "digits": "classification",
     "breast_cancer": "classification",
@@ -150,6 +151,14 @@ class ModelSpec(_Strict):
     activation: Activation = "relu"
     init: Init = "he"
     batch_norm: bool = False
+
+    def hidden_layers(self, params: dict[str, Any]) -> tuple[int, ...]:
+        """A trial's hidden layer sizes: `hidden`, or `n_layers` layers of `hidden_units`
+        when either is among its params (the other taken from `hidden`)."""
+        if "n_layers" not in params and "hidden_units" not in params:
+            return tuple(self.hidden)
+        width = params.get("hidden_units", self.hidden[0] if self.hidden else DEFAULT_WIDTH)
+        return (int(width),) * int(params.get("n_layers", len(self.hidden)))
 
 
 class TrainingSpec(_Strict):

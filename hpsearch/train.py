@@ -24,11 +24,10 @@ import torch
 from torch import nn
 
 from hpsearch.data import TensorData
+from hpsearch.memory import EVAL_CHUNK_ROWS
 from hpsearch.model import build_mlp
 from hpsearch.spec import StudySpec
 
-EVAL_CHUNK_ROWS = 65536  # rows per forward pass when evaluating, to bound memory on big sets
-DEFAULT_WIDTH = 64  # hidden units per layer when n_layers is searched without model.hidden
 # A training loss this many times the untrained network's means the weights blew up, even
 # when gradient clipping keeps it finite: healthy training never climbs that far above it.
 EXPLOSION_FACTOR = 10.0
@@ -66,7 +65,7 @@ class TrialConfig:
     def from_spec(cls, spec: StudySpec, params: dict[str, Any]) -> TrialConfig:
         settings = spec.training.model_dump() | spec.model.model_dump() | params
         return cls(
-            hidden=hidden_layers(spec.model.hidden, params),
+            hidden=spec.model.hidden_layers(params),
             activation=settings["activation"],
             init=settings["init"],
             batch_norm=bool(settings["batch_norm"]),
@@ -85,15 +84,6 @@ class TrialConfig:
             metric=spec.objective.metric.removeprefix("val_"),
             maximize=spec.objective.direction == "maximize",
         )
-
-
-def hidden_layers(hidden: list[int], params: dict[str, Any]) -> tuple[int, ...]:
-    """The hidden layer sizes: the spec's `model.hidden`, or `n_layers` layers of
-    `hidden_units` when either is among the params (the other taken from the spec)."""
-    if "n_layers" not in params and "hidden_units" not in params:
-        return tuple(hidden)
-    width = params.get("hidden_units", hidden[0] if hidden else DEFAULT_WIDTH)
-    return (int(width),) * int(params.get("n_layers", len(hidden)))
 
 
 @dataclass(frozen=True)

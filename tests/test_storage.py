@@ -18,10 +18,13 @@ import pytest
 import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError
 
 from storage.db import (
+    MIGRATIONS,
+    SCHEMA_HEAD,
     VERSION_TABLE,
     LeaseLost,
     TrialWrite,
@@ -34,7 +37,7 @@ from storage.db import (
     with_retries,
     write_trial,
 )
-from storage.engine import StorageError, optuna_storage
+from storage.engine import StorageError, optuna_head_revision, optuna_storage
 from storage.models import (
     Base,
     CheckpointRecord,
@@ -95,6 +98,18 @@ def test_upgrade_creates_tables_and_indexes(migrated: str) -> None:
         found = inspector.get_indexes(table)
         assert {i["name"] for i in found if not i.get("duplicates_constraint")} == indexes
     assert version_rows(migrated) == [("0002",)]
+
+
+def test_schema_head_is_the_newest_migration() -> None:
+    """`upgrade` compares the database with SCHEMA_HEAD instead of asking Alembic: a new
+    migration must move it, or databases would never be migrated to it."""
+    assert ScriptDirectory(str(MIGRATIONS)).get_current_head() == SCHEMA_HEAD
+
+
+def test_optuna_head_revision_is_alembics() -> None:
+    """Read from Optuna's migration files without Alembic, it must be what Alembic says."""
+    directory = Path(optuna.storages._rdb.storage.__file__).with_name("alembic")
+    assert optuna_head_revision() == ScriptDirectory(str(directory)).get_current_head()
 
 
 def test_migrated_schema_matches_models(migrated: str) -> None:

@@ -1,0 +1,420 @@
+"""Tables: read a user's data (a file or an upload), check it, and encode it as numbers.
+
+Everything here needs only numpy and pandas, never torch or scikit-learn: admitting a
+study (the API, `hpsearch submit`) checks its data through this module, and those paths
+must start at once. Preparing the tensors a worker trains on is `hpsearch.data`'s.
+Every problem with the data is a DatasetError whose message names the file, column or
+setting to fix, because the user who reads it wrote a spec, not our code.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+import pandas as pd
+
+from hpsearch.errors import DatasetError, DatasetTooLarge
+from hpsearch.facts import DataFacts
+from hpsearch.spec import (
+    FileDataset,
+    StudySpec,
+    Task,
+    UploadedDataset,
+)
+from storage import DatasetRecord, session_scope
+
+DatasetFormat = Literal["csv", "parquet", "npz"]
+
+MAX_CATEGORIES = 50  # a text column with more distinct values is an id or free text, not a category
+MAX_INFERRED_CLASSES = 50  # an integer target with more distinct values is taken as a quantity
+
+
+@dataclass(frozen=True)
+class Table:
+    """A whole dataset encoded as numbers, before it is split."""
+
+    x: np.ndarray  # float32 [n, n_features]
+    y: np.ndarray  # int64 [n] | float32 [n, L] | float64 [n]
+    task: Task
+    classes: list[str]
+    feature_names: list[str]
+
+
+def data_dir() -> Path:
+    """Where file datasets live: $HPSEARCH_DATA_DIR, else the current working directory."""
+    return Path(os.environ.get("HPSEARCH_DATA_DIR") or Path.cwd())
+
+
+def table_facts(spec: StudySpec, url: str | None) -> DataFacts:
+    """The facts of a file's or an upload's table (`facts.inspect_dataset`)."""
+    dataset = spec.dataset
+    if isinstance(dataset, UploadedDataset):  # checked when it was uploaded; must still exist
+        frame, upload, shown = _read_upload(dataset, url)
+        return frame_facts(frame, upload.target, spec.task or upload.task, shown)
+    assert isinstance(dataset, FileDataset)
+    return frame_facts(_read_file(dataset), dataset.target, spec.task, dataset.path)
+
+
+def frame_facts(
+    frame: pd.DataFrame, target: str | list[str], task: Task | None, shown: str
+) -> DataFacts:
+    """A table's facts, after checking that its target and features can be encoded and
+    (for classification) split by class."""
+    task = task or _infer_task(frame, target, shown)
+    targets = _targets(target)
+    if task == "multilabel":
+        _multilabel_target(frame, targets, shown)
+        n_outputs = len(targets)
+    elif task == "regression":
+        _regression_target(frame[target], shown)
+        n_outputs = 1
+    else:
+        y, classes = _class_indices(frame[target], shown)
+        check_stratifiable(y, classes)
+        n_outputs = len(classes)
+    features = frame.drop(columns=targets)
+    categorical = _categorical_columns(features, shown)
+    width = len(features.columns) - len(categorical)
+    width += sum(features[column].nunique() for column in categorical)
+    return DataFacts(task, len(frame), width, n_outputs)
+
+
+# --- files -----------------------------------------------------------------------------
+
+
+def file_table(dataset: FileDataset, task: Task | None) -> Table:
+    frame = _read_file(dataset)
+    return labelled_table(frame, dataset.target, task, dataset.path)
+
+
+def uploaded_table(dataset: UploadedDataset, task: Task | None, url: str | None) -> Table:
+    frame, upload, shown = _read_upload(dataset, url)
+    return labelled_table(frame, upload.target, task or upload.task, shown)
+
+
+def _read_upload(
+    dataset: UploadedDataset, url: str | None
+) -> tuple[pd.DataFrame, DatasetRecord, str]:
+    upload = fetch_upload(dataset, url)
+    shown = f"uploaded dataset {upload.id} ({upload.name})"
+    return (
+        read_table(io.BytesIO(upload.content), upload.format, upload.target, shown),
+        upload,
+        shown,
+    )
+
+
+def fetch_upload(dataset: UploadedDataset, url: str | None) -> DatasetRecord:
+    if url is None:
+        raise DatasetError("an uploaded dataset is read from the database: give its URL")
+    with session_scope(url) as session:
+        record = session.get(DatasetRecord, dataset.id)
+        if record is None:
+            raise DatasetError(f"no uploaded dataset with id {dataset.id} in this database")
+        session.expunge(record)
+        return record
+
+
+def labelled_table(
+    frame: pd.DataFrame, target: str | list[str], task: Task | None, shown: str
+) -> Table:
+    task = task or _infer_task(frame, target, shown)
+    targets = _targets(target)
+    if task == "multilabel":
+        y, classes = _multilabel_target(frame, targets, shown), targets
+    elif task == "regression":
+        y, classes = _regression_target(frame[target], shown), []
+    else:
+        y, classes = _class_indices(frame[target], shown)
+    x, feature_names = _encode_features(frame.drop(columns=targets), shown)
+    return Table(x, y, task, classes, feature_names)
+
+
+def _targets(target: str | list[str]) -> list[str]:
+    return target if isinstance(target, list) else [target]
+
+
+def _read_file(dataset: FileDataset) -> pd.DataFrame:
+    path = _resolve_path(dataset.path)
+    return read_table(path, _format_of(path.name), dataset.target, dataset.path)
+
+
+def read_table(
+    source: Path | BinaryIO,
+    fmt: DatasetFormat,
+    target: str | list[str],
+    shown: str,
+    max_cells: int | None = None,
+) -> pd.DataFrame:
+    """The data as a table whose target columns exist and whose values are all finite; any
+    problem is a DatasetError naming `shown` (the file, or the upload).
+
+    `max_cells` bounds rows x columns, checked before the values are decoded (from the
+    npz arrays' headers, the Parquet metadata, or the CSV's rows as they are parsed): a
+    small compressed file must not decode into gigabytes."""
+    try:
+        frame = _read_format(source, fmt, shown, max_cells)
+    except (
+        ValueError,
+        OSError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        UnicodeDecodeError,
+    ) as exc:
+        raise DatasetError(f"cannot read {shown} as {fmt}: {exc}") from None
+    _check_columns(frame, _targets(target), shown)
+    _check_finite(frame, shown)
+    return frame
+
+
+def _format_of(filename: str) -> DatasetFormat:
+    suffix = Path(filename).suffix.lower()
+    return {".csv": "csv", ".npz": "npz", ".parquet": "parquet", ".pq": "parquet"}[suffix]
+
+
+def _resolve_path(path: str) -> Path:
+    """The file under the data directory; nothing outside it, so an API client cannot read
+    arbitrary files of the server."""
+    root = data_dir().resolve()
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise DatasetError(
+            f"dataset.path '{path}' is outside the data directory {root}; move the file there "
+            "or set HPSEARCH_DATA_DIR to the directory that holds it"
+        )
+    if not resolved.is_file():
+        raise DatasetError(f"data file '{path}' not found in the data directory {root}")
+    return resolved
+
+
+def _read_format(
+    source: Path | BinaryIO, fmt: DatasetFormat, shown: str, max_cells: int | None
+) -> pd.DataFrame:
+    if fmt == "csv":
+        return _read_csv(source, shown, max_cells)
+    if fmt == "npz":
+        return _read_npz(source, shown, max_cells)
+    if max_cells is not None:
+        import pyarrow.parquet as pq  # only Parquet needs it
+
+        metadata = pq.ParquetFile(source).metadata
+        rows, columns = metadata.num_rows, metadata.num_columns
+        _check_cells(rows * columns, max_cells, shown, f"{rows:,} rows x {columns:,} columns")
+        if not isinstance(source, Path):
+            source.seek(0)
+    return pd.read_parquet(source)
+
+
+def _check_cells(cells: int, max_cells: int, shown: str, shape: str) -> None:
+    if cells > max_cells:
+        raise DatasetTooLarge(
+            f"{shown} decodes to {cells:,} values ({shape}), more than this server accepts "
+            f"({max_cells:,})"
+        )
+
+
+def _read_csv(source: Path | BinaryIO, shown: str, max_cells: int | None) -> pd.DataFrame:
+    """A CSV, parsed no further than `max_cells` values."""
+    if max_cells is None:
+        return pd.read_csv(source)
+    columns = len(pd.read_csv(source, nrows=0).columns)
+    if not isinstance(source, Path):
+        source.seek(0)
+    max_rows = max_cells // max(columns, 1)
+    frame = pd.read_csv(source, nrows=max_rows + 1)  # one row over is enough to refuse
+    shape = f"at least {len(frame):,} rows x {columns:,} columns"
+    _check_cells(len(frame) * columns, max_cells, shown, shape)
+    return frame
+
+
+def _read_npz(source: Path | BinaryIO, shown: str, max_cells: int | None) -> pd.DataFrame:
+    """Each array becomes columns: a 1-D array one column named by its key, a 2-D array
+    columns key_0, key_1, ...; the target is then picked by column name like in a CSV.
+    The arrays' sizes are read from their headers before any of them is decompressed."""
+    parts = []
+    with np.load(source, allow_pickle=False) as arrays:
+        if max_cells is not None:
+            _check_npz_size(arrays, shown, max_cells)
+        for name in arrays.files:
+            array = arrays[name]
+            if not isinstance(array, np.ndarray):
+                raise DatasetError(f"'{name}' in {shown} is not a numpy array (.npy)")
+            if array.ndim == 1:
+                parts.append(pd.DataFrame({name: array}))
+            elif array.ndim == 2:
+                columns = [f"{name}_{i}" for i in range(array.shape[1])]
+                parts.append(pd.DataFrame(array, columns=columns))
+            else:
+                raise DatasetError(
+                    f"array '{name}' in {shown} has {array.ndim} dimensions; "
+                    "only 1-D and 2-D arrays can be used"
+                )
+        rows = {name: len(part) for name, part in zip(arrays.files, parts, strict=True)}
+    if len(set(rows.values())) > 1:
+        counts = ", ".join(f"'{name}' has {n}" for name, n in rows.items())
+        raise DatasetError(f"the arrays in {shown} have different numbers of rows: {counts}")
+    return pd.concat(parts, axis=1) if parts else pd.DataFrame()
+
+
+def _check_npz_size(arrays: Any, shown: str, max_cells: int) -> None:
+    """Refuse an npz whose arrays would decode to more than `max_cells` values in all."""
+    cells = rows = 0
+    stored = set(arrays.zip.namelist())
+    for name in arrays.files:
+        with arrays.zip.open(f"{name}.npy" if f"{name}.npy" in stored else name) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, _ = read_header(member)
+        cells += math.prod(shape)
+        rows = max(rows, shape[0] if shape else 1)
+    _check_cells(cells, max_cells, shown, f"{rows:,} rows")
+
+
+def _check_columns(frame: pd.DataFrame, targets: list[str], shown: str) -> None:
+    for target in targets:
+        if target not in frame.columns:
+            raise DatasetError(
+                f"target column '{target}' not found in {shown}; columns are: {_column_list(frame)}"
+            )
+    if len(frame.columns) == len(targets):
+        raise DatasetError(f"{shown} has no feature columns besides the target")
+    if frame.empty:
+        raise DatasetError(f"{shown} has no rows of data")
+
+
+def _column_list(frame: pd.DataFrame, limit: int = 20) -> str:
+    names = [str(c) for c in frame.columns]
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
+def _check_finite(frame: pd.DataFrame, shown: str) -> None:
+    """Refuse NaN and infinity: one of them makes every loss NaN, far from its cause."""
+    _refuse_counts(frame.isna().sum(), "missing values (NaN)", shown)
+    numeric = frame.select_dtypes("number")
+    infinite = np.isinf(numeric.to_numpy(np.float64)).sum(axis=0)
+    _refuse_counts(pd.Series(infinite, index=numeric.columns), "infinite values", shown)
+
+
+def _refuse_counts(counts: pd.Series, what: str, shown: str) -> None:
+    bad = counts[counts > 0]
+    if len(bad):
+        listed = "; ".join(f"column '{c}' has {n} {what}" for c, n in bad.items())
+        raise DatasetError(f"{listed} in {shown}; fill or drop those rows first")
+
+
+def _kind(column: pd.Series, shown: str) -> Literal["categorical", "numeric"]:
+    """Text, bool and pandas 'category' columns name groups; numbers are quantities; other
+    types (dates, durations) have no obvious encoding, so the user must convert them."""
+    dtype = column.dtype
+    if (
+        pd.api.types.is_bool_dtype(dtype)
+        or pd.api.types.is_object_dtype(dtype)
+        or pd.api.types.is_string_dtype(dtype)
+        or isinstance(dtype, pd.CategoricalDtype)
+    ):
+        return "categorical"
+    if pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_complex_dtype(dtype):
+        return "numeric"
+    raise DatasetError(
+        f"column '{column.name}' in {shown} has type {dtype}, which is neither a number nor "
+        "a category; convert it to numbers or drop it"
+    )
+
+
+def _infer_task(frame: pd.DataFrame, target: str | list[str], shown: str) -> Task:
+    """The task a user most likely means when the spec leaves it out."""
+    if isinstance(target, list):
+        return "multilabel"
+    column = frame[target]
+    if _kind(column, shown) == "categorical":
+        return "classification"
+    values = column.to_numpy(np.float64)
+    if not np.array_equal(values, np.round(values)):
+        return "regression"
+    return "classification" if column.nunique() <= MAX_INFERRED_CLASSES else "regression"
+
+
+def _class_indices(column: pd.Series, shown: str) -> tuple[np.ndarray, list[str]]:
+    """Labels as indices 0..K-1 into the sorted distinct values, which become the class names."""
+    if _kind(column, shown) == "categorical":
+        values = column.astype(str).to_numpy()
+    else:
+        values = column.to_numpy(np.float64)
+        if np.array_equal(values, np.round(values)):
+            values = values.astype(np.int64)  # class "3", not "3.0"
+    classes, y = np.unique(values, return_inverse=True)
+    if len(classes) < 2:
+        raise DatasetError(
+            f"target column '{column.name}' in {shown} has the single value '{classes[0]}'; "
+            "classification needs at least two classes"
+        )
+    return y.astype(np.int64), [str(c) for c in classes]
+
+
+def _regression_target(column: pd.Series, shown: str) -> np.ndarray:
+    if _kind(column, shown) != "numeric":
+        raise DatasetError(
+            f"task is regression but target column '{column.name}' in {shown} is not numeric "
+            f"(it holds values like '{column.iloc[0]}'); use task: classification or another "
+            "target column"
+        )
+    return column.to_numpy(np.float64)
+
+
+def _multilabel_target(frame: pd.DataFrame, targets: list[str], shown: str) -> np.ndarray:
+    for name in targets:
+        column = frame[name]
+        binary = pd.api.types.is_bool_dtype(column.dtype) or (
+            _kind(column, shown) == "numeric" and column.isin([0, 1]).all()
+        )
+        if not binary:
+            other = column[~column.isin([0, 1, True, False])].iloc[0]
+            raise DatasetError(
+                f"multilabel target column '{name}' in {shown} must hold only 0/1 or "
+                f"true/false; it holds '{other}'"
+            )
+    return frame[targets].to_numpy(np.float32)
+
+
+def _encode_features(features: pd.DataFrame, shown: str) -> tuple[np.ndarray, list[str]]:
+    """Numbers as they are; each category column one-hot (one 0/1 column per value)."""
+    categorical = _categorical_columns(features, shown)
+    encoded = pd.get_dummies(features, columns=categorical, dtype=float)
+    return encoded.to_numpy(np.float32), [str(c) for c in encoded.columns]
+
+
+def _categorical_columns(features: pd.DataFrame, shown: str) -> list[str]:
+    """The columns to one-hot encode, each with few enough values to make columns of."""
+    categorical = [c for c in features.columns if _kind(features[c], shown) == "categorical"]
+    for column in categorical:
+        n_values = features[column].nunique()
+        if n_values > MAX_CATEGORIES:
+            raise DatasetError(
+                f"column '{column}' in {shown} has {n_values} distinct non-numeric values; "
+                f"one-hot encoding takes at most {MAX_CATEGORIES}. Drop the column or turn "
+                "it into numbers"
+            )
+    return categorical
+
+
+def check_stratifiable(labels: np.ndarray, classes: list[str]) -> None:
+    counts = np.bincount(labels, minlength=len(classes))
+    present = np.flatnonzero(counts)
+    rarest = present[np.argmin(counts[present])]
+    if counts[rarest] < 2:
+        raise DatasetError(
+            f"class '{classes[rarest]}' has only {counts[rarest]} row; splitting by class "
+            "needs at least 2 rows of every class"
+        )
