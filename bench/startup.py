@@ -114,7 +114,7 @@ FLOOR = (
 )
 # A fresh process that imports first, then runs `hpsearch run` with its phases timed.
 PHASES = """
-import json, sys, time
+import json, os, sys, time
 from collections import defaultdict
 started = time.perf_counter()
 import torch._dynamo
@@ -143,7 +143,8 @@ try:
 except SystemExit:
     pass
 spent["worker"] -= spent["data"] + spent["training"]
-print(json.dumps({"imports": imported, **spent}))
+print(json.dumps({"imports": imported, **spent}), flush=True)
+os._exit(0)  # as the command ends (hpsearch.__main__.leave)
 """
 
 
@@ -199,7 +200,7 @@ def phases(home: Path, db: str) -> dict[str, float]:
     done = run([sys.executable, "-c", PHASES, "run", str(spec), "--db", db], home)
     wall = time.perf_counter() - began
     spent = json.loads(done.stdout.strip().splitlines()[-1])
-    spent["interpreter, Typer, Rich, progress, exit"] = wall - sum(spent.values())
+    spent["interpreter, Typer, Rich, progress bar, exit"] = wall - sum(spent.values())
     return {"wall": wall, **spent}
 
 

@@ -240,7 +240,7 @@ def leaderboard_command(
     backend = _backend(api, db)
     rows = backend.leaderboard(study, top)
     if as_json:
-        _show(rows, as_json, render.leaderboard)
+        _print_json(rows)
         return
     console.print(render.leaderboard(rows, backend.study(study).spec))
 
@@ -469,11 +469,15 @@ def token_revoke(name: TokenName, db: DbOption = None) -> None:
 def _show(answer: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
     """The answer as JSON for scripts, else rendered for people."""
     if as_json:
-        from hpsearch.client import dump_json
-
-        typer.echo(dump_json(answer))
+        _print_json(answer)
     else:
         console.print(render(answer))
+
+
+def _print_json(answer: Any) -> None:
+    from hpsearch.client import dump_json
+
+    typer.echo(dump_json(answer))
 
 
 def _last_failure(url: str, name: str) -> str:

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import wait
 
 import optuna
 
@@ -92,12 +91,8 @@ def _run_apart(options: list[WorkerOptions]) -> tuple[list[int], list[int]]:
         for i, option in enumerate(options)
     ]
     with started(workers) as received:
-        pending = [worker.sentinel for worker in workers]
-        while pending:  # woken by each exit, not by a poll
-            for sentinel in wait(pending):
-                pending.remove(sentinel)
         for worker in workers:
-            worker.join()
+            worker.join()  # blocks until it exits: no poll, no sleep
     return [w.exitcode if w.exitcode is not None else 1 for w in workers], received
 
 

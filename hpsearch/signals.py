@@ -100,8 +100,9 @@ def _start(processes: list[BaseProcess]) -> None:
     """Start worker processes with SIGINT and SIGTERM blocked in them until `stop_on_signals`
     is in place: a Ctrl-C during their seconds of start-up waits, then stops the worker
     cleanly, instead of a KeyboardInterrupt traceback from the middle of an import. The
-    blocked mask is inherited across the spawn; the resource tracker is started first
-    because starting it unblocks the signals."""
+    blocked mask is inherited by the fork server, which starts with the first worker, and
+    by every worker forked from it; the resource tracker is started first because starting
+    it unblocks the signals."""
     from multiprocessing import resource_tracker  # only commands that start workers need it
 
     resource_tracker.ensure_running()

@@ -102,7 +102,7 @@ def uploaded_table(dataset: UploadedDataset, task: Task | None, url: str | None)
 def _read_upload(
     dataset: UploadedDataset, url: str | None
 ) -> tuple[pd.DataFrame, DatasetRecord, str]:
-    upload = fetch_upload(dataset, url)
+    upload = _fetch_upload(dataset, url)
     shown = f"uploaded dataset {upload.id} ({upload.name})"
     return (
         read_table(io.BytesIO(upload.content), upload.format, upload.target, shown),
@@ -111,7 +111,7 @@ def _read_upload(
     )
 
 
-def fetch_upload(dataset: UploadedDataset, url: str | None) -> DatasetRecord:
+def _fetch_upload(dataset: UploadedDataset, url: str | None) -> DatasetRecord:
     if url is None:
         raise DatasetError("an uploaded dataset is read from the database: give its URL")
     with session_scope(url) as session:
