@@ -10,6 +10,15 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from hpsearch.api import errors
+from hpsearch.api.auth import require_token
+from hpsearch.api.dashboard import DashboardMiddleware
+from hpsearch.api.metrics import CONTENT_TYPE, LatencyMiddleware, Metrics
+from hpsearch.api.routes import router
+from hpsearch.api.settings import Settings
+from hpsearch.storage import DATABASE_ERRORS, safe_url, session_scope
+from hpsearch.storage.db import migrate_command, schema_behind
+from hpsearch.storage.engine import driver_reason
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
@@ -17,16 +26,7 @@ from sqlalchemy.exc import ArgumentError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import errors
-from api.auth import require_token
-from api.dashboard import DashboardMiddleware
-from api.metrics import CONTENT_TYPE, LatencyMiddleware, Metrics
-from api.routes import router
-from api.settings import Settings
 from hpsearch import __version__
-from storage import DATABASE_ERRORS, safe_url, session_scope
-from storage.db import migrate_command, schema_behind
-from storage.engine import driver_reason
 
 UPLOAD_PATH = "/api/v1/datasets"
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and the target field around the file

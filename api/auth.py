@@ -12,10 +12,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from hpsearch.api.settings import Settings
 from starlette.exceptions import HTTPException
 
-from api.settings import Settings
-from hpsearch.tokens import mark_used, matches, stored_token_hashes
+from hpsearch.service.tokens import mark_used, matches, stored_token_hashes
 
 COOKIE = "hpsearch_token"
 bearer = HTTPBearer(auto_error=False, description="a token from `hpsearch token create`")

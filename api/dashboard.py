@@ -13,17 +13,17 @@ from typing import Any
 
 import optuna_dashboard
 from a2wsgi import WSGIMiddleware
+from hpsearch.api.auth import COOKIE, authorized
+from hpsearch.api.settings import Settings
+from hpsearch.storage import optuna_storage, session_scope
+from hpsearch.storage.queries import optuna_study_name
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.auth import COOKIE, authorized
-from api.settings import Settings
 from hpsearch.errors import Conflict, NotFound
-from hpsearch.service import delete_study
-from storage import optuna_storage, session_scope
-from storage.queries import optuna_study_name
+from hpsearch.service.studies import delete_study
 
 DASHBOARD_PREFIXES = ("/dashboard", "/static/", "/csv/", "/favicon.ico")
 READING_METHODS = ("GET", "HEAD", "OPTIONS")

@@ -12,6 +12,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from hpsearch.storage import DATABASE_ERRORS, StorageError, safe_url
+from hpsearch.storage.db import is_transient
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -24,8 +26,6 @@ from hpsearch.errors import (
     SpecError,
 )
 from hpsearch.spec import field_errors
-from storage import DATABASE_ERRORS, StorageError, safe_url
-from storage.db import is_transient
 
 log = logging.getLogger("hpsearch.api")
 

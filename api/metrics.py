@@ -20,10 +20,16 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from storage import DATABASE_ERRORS, StudyRecord, WorkerRecord, grace_period_s, session_scope
-from storage.engine import driver_reason
-from storage.models import STUDY_STATES
-from storage.queries import finished_trial_seconds, trial_counts_by_study_name
+from hpsearch.storage import (
+    DATABASE_ERRORS,
+    StudyRecord,
+    WorkerRecord,
+    grace_period_s,
+    session_scope,
+)
+from hpsearch.storage.engine import driver_reason
+from hpsearch.storage.models import STUDY_STATES
+from hpsearch.storage.queries import finished_trial_seconds, trial_counts_by_study_name
 
 TRIAL_SECONDS_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

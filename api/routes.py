@@ -5,15 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, Request, Response, UploadFile
+from hpsearch.api.auth import require_token
+from hpsearch.api.errors import responses
 from pydantic import BaseModel, Field
 
-from api.auth import require_token
-from api.errors import responses
-from hpsearch import results
-from hpsearch.datasets import add_dataset, get_dataset, list_datasets, parse_target
-from hpsearch.service import change_state, delete_study, resume_study, submit_study
-from hpsearch.spec import StudySpec
-from hpsearch.views import (
+from hpsearch.service import results
+from hpsearch.service.datasets import add_dataset, get_dataset, list_datasets, parse_target
+from hpsearch.service.studies import change_state, delete_study, resume_study, submit_study
+from hpsearch.service.views import (
     DatasetView,
     LeaderboardEntry,
     Page,
@@ -25,6 +24,7 @@ from hpsearch.views import (
     TrialSummary,
     WorkerView,
 )
+from hpsearch.spec import StudySpec
 
 router = APIRouter(
     prefix="/api/v1", dependencies=[Depends(require_token)], responses=responses(401, 503)

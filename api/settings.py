@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from hpsearch.tokens import env_token_hashes
-from storage import default_url
+from hpsearch.storage import default_url
+
+from hpsearch.service.tokens import env_token_hashes
 
 MB = 1_000_000
 

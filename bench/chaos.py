@@ -55,13 +55,13 @@ from typing import Any, Literal, TypeVar
 
 import optuna
 import sqlalchemy
+from hpsearch.storage import optuna_storage, upgrade
 from optuna.trial import FrozenTrial
 from report import environment, markdown_table, write_section
 
-from hpsearch.holders import HOLDER_ATTR
-from hpsearch.service import submit_study
+from hpsearch.service.holders import HOLDER_ATTR
+from hpsearch.service.studies import submit_study
 from hpsearch.spec import StudySpec, parse_spec
-from storage import optuna_storage, upgrade
 
 T = TypeVar("T")
 Mode = Literal["fault-free", "faulty", "start-ups"]
@@ -81,7 +81,7 @@ WORKER_ENV = {
     "MKL_NUM_THREADS": "1",
 }
 # What a replacement worker costs before it trains, without the worker.
-START_UP = "import hpsearch.cli, torch._dynamo"
+START_UP = "import hpsearch.cli.commands, torch._dynamo"
 # The steps of a kill's recovery that the report times, with their labels.
 STEPS = {
     "lost": "kill -> its trial failed and its retry queued (s)",

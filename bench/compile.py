@@ -1,6 +1,6 @@
 """Does `torch.compile` pay for hpsearch's single-trial training loop?
 
-hpsearch trains a trial with `hpsearch.train.train`: `_train_epoch` every epoch, `evaluate`
+hpsearch trains a trial with `hpsearch.training.train.train`: `_train_epoch` every epoch, `evaluate`
 after it. This measures that loop eager and compiled, on bench/throughput.py's workloads
 (digits: 1,257 training rows x 64; a synthetic MNIST-sized set: 42,000 x 784; one hidden
 layer of 128, dropout 0.1, Adam) at batch sizes 64 and 200, in three compiled variants:
@@ -54,9 +54,9 @@ from torch import nn
 from torch._dynamo.eval_frame import OptimizedModule
 from torch._dynamo.utils import counters
 
-import hpsearch.train as hp_train
-from hpsearch.data import TensorData, load_dataset
-from hpsearch.train import TrialConfig
+import hpsearch.training.train as hp_train
+from hpsearch.data.tensors import TensorData, load_dataset
+from hpsearch.training.train import TrialConfig
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = ["digits", "mnist-sized"]
@@ -180,7 +180,7 @@ def step_epoch(
 
 
 def install(variant: str, timings: dict[str, list[float]], device: torch.device) -> None:
-    """Patch hpsearch.train in this process: the variant's model or epoch, and timers around
+    """Patch training in this process: the variant's model or epoch, and timers around
     `_train_epoch` (with the graphs each epoch compiled) and `evaluate`."""
     build, epoch, evaluate = hp_train.build_model, hp_train._train_epoch, hp_train.evaluate
     options = {"compile": {}, "compile_static": {"dynamic": False}}.get(variant)

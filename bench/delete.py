@@ -19,12 +19,12 @@ from collections.abc import Callable
 
 import optuna
 import sqlalchemy
+from hpsearch.storage import optuna_storage
 from report import environment, markdown_table, write_section
 
-from hpsearch.search import suggest_params
-from hpsearch.service import change_state, delete_study, submit_study
+from hpsearch.search.space import suggest_params
+from hpsearch.service.studies import change_state, delete_study, submit_study
 from hpsearch.spec import StudySpec, parse_spec
-from storage import optuna_storage
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 EPOCHS = 5

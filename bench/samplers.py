@@ -27,8 +27,8 @@ import optuna
 from optuna.trial import TrialState
 from report import environment, markdown_table, write_section
 
-import hpsearch.bayes
-from hpsearch.search import make_sampler, suggest_params
+import hpsearch.search.bayes
+from hpsearch.search.space import make_sampler, suggest_params
 from hpsearch.spec import StudySpec, parse_spec
 
 SAMPLERS = ("random", "tpe", "bayes", "gp")
@@ -44,7 +44,7 @@ LONG_TRIALS = 200
 LONG_CHECKPOINTS = (100, 150, 200)
 LAST_ASKS = 20  # the asks at the end of a long search, where the study is largest
 FITS = (
-    f"best {hpsearch.bayes._MAX_BEST} + newest {hpsearch.bayes._MAX_RECENT}",
+    f"best {hpsearch.search.bayes._MAX_BEST} + newest {hpsearch.search.bayes._MAX_RECENT}",
     "every finished trial",
 )
 
@@ -197,7 +197,7 @@ def long_bayes_search(problem: Problem, seed: int, fit_all: bool) -> LongSearch:
     spec = make_spec(problem, "bayes", seed)
     study = new_study(spec, make_sampler(spec))
     values, seconds = [], []
-    fit = mock.patch.object(hpsearch.bayes, "_MAX_BEST", LONG_TRIALS)
+    fit = mock.patch.object(hpsearch.search.bayes, "_MAX_BEST", LONG_TRIALS)
     with fit if fit_all else contextlib.nullcontext():
         for _ in range(LONG_TRIALS):
             start = time.perf_counter()

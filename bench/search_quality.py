@@ -2,7 +2,7 @@
 
 `bench/samplers.py` compares samplers on cheap test functions; this script trains the
 networks. Every sampler and pruner is built exactly as the project builds it (a parsed spec,
-`make_sampler`, `make_pruner`, an in-memory Optuna study, `hpsearch.study.objective`), and
+`make_sampler`, `make_pruner`, an in-memory Optuna study, `hpsearch.runtime.trials.objective`), and
 training is seeded by the spec, so a trial's result depends only on its params.
 
 1. Search quality. On digits and breast_cancer (val_loss, the cross-entropy, minimised) and
@@ -66,12 +66,12 @@ import torch
 from report import environment, markdown_table, write_section
 from skopt import Optimizer
 
-from hpsearch.bayes import from_skopt, to_dimension, to_skopt
-from hpsearch.data import TensorData, load_dataset
-from hpsearch.search import distributions, make_pruner, make_sampler, suggest_params
+from hpsearch.data.tensors import TensorData, load_dataset
+from hpsearch.runtime.trials import objective
+from hpsearch.search.bayes import from_skopt, to_dimension, to_skopt
+from hpsearch.search.space import distributions, make_pruner, make_sampler, suggest_params
 from hpsearch.spec import PrunerSpec, StudySpec, parse_spec
-from hpsearch.study import objective
-from hpsearch.train import TrialConfig, train
+from hpsearch.training.train import TrialConfig, train
 
 QUALITY_SECTION = "## Search quality"
 PRUNING_SECTION = "## Pruning"
@@ -725,13 +725,13 @@ def quality_section(
 - Run time: {run_s:.0f} s; load average {load}
 
 Real training: each of {len(sizes.seeds)} seeds x {sizes.n_trials} trials trains an MLP with
-`hpsearch.study.objective` in an in-memory study whose sampler comes from `make_sampler`
+`hpsearch.runtime.trials.objective` in an in-memory study whose sampler comes from `make_sampler`
 (`n_startup_trials` {sizes.n_startup_trials}, no pruner). Space: {_space_text()}; up to
 {sizes.max_epochs} epochs, early stopping after {sizes.patience}, plateau scheduler, training
 seed fixed (the same params give the same network in every search). `{REFERENCE}` is plain
 scikit-optimize, `Optimizer(dims, base_estimator="GP", acq_func="EI",
 n_initial_points={sizes.n_startup_trials}, random_state=seed)` with ask/tell, over the
-dimensions the `bayes` sampler searches (`hpsearch.bayes.to_dimension`) and the same trainer.
+dimensions the `bayes` sampler searches (`hpsearch.search.bayes.to_dimension`) and the same trainer.
 Data and objective (every method searches the same one): digits and breast_cancer minimise
 the val loss (cross-entropy; `objective: {{metric: val_loss}}`), diabetes the val RMSE; split
 70/20/10. The classification sets are searched on the loss because val accuracy is too coarse

@@ -44,6 +44,8 @@ from typing import Any
 import numpy as np
 import optuna
 import sqlalchemy
+from hpsearch.storage import make_engine, optuna_storage, upgrade, with_retries
+from hpsearch.storage.queries import trial_counts
 from optuna.distributions import distribution_to_json
 from optuna.storages._rdb.models import (
     StudyModel,
@@ -58,19 +60,17 @@ from optuna.trial import TrialState
 from report import environment, markdown_table, write_section
 from samplers import PROBLEMS, ask_seconds
 
-import hpsearch.study
-from hpsearch.bayes import _MAX_BEST as BAYES_BEST
-from hpsearch.bayes import _MAX_RECENT as BAYES_RECENT
-from hpsearch.data import load_dataset
-from hpsearch.pruning import REFRESH_S, Halving, rung_key
-from hpsearch.search import distributions, make_pruner, make_sampler, suggest_params
-from hpsearch.service import StudyState, submit_study
+import hpsearch.runtime.trials
+from hpsearch.data.tensors import load_dataset
+from hpsearch.runtime.trials import claim_trial, open_study
+from hpsearch.runtime.worker import Worker, WorkerOptions
+from hpsearch.search.bayes import _MAX_BEST as BAYES_BEST
+from hpsearch.search.bayes import _MAX_RECENT as BAYES_RECENT
+from hpsearch.search.pruning import REFRESH_S, Halving, rung_key
+from hpsearch.search.space import distributions, make_pruner, make_sampler, suggest_params
+from hpsearch.service.studies import StudyState, submit_study
 from hpsearch.spec import StudySpec, parse_spec
-from hpsearch.study import claim_trial, open_study
-from hpsearch.train import EpochRecord, TrainResult, TrialConfig, train
-from hpsearch.worker import Worker, WorkerOptions
-from storage import make_engine, optuna_storage, upgrade, with_retries
-from storage.queries import trial_counts
+from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, train
 
 SECTION = "## Service overhead"
 COMMAND = ".venv/bin/python bench/service.py"
@@ -170,7 +170,7 @@ def bench_spec(name: str, n_trials: int, pruner: str = "median") -> StudySpec:
 
 def prefill(url: str, study_id: int, n: int, spec: StudySpec, seed: int) -> None:
     """`n` finished trials in Optuna's tables, as a worker leaves them (params, value, one
-    intermediate value per epoch, the user attributes `hpsearch.study._record` writes, and
+    intermediate value per epoch, the user attributes `hpsearch.runtime.trials._record` writes, and
     under successive halving the rungs each reached), inserted in bulk (Optuna's
     `add_trials` would take minutes for 10,000), then analysed."""
     rng = np.random.default_rng(seed)
@@ -339,7 +339,7 @@ class Replay:
 
 
 class ReplayTrainer:
-    """Stands in for `hpsearch.train.train` inside `hpsearch.study`: reports the next
+    """Stands in for training (`hpsearch.training.train.train`) in the runtime: reports the next
     curve's epochs (whatever the pruner answers, so every trial does the same work), hands
     out the recorded checkpoint once, and returns the recorded result."""
 
@@ -371,12 +371,12 @@ class ReplayTrainer:
 
 @contextmanager
 def replayed_training(replay: Replay, curves: list[list[float]]) -> Iterator[None]:
-    original = hpsearch.study.train
-    hpsearch.study.train = ReplayTrainer(replay, curves)
+    original = hpsearch.runtime.trials.train
+    hpsearch.runtime.trials.train = ReplayTrainer(replay, curves)
     try:
         yield
     finally:
-        hpsearch.study.train = original
+        hpsearch.runtime.trials.train = original
 
 
 class OursLoop:
@@ -640,8 +640,7 @@ def measure_latency(url: str, kind: str, name: str, sizes: Sizes) -> list[Latenc
     """Each endpoint through the FastAPI app in process (Starlette's TestClient, no network),
     then the load-everything way; the SQL of one request is counted and explained."""
     from fastapi.testclient import TestClient
-
-    from api import Settings, create_app
+    from hpsearch.api import Settings, create_app
 
     client = TestClient(create_app(Settings(database_url=url)))
     storage = optuna.storages.RDBStorage(url)
@@ -988,7 +987,7 @@ at the largest size also with {" and ".join(sizes.pruners)}:
   one checkpoint of a 64-128-10 network with its Adam state
   ({checkpoint_bytes / 1000:.0f} kB), the results recorded, the tell, the weights kept among
   the best five, the checkpoints dropped and the completion check.
-  `hpsearch.train.train` is replaced by a replay of one recorded training of that network
+  `hpsearch.training.train.train` is replaced by a replay of one recorded training of that network
   on digits (its reports, checkpoint and result).
 - plain Optuna (`RDBStorage`, what a user writes around it): `ask`, {EPOCHS} x `report` +
   `should_prune`, `tell`.
@@ -1019,11 +1018,11 @@ Where plain Optuna's time goes: each `report` is a committed transaction, and th
 pruner reads every trial of the study at each `should_prune` (`study.get_trials`, then the
 percentile over the completed ones), so its cost grows with the study. A worker keeps its
 reports in memory, where the pruner reads the trial's own values, and writes them with the
-trial's checkpoint and results (or every {hpsearch.study.WRITE_EVERY_S:.0f} s), each write
+trial's checkpoint and results (or every {hpsearch.runtime.trials.WRITE_EVERY_S:.0f} s), each write
 one lease-checked transaction; its median and percentile decisions come from the completed
 trials' values per epoch kept sorted in memory and caught up from the database at each
 trial's first decision and every {REFRESH_S:.0f} s after it, reading only trials it has not
-seen finish (`hpsearch.pruning`). What remains is mostly Optuna's `ask` and `tell`
+seen finish (`hpsearch.search.pruning`). What remains is mostly Optuna's `ask` and `tell`
 ({ms(pg.ask_tell.median)} ms alone here: each reads the whole trial back, six statements,
 and `ask` sets each param in a transaction of its own), then the checkpoint, the results,
 the kept weights and the claim's lock and counts.
@@ -1034,7 +1033,7 @@ against plain Optuna:
 Optuna's pruners read every trial of the study at each rung a trial reaches, and hyperband
 also reads the trial itself and looks its study up by name at every epoch; a worker judges
 from the values recorded at each rung, per bracket, kept sorted in memory and caught up
-like the median's view (`hpsearch.pruning.RungValues`), and writes the rungs a trial
+like the median's view (`hpsearch.search.pruning.RungValues`), and writes the rungs a trial
 reaches with its next write."""
 
 

@@ -118,7 +118,12 @@ import json, os, sys, time
 from collections import defaultdict
 started = time.perf_counter()
 import torch._dynamo
-from hpsearch import cli, embedded, results, service, study, worker
+from hpsearch.cli import commands as cli
+from hpsearch.runtime import embedded
+from hpsearch.service import results
+from hpsearch.service import studies as service
+from hpsearch.runtime import trials as study
+from hpsearch.runtime import worker
 imported = time.perf_counter() - started
 spent = defaultdict(float)
 

@@ -7,8 +7,8 @@ evaluated on the validation set after every epoch (a pruner needs that value):
 
 - (a) baseline: a fresh `nn.Sequential` per trial, `TensorDataset` + `DataLoader(shuffle=True)`,
       every batch copied to the device, Adam, `loss.item()` per step as tutorials log it;
-- (b) hpsearch, one trial at a time: `hpsearch.train.train` on device-resident data;
-- (c) hpsearch fused: `hpsearch.fused.train_pack` on all 32 at once;
+- (b) hpsearch, one trial at a time: `hpsearch.training.train.train` on device-resident data;
+- (c) hpsearch fused: `hpsearch.training.fused.train_pack` on all 32 at once;
 - (d) hpsearch fused, bf16: (c) with the forward pass under bf16 autocast (`--no-bf16` skips it).
 
 Workloads: digits (1,797 x 64, a 64-128-10 network) and a synthetic MNIST-sized set (60,000 x
@@ -36,11 +36,11 @@ from report import RESULTS, environment, write_section
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from hpsearch.data import TensorData, load_dataset
-from hpsearch.fused import train_pack
-from hpsearch.model import build_mlp
+from hpsearch.data.tensors import TensorData, load_dataset
 from hpsearch.spec import StudySpec, parse_spec
-from hpsearch.train import TrialConfig, train
+from hpsearch.training.fused import train_pack
+from hpsearch.training.model import build_mlp
+from hpsearch.training.train import TrialConfig, train
 
 SECTION = "## Throughput"
 WORKLOADS = {

@@ -21,7 +21,7 @@ from hpsearch.errors import Interrupted
 def main() -> NoReturn:
     signals.install()
     try:
-        from hpsearch.cli import app
+        from hpsearch.cli.commands import app
 
         app()
         code: object = 0

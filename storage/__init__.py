@@ -1,7 +1,7 @@
 """The SQL store: database URLs, Optuna's trial storage, the service's own tables (migrated
 with Alembic), sessions, retries, and the locks that keep budgets exact."""
 
-from storage.db import (
+from hpsearch.storage.db import (
     DATABASE_ERRORS,
     LeaseLost,
     StudyClaim,
@@ -18,7 +18,7 @@ from storage.db import (
     with_retries,
     write_trial,
 )
-from storage.engine import (
+from hpsearch.storage.engine import (
     StorageError,
     default_url,
     grace_period_s,
@@ -26,7 +26,7 @@ from storage.engine import (
     optuna_storage,
     safe_url,
 )
-from storage.models import (
+from hpsearch.storage.models import (
     ApiTokenRecord,
     Base,
     CheckpointRecord,

@@ -23,6 +23,20 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
 import sqlalchemy
+from hpsearch.storage.engine import (
+    OPTUNA_VERSION_TABLE,
+    SQLITE_BUSY_TIMEOUT_S,
+    StorageError,
+    driver_reason,
+    file_lock,
+    optuna_head_revision,
+    optuna_storage,
+    parse_url,
+    safe_url,
+    sqlite_path,
+)
+from hpsearch.storage.models import CheckpointRecord, ModelRecord, StudyRecord
+from hpsearch.storage.queries import RunningTrial, running_trials, trial_counts
 from optuna.storages._rdb.models import BaseModel as OptunaModel
 from optuna.storages._rdb.models import (
     TrialHeartbeatModel,
@@ -42,21 +56,6 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 from sqlalchemy.orm import Session
-
-from storage.engine import (
-    OPTUNA_VERSION_TABLE,
-    SQLITE_BUSY_TIMEOUT_S,
-    StorageError,
-    driver_reason,
-    file_lock,
-    optuna_head_revision,
-    optuna_storage,
-    parse_url,
-    safe_url,
-    sqlite_path,
-)
-from storage.models import CheckpointRecord, ModelRecord, StudyRecord
-from storage.queries import RunningTrial, running_trials, trial_counts
 
 if TYPE_CHECKING:
     from alembic.config import Config

@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 import optuna
 import pytest
 import sqlalchemy
+from hpsearch.storage import optuna_storage
 from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch.holders import HOLDER_ATTR
-from hpsearch.service import submit_study
+from hpsearch.service.holders import HOLDER_ATTR
+from hpsearch.service.studies import submit_study
 from hpsearch.spec import load_spec
-from storage import optuna_storage
 from tests.conftest import hpsearch_command, write_spec
 
 T = TypeVar("T")

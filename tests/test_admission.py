@@ -18,16 +18,16 @@ import optuna
 import pytest
 import sqlalchemy
 from fastapi.testclient import TestClient
+from hpsearch.api import Settings, create_app
+from hpsearch.storage import optuna_storage, upgrade
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hpsearch.service
-from api import Settings, create_app
+import hpsearch.service.studies
 from hpsearch.errors import SpecError
-from hpsearch.service import admit, submit_study
+from hpsearch.runtime.worker import Worker, WorkerOptions
+from hpsearch.service.studies import admit, submit_study
 from hpsearch.spec import parse_spec
-from hpsearch.worker import Worker, WorkerOptions
-from storage import optuna_storage, upgrade
 from tests.conftest import run_cli
 
 VALID: dict[str, Any] = {
@@ -214,7 +214,7 @@ def test_a_submission_that_fails_after_creating_the_optuna_study_removes_it(
     def broken(record: Any) -> Any:
         raise RuntimeError("the process failed here")
 
-    monkeypatch.setattr(hpsearch.service, "_state_of", broken)
+    monkeypatch.setattr(hpsearch.service.studies, "_state_of", broken)
     with pytest.raises(RuntimeError):
         submit_study(url, parse_spec(VALID))
     assert studies_left(url) == (0, 0)

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from hpsearch.diagnosis import Diagnosis, TrialFacts, advise, study_advice, with_change
 from hpsearch.errors import SpecError
+from hpsearch.service.diagnosis import Diagnosis, TrialFacts, advise, study_advice, with_change
 from hpsearch.spec import (
     INTEGER_KEYS,
     MAX_BATCH_SIZE,

@@ -12,13 +12,14 @@ import optuna
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from hpsearch.api import Settings, create_app
+from hpsearch.storage import optuna_storage
 from prometheus_client.parser import text_string_to_metric_families
 
-from api import Settings, create_app
-from hpsearch.data import load_dataset
+from hpsearch.data.tensors import load_dataset
+from hpsearch.service.datasets import StoredUploads
+from hpsearch.service.tokens import create_token, hash_token, revoke_token
 from hpsearch.spec import parse_spec
-from hpsearch.tokens import create_token, hash_token, revoke_token
-from storage import optuna_storage
 
 SPEC: dict[str, Any] = {
     "name": "api-test",
@@ -187,7 +188,7 @@ def test_an_uploaded_dataset_is_checked_stored_and_usable_by_a_study(
     spec = with_(name="uploaded", dataset={"source": "uploaded", "id": dataset["id"]})
     created = client.post("/api/v1/studies", json=spec)
     assert created.status_code == 201 and created.json()["spec"]["task"] == "classification"
-    data = load_dataset(parse_spec(spec), url=url)  # what a worker on any node reads
+    data = load_dataset(parse_spec(spec), uploads=StoredUploads(url))  # as a worker reads it
     assert data.classes == ["no", "yes"]
     assert data.n_features == 4  # a, b and colour one-hot
     assert len(data.x_train) + len(data.x_val) + len(data.x_test) == 60

@@ -19,9 +19,9 @@ import httpx
 import pytest
 import torch
 
-from hpsearch.data import load_dataset
-from hpsearch.model import build_mlp
+from hpsearch.data.tensors import load_dataset
 from hpsearch.spec import parse_spec
+from hpsearch.training.model import build_mlp
 from tests.conftest import REPO, hpsearch_command
 
 pytestmark = pytest.mark.postgres

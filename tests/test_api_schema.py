@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import schemathesis
+from hpsearch.api import Settings, create_app
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -16,10 +17,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from api import Settings, create_app
-from hpsearch.service import submit_study
+from hpsearch.service.studies import submit_study
+from hpsearch.service.tokens import hash_token
 from hpsearch.spec import parse_spec
-from hpsearch.tokens import hash_token
 
 DATABASE = Path(tempfile.mkdtemp(prefix="hpsearch-schema-")) / "schema.db"
 URL = f"sqlite:///{DATABASE}"

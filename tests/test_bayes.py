@@ -13,7 +13,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from hpsearch.bayes import BayesSampler, _observations
+from hpsearch.search.bayes import BayesSampler, _observations
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

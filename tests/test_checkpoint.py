@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-from hpsearch.data import TensorData, load_dataset
+from hpsearch.data.tensors import TensorData, load_dataset
 from hpsearch.spec import parse_spec
-from hpsearch.train import (
+from hpsearch.training.train import (
     EpochRecord,
     TrainResult,
     TrialConfig,

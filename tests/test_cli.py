@@ -9,9 +9,9 @@ from typing import Any
 
 import optuna
 import pytest
+from hpsearch.storage import optuna_storage
 from optuna.trial import TrialState
 
-from storage import optuna_storage
 from tests.conftest import REPO, hpsearch_command, run_cli, write_spec
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

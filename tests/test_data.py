@@ -1,4 +1,4 @@
-"""hpsearch.data on real data: builtin sets, generated sets and files written per test."""
+"""hpsearch.data.tensors on real data: builtin sets, generated sets and files written per test."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_diabetes, make_regression
 
-from hpsearch.data import TensorData, _split_indices, clear_cache, load_dataset
+from hpsearch.data.facts import BUILTIN_FACTS, inspect_dataset, split_sizes
+from hpsearch.data.tables import Table, data_dir
+from hpsearch.data.tensors import TensorData, _split_indices, clear_cache, load_dataset
 from hpsearch.errors import DatasetError
-from hpsearch.facts import BUILTIN_FACTS, inspect_dataset, split_sizes
 from hpsearch.spec import SplitSpec, StudySpec
-from hpsearch.tables import Table, data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,17 +9,17 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from hpsearch.api import Settings, create_app
 from typer.testing import CliRunner
 
-from api import Settings, create_app
-from hpsearch import results
-from hpsearch.cli import app
-from hpsearch.data import load_dataset
-from hpsearch.diagnosis import TrialFacts, advise, diagnose
-from hpsearch.service import submit_study
+from hpsearch.cli.commands import app
+from hpsearch.data.tensors import load_dataset
+from hpsearch.runtime.worker import Worker, WorkerOptions
+from hpsearch.service import results
+from hpsearch.service.diagnosis import TrialFacts, advise, diagnose
+from hpsearch.service.studies import submit_study
 from hpsearch.spec import parse_spec
-from hpsearch.train import EpochRecord, TrainResult, TrialConfig, train
-from hpsearch.worker import Worker, WorkerOptions
+from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, train
 
 DIGITS = {"source": "builtin", "name": "digits"}
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from hpsearch.results import list_studies, study_summary
-from hpsearch.worker import Worker, WorkerOptions
+from hpsearch.runtime.worker import Worker, WorkerOptions
+from hpsearch.service.results import list_studies, study_summary
 from tests.conftest import run_cli, write_spec
 from tests.fleet import (
     Db,

@@ -11,13 +11,13 @@ import httpx
 import pytest
 import sqlalchemy
 from fastapi.testclient import TestClient
+from hpsearch.api import Settings, create_app
+from hpsearch.storage.db import VERSION_TABLE, _migrate_under_lock, make_engine, upgrade
+from hpsearch.storage.engine import OPTUNA_VERSION_TABLE, optuna_head_revision, optuna_storage
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
-from api import Settings, create_app
-from hpsearch.tokens import create_token
-from storage.db import VERSION_TABLE, _migrate_under_lock, make_engine, upgrade
-from storage.engine import OPTUNA_VERSION_TABLE, optuna_head_revision, optuna_storage
+from hpsearch.service.tokens import create_token
 from tests.conftest import run_cli
 from tests.test_api_e2e import environment, free_port, serving
 

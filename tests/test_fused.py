@@ -10,13 +10,13 @@ import optuna
 import pytest
 import torch
 
-from hpsearch.data import load_dataset
-from hpsearch.fused import train_pack
-from hpsearch.search import suggest_params
+from hpsearch.data.tensors import load_dataset
+from hpsearch.runtime.trials import packs
+from hpsearch.runtime.worker import WorkerOptions
+from hpsearch.search.space import suggest_params
 from hpsearch.spec import parse_spec
-from hpsearch.study import packs
-from hpsearch.train import TrainResult, TrialConfig, train
-from hpsearch.worker import WorkerOptions
+from hpsearch.training.fused import train_pack
+from hpsearch.training.train import TrainResult, TrialConfig, train
 
 MEMBERS: list[dict[str, Any]] = [
     {"learning_rate": 3e-3, "batch_size": 32, "dropout": 0.0},

@@ -9,11 +9,13 @@ from typing import Any
 
 import optuna
 import pytest
+from hpsearch.storage import optuna_storage
 from optuna.trial import TrialState
 
-from hpsearch import results
-from hpsearch.pruning import StudyPruning
-from hpsearch.service import (
+from hpsearch.runtime.trials import TrialContext, claim_trial, hand_back, open_study
+from hpsearch.search.pruning import StudyPruning
+from hpsearch.service import results
+from hpsearch.service.studies import (
     StudyState,
     change_state,
     get_study,
@@ -21,8 +23,6 @@ from hpsearch.service import (
     submit_study,
 )
 from hpsearch.spec import parse_spec
-from hpsearch.study import TrialContext, claim_trial, hand_back, open_study
-from storage import optuna_storage
 from tests.conftest import run_cli, write_spec
 
 LEARNING_RATES = [0.01, 0.1]

@@ -12,17 +12,17 @@ from pathlib import Path
 import optuna
 import pytest
 from fastapi.testclient import TestClient
+from hpsearch.api import Settings, create_app
+from hpsearch.storage import optuna_storage
 from typer.testing import CliRunner
 
-from api import Settings, create_app
-from hpsearch import results
-from hpsearch.cli import app
-from hpsearch.data import load_dataset
-from hpsearch.pruning import StudyPruning
-from hpsearch.service import StudyState, submit_study
+from hpsearch.cli.commands import app
+from hpsearch.data.tensors import load_dataset
+from hpsearch.runtime.trials import TrialContext, claim_trial, open_study, run_trial
+from hpsearch.search.pruning import StudyPruning
+from hpsearch.service import results
+from hpsearch.service.studies import StudyState, submit_study
 from hpsearch.spec import parse_spec
-from hpsearch.study import TrialContext, claim_trial, open_study, run_trial
-from storage import optuna_storage
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

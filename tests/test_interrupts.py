@@ -229,7 +229,7 @@ def test_a_signal_whose_exception_was_swallowed_still_ends_the_command_with_130(
     """Python swallows an exception raised in a weakref callback or a finaliser; a Ctrl-C
     landing there must not let the command end as if nothing happened."""
     import hpsearch.__main__
-    import hpsearch.cli
+    import hpsearch.cli.commands
 
     monkeypatch.setattr(signals, "received", [])
     monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's handler alone
@@ -243,7 +243,7 @@ def test_a_signal_whose_exception_was_swallowed_still_ends_the_command_with_130(
     def leave(code: object) -> None:  # the process's end, without ending pytest's
         raise SystemExit(code)
 
-    monkeypatch.setattr(hpsearch.cli, "app", command_that_swallows_the_signal)
+    monkeypatch.setattr(hpsearch.cli.commands, "app", command_that_swallows_the_signal)
     monkeypatch.setattr(hpsearch.__main__, "leave", leave)
     with pytest.raises(SystemExit) as ended:
         main()

@@ -11,10 +11,13 @@ import numpy as np
 import optuna
 import pytest
 import sqlalchemy
+from hpsearch.storage import optuna_storage, upgrade
 from optuna.trial import TrialState
 
-import hpsearch.study
-from hpsearch.pruning import (
+import hpsearch.runtime.trials
+from hpsearch.runtime.trials import TrialContext, TrialWriter, as_asked
+from hpsearch.runtime.worker import Worker, WorkerOptions
+from hpsearch.search.pruning import (
     CompletedCurves,
     Halving,
     RungValues,
@@ -23,13 +26,10 @@ from hpsearch.pruning import (
     halving_prunes,
     percentile_prunes,
 )
-from hpsearch.search import make_pruner
-from hpsearch.service import submit_study
+from hpsearch.search.space import make_pruner
+from hpsearch.service.studies import submit_study
 from hpsearch.spec import PrunerSpec, parse_spec
-from hpsearch.study import TrialContext, TrialWriter, as_asked
-from hpsearch.train import EpochRecord
-from hpsearch.worker import Worker, WorkerOptions
-from storage import optuna_storage, upgrade
+from hpsearch.training.train import EpochRecord
 
 PRUNERS = [
     PrunerSpec(name="median"),
@@ -282,7 +282,7 @@ def test_reports_wait_for_the_next_write_or_the_interval(
     writer.write()
     assert [row[1] for row in intermediate_rows(url)] == [1, 2, 3]
     assert study._storage.get_trial_user_attrs(trial._trial_id) == {"worker": "w"}
-    monkeypatch.setattr(hpsearch.study, "WRITE_EVERY_S", 0.0)
+    monkeypatch.setattr(hpsearch.runtime.trials, "WRITE_EVERY_S", 0.0)
     writer.report(0.4, 4)  # the interval has passed: written at once
     assert [row[1] for row in intermediate_rows(url)] == [1, 2, 3, 4]
 
@@ -338,8 +338,8 @@ def test_a_failed_trial_keeps_the_epochs_it_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pack: int | None
 ) -> None:
     url = f"sqlite:///{tmp_path}/failed.db"
-    monkeypatch.setattr(hpsearch.study, "train", failing_training)
-    monkeypatch.setattr(hpsearch.study, "train_pack", failing_pack)
+    monkeypatch.setattr(hpsearch.runtime.trials, "train", failing_training)
+    monkeypatch.setattr(hpsearch.runtime.trials, "train_pack", failing_pack)
     spec = spec_dict("failing", budget={"n_trials": 2})
     submit_study(url, parse_spec(spec))
     options = WorkerOptions(url, studies=("failing",), max_trials=2, pack=pack, idle_exit_s=0)

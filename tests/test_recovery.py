@@ -17,12 +17,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpsearch import holders
-from hpsearch.holders import HOLDER_ATTR
-from hpsearch.recovery import recover
-from hpsearch.service import StudyState, submit_study
+from hpsearch.runtime.trials import claim_trial, open_study
+from hpsearch.service import holders
+from hpsearch.service.holders import HOLDER_ATTR
+from hpsearch.service.recovery import recover
+from hpsearch.service.studies import StudyState, submit_study
 from hpsearch.spec import parse_spec
-from hpsearch.study import claim_trial, open_study
 from tests.fleet import (
     Db,
     Workers,

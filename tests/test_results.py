@@ -9,16 +9,16 @@ from typing import Any
 
 import optuna
 import pytest
+from hpsearch.storage import optuna_storage
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from hpsearch import results
-from hpsearch.cli import app
+from hpsearch.cli.commands import app
 from hpsearch.errors import Conflict
-from hpsearch.service import StudyNotFound, change_state, delete_study, submit_study
+from hpsearch.service import results
+from hpsearch.service.studies import StudyNotFound, change_state, delete_study, submit_study
+from hpsearch.service.tokens import hash_token, stored_token_hashes
 from hpsearch.spec import parse_spec
-from hpsearch.tokens import hash_token, stored_token_hashes
-from storage import optuna_storage
 
 
 def make_spec(name: str, metric: str = "val_accuracy", n_trials: int = 20) -> Any:

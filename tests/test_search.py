@@ -13,11 +13,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpsearch.data import load_dataset
-from hpsearch.search import distributions, make_pruner, make_sampler, suggest_params
-from hpsearch.service import submit_study
+from hpsearch.data.tensors import load_dataset
+from hpsearch.runtime.trials import claim_trial, open_study, run_trial
+from hpsearch.search.space import distributions, make_pruner, make_sampler, suggest_params
+from hpsearch.service.studies import submit_study
 from hpsearch.spec import StudySpec, parse_spec
-from hpsearch.study import claim_trial, open_study, run_trial
 
 SPACE = {
     "learning_rate": {"low": 1e-4, "high": 1e-1, "log": True},

@@ -10,16 +10,18 @@ from typing import Any
 import optuna
 import pytest
 import sqlalchemy
+from hpsearch.storage import StudyRecord, delete_optuna_study, make_engine, session_scope
 from optuna.storages._rdb.models import BaseModel as OptunaBase
 from optuna.trial import TrialState
 from sqlalchemy import delete, func, select
 
-import hpsearch.service
-from hpsearch.data import load_dataset
+import hpsearch.service.studies
+from hpsearch.data.tensors import load_dataset
 from hpsearch.errors import HpsearchError
-from hpsearch.results import study_summary
-from hpsearch.search import suggest_params
-from hpsearch.service import (
+from hpsearch.runtime.trials import claim_trial, open_study, run_trial
+from hpsearch.search.space import suggest_params
+from hpsearch.service.results import study_summary
+from hpsearch.service.studies import (
     HANDED_BACK_ERROR,
     StudyConflict,
     StudyNotFound,
@@ -33,8 +35,6 @@ from hpsearch.service import (
     submit_study,
 )
 from hpsearch.spec import StudySpec, parse_spec
-from hpsearch.study import claim_trial, open_study, run_trial
-from storage import StudyRecord, delete_optuna_study, make_engine, session_scope
 from tests.conftest import run_cli, write_spec
 
 
@@ -244,7 +244,7 @@ def test_a_deletion_that_stops_half_way_leaves_the_study_whole(
         delete_optuna_study(session, study_id)
         raise RuntimeError("the server was killed here")
 
-    monkeypatch.setattr(hpsearch.service, "delete_optuna_study", dies_after_deleting)
+    monkeypatch.setattr(hpsearch.service.studies, "delete_optuna_study", dies_after_deleting)
     with pytest.raises(RuntimeError):
         delete_study(url, "whole")
     assert optuna_rows(url) == before

@@ -19,10 +19,7 @@ import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import event, func, select
-from sqlalchemy.exc import IntegrityError
-
-from storage.db import (
+from hpsearch.storage.db import (
     MIGRATIONS,
     SCHEMA_HEAD,
     VERSION_TABLE,
@@ -37,14 +34,16 @@ from storage.db import (
     with_retries,
     write_trial,
 )
-from storage.engine import StorageError, optuna_head_revision, optuna_storage
-from storage.models import (
+from hpsearch.storage.engine import StorageError, optuna_head_revision, optuna_storage
+from hpsearch.storage.models import (
     Base,
     CheckpointRecord,
     ModelRecord,
     StudyRecord,
     WorkerRecord,
 )
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError
 
 TABLES = {
     "hps_studies",

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from hpsearch.data import load_dataset
-from hpsearch.model import build_mlp
+from hpsearch.data.tensors import load_dataset
+from hpsearch.runtime.trials import objective
 from hpsearch.spec import StudySpec, parse_spec
-from hpsearch.study import objective
-from hpsearch.train import TrialConfig, train
+from hpsearch.training.model import build_mlp
+from hpsearch.training.train import TrialConfig, train
 
 
 def make_spec(dataset: str = "digits", **training: Any) -> StudySpec:

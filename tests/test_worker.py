@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from hpsearch.worker import IDLE_POLL_S
+from hpsearch.runtime.worker import IDLE_POLL_S
 from tests.fleet import (
     FINISHED,
     GRACE_S,

@@ -9,9 +9,8 @@ database.
 from __future__ import annotations
 
 from alembic import context
-
-from storage.db import VERSION_TABLE, own_tables_only
-from storage.models import Base
+from hpsearch.storage.db import VERSION_TABLE, own_tables_only
+from hpsearch.storage.models import Base
 
 connection = context.config.attributes["connection"]
 context.configure(

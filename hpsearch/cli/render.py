@@ -17,9 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 if TYPE_CHECKING:  # the views need pydantic; rendering is imported by `--help` too
-    from hpsearch.embedded import StudyProgress
-    from hpsearch.spec import StudySpec
-    from hpsearch.views import (
+    from hpsearch.runtime.embedded import StudyProgress
+    from hpsearch.service.views import (
         LeaderboardEntry,
         Page,
         ResumedStudy,
@@ -28,6 +27,7 @@ if TYPE_CHECKING:  # the views need pydantic; rendering is imported by `--help` 
         TokenView,
         TrialDetail,
     )
+    from hpsearch.spec import StudySpec
 
 
 @contextmanager

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import PurePath
 
 from sqlalchemy import select
 from sqlalchemy.orm import defer
 
+from hpsearch.data.tables import DatasetFormat, Upload, frame_facts, read_table
 from hpsearch.errors import DatasetError, NotFound
-from hpsearch.tables import DatasetFormat, frame_facts, read_table
-from hpsearch.views import DatasetView
-from storage import DatasetRecord, session_scope, upgrade
+from hpsearch.service.views import DatasetView
+from hpsearch.storage import DatasetRecord, session_scope, upgrade
 
 FORMATS: dict[str, DatasetFormat] = {
     ".csv": "csv",
@@ -25,6 +26,24 @@ FORMATS: dict[str, DatasetFormat] = {
 
 class DatasetNotFound(NotFound):
     """No uploaded dataset with that id."""
+
+
+@dataclass(frozen=True)
+class StoredUploads:
+    """The uploads kept in one database, read by id: what data loading is given, so that it
+    reads uploads without touching the database itself. Equal for the same URL, so a
+    worker's cache of loaded data keeps one entry per database."""
+
+    url: str
+
+    def __call__(self, dataset_id: int) -> Upload:
+        with session_scope(self.url) as session:
+            record = session.get(DatasetRecord, dataset_id)
+            if record is None:
+                raise DatasetError(f"no uploaded dataset with id {dataset_id} in this database")
+            return Upload(
+                record.id, record.name, record.content, record.format, record.target, record.task
+            )
 
 
 def parse_target(target: str) -> str | list[str]:

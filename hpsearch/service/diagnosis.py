@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from hpsearch.spec import INTEGER_KEYS, SEARCH_RULES, Dimension, StudySpec
 
 if TYPE_CHECKING:  # training's types; reading advice must not import torch
-    from hpsearch.train import EpochRecord, TrainResult
+    from hpsearch.training.train import EpochRecord, TrainResult
 
 Diagnosis = Literal[
     "ok",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from hpsearch.facts import DataFacts, split_sizes
+from hpsearch.data.facts import DataFacts, split_sizes
 from hpsearch.spec import StudySpec
 
 GIB = 1024**3

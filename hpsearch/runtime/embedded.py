@@ -21,13 +21,13 @@ import optuna
 
 from hpsearch.errors import HpsearchError, Interrupted
 from hpsearch.logs import LogSettings
-from hpsearch.service import StudyState
+from hpsearch.runtime.trials import FINISHED_STATES
+from hpsearch.runtime.worker import Worker, WorkerOptions, worker_processes
+from hpsearch.service.studies import StudyState
 from hpsearch.signals import started, stop_on_signals, stopping
-from hpsearch.study import FINISHED_STATES
-from hpsearch.worker import Worker, WorkerOptions, worker_processes
-from storage import DATABASE_ERRORS, StorageError, session_scope
-from storage.db import is_transient
-from storage.queries import STATE_NAMES, best_values, trial_counts
+from hpsearch.storage import DATABASE_ERRORS, StorageError, session_scope
+from hpsearch.storage.db import is_transient
+from hpsearch.storage.queries import STATE_NAMES, best_values, trial_counts
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, or_, select, update
 
 from hpsearch.errors import Conflict, NotFound
-from hpsearch.views import TokenView
-from storage import ApiTokenRecord, session_scope, upgrade
+from hpsearch.service.views import TokenView
+from hpsearch.storage import ApiTokenRecord, session_scope, upgrade
 
 TOKEN_PREFIX = "hps_"
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # at most one write per token and minute

@@ -26,21 +26,11 @@ import torch
 from sqlalchemy import func, update
 from sqlalchemy.exc import NoResultFound
 
-from hpsearch import memory
-from hpsearch.data import TensorData, load_dataset
+from hpsearch.data import memory
+from hpsearch.data.tensors import TensorData, load_dataset
 from hpsearch.errors import HpsearchError
 from hpsearch.logs import LogSettings
-from hpsearch.pruning import StudyPruning
-from hpsearch.recovery import silent_trials
-from hpsearch.service import (
-    StudyState,
-    fail_if_failing,
-    fail_study,
-    mark_completed_if_done,
-    runnable_studies,
-)
-from hpsearch.signals import started, stop_on_signals
-from hpsearch.study import (
+from hpsearch.runtime.trials import (
     TrialContext,
     as_asked,
     claim_trial,
@@ -51,7 +41,18 @@ from hpsearch.study import (
     run_pack,
     run_trial,
 )
-from storage import (
+from hpsearch.search.pruning import StudyPruning
+from hpsearch.service.datasets import StoredUploads
+from hpsearch.service.recovery import silent_trials
+from hpsearch.service.studies import (
+    StudyState,
+    fail_if_failing,
+    fail_study,
+    mark_completed_if_done,
+    runnable_studies,
+)
+from hpsearch.signals import started, stop_on_signals
+from hpsearch.storage import (
     DATABASE_ERRORS,
     WorkerRecord,
     heartbeat_interval_s,
@@ -60,16 +61,16 @@ from storage import (
     upgrade,
     with_retries,
 )
-from storage.db import is_transient
-from storage.engine import driver_reason
-from storage.queries import optuna_study_id
+from hpsearch.storage.db import is_transient
+from hpsearch.storage.engine import driver_reason
+from hpsearch.storage.queries import optuna_study_id
 
 T = TypeVar("T")
-log = logging.getLogger("hpsearch.worker")
+log = logging.getLogger("hpsearch.runtime.worker")
 
 IDLE_POLL_S = 2.0
 # Imported once by the server that worker processes are forked from (`worker_processes`).
-FORKSERVER_PRELOAD = ("hpsearch.worker", "torch._dynamo")
+FORKSERVER_PRELOAD = ("hpsearch.runtime.worker", "torch._dynamo")
 DEFAULT_GPU_PACK = 8
 RECONNECT_S = 1.0  # between attempts to reach a database that is down
 WAITING_MESSAGE_S = 5.0  # how often a worker waiting for its database says so
@@ -106,7 +107,7 @@ class Worker:
     """One worker process's loop; `run` returns the process's exit code.
 
     Nothing about one study stops the worker: a trial that raises is failed with its error
-    (`hpsearch.study.run_trial`); a study whose trials keep failing, or that cannot be
+    (`hpsearch.runtime.trials.run_trial`); a study whose trials keep failing, or that cannot be
     opened, claimed from or trained, is failed with the reason (`_guarded`), and the worker
     serves the others. A database that cannot be reached is waited for, at start and later;
     only an error that waiting cannot cure (a bad URL, a refused login) ends the worker.
@@ -306,7 +307,9 @@ class Worker:
         outcomes: list[optuna.trial.TrialState | None] = []
         with self._guarded(state):
             try:
-                data = load_dataset(state.spec, self.options.device, self.options.url)  # cached
+                data = load_dataset(
+                    state.spec, self.options.device, StoredUploads(self.options.url)
+                )
             except DATABASE_ERRORS:
                 raise
             except Exception as exc:

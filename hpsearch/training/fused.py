@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpsearch.data import TensorData
-from hpsearch.model import ACTIVATIONS
-from hpsearch.train import (
+from hpsearch.data.tensors import TensorData
+from hpsearch.training.model import ACTIVATIONS
+from hpsearch.training.train import (
     CHECKPOINT_FORMAT,
     EXPLOSION_FACTOR,
     EpochRecord,
@@ -335,7 +335,7 @@ class _Pack:
 
     def _train_epoch(self) -> tuple[list[float], list[tuple[float, ...]]]:
         """One epoch of every member: their mean training losses and their layers' gradient
-        norms on their last full batch (as `hpsearch.train` records them), read back once."""
+        norms on their last full batch (as `training.train` records them), read back once."""
         n = self.data.x_train.shape[0]
         perms = torch.stack(
             [torch.randperm(n, device=self.device, generator=m.generator) for m in self.members]
@@ -534,7 +534,7 @@ class _Pack:
     # --- checkpoints, in `train`'s format ------------------------------------------------
 
     def checkpoint(self, k: int) -> bytes:
-        """Member k's state as `hpsearch.train` writes a checkpoint: a single network, a
+        """Member k's state as `hpsearch.training.train` writes a checkpoint: a single network, a
         torch optimizer's state_dict, its scheduler, its batch-order stream."""
         member = self.members[k]
         model = self._network(member, [p[k].detach() for p in self.params])

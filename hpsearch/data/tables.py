@@ -2,7 +2,7 @@
 
 Everything here needs only numpy and pandas, never torch or scikit-learn: admitting a
 study (the API, `hpsearch submit`) checks its data through this module, and those paths
-must start at once. Preparing the tensors a worker trains on is `hpsearch.data`'s.
+must start at once. Preparing the tensors a worker trains on is `hpsearch.data.tensors`'s.
 Every problem with the data is a DatasetError whose message names the file, column or
 setting to fix, because the user who reads it wrote a spec, not our code.
 """
@@ -15,22 +15,47 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 import numpy as np
 import pandas as pd
 
+from hpsearch.data.facts import DataFacts
 from hpsearch.errors import DatasetError, DatasetTooLarge
-from hpsearch.facts import DataFacts
 from hpsearch.spec import (
     FileDataset,
     StudySpec,
     Task,
     UploadedDataset,
 )
-from storage import DatasetRecord, session_scope
 
 DatasetFormat = Literal["csv", "parquet", "npz"]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded dataset as its store keeps it: everything reading it needs."""
+
+    id: int
+    name: str
+    content: bytes
+    format: DatasetFormat
+    target: str | list[str]
+    task: Task | None
+
+
+class Uploads(Protocol):
+    """Where uploaded datasets are read from, by id (the service's store implements it).
+
+    Data code reads uploads only through this, so it never touches the database; an
+    implementation must be hashable and equal for the same store, because loaded data is
+    cached per store.
+    """
+
+    def __call__(self, dataset_id: int) -> Upload:
+        """The upload, or a DatasetError naming the id when the store has none."""
+        ...
+
 
 MAX_CATEGORIES = 50  # a text column with more distinct values is an id or free text, not a category
 MAX_INFERRED_CLASSES = 50  # an integer target with more distinct values is taken as a quantity
@@ -52,11 +77,11 @@ def data_dir() -> Path:
     return Path(os.environ.get("HPSEARCH_DATA_DIR") or Path.cwd())
 
 
-def table_facts(spec: StudySpec, url: str | None) -> DataFacts:
+def table_facts(spec: StudySpec, uploads: Uploads | None) -> DataFacts:
     """The facts of a file's or an upload's table (`facts.inspect_dataset`)."""
     dataset = spec.dataset
     if isinstance(dataset, UploadedDataset):  # checked when it was uploaded; must still exist
-        frame, upload, shown = _read_upload(dataset, url)
+        frame, upload, shown = _read_upload(dataset, uploads)
         return frame_facts(frame, upload.target, spec.task or upload.task, shown)
     assert isinstance(dataset, FileDataset)
     return frame_facts(_read_file(dataset), dataset.target, spec.task, dataset.path)
@@ -94,32 +119,23 @@ def file_table(dataset: FileDataset, task: Task | None) -> Table:
     return labelled_table(frame, dataset.target, task, dataset.path)
 
 
-def uploaded_table(dataset: UploadedDataset, task: Task | None, url: str | None) -> Table:
-    frame, upload, shown = _read_upload(dataset, url)
+def uploaded_table(dataset: UploadedDataset, task: Task | None, uploads: Uploads | None) -> Table:
+    frame, upload, shown = _read_upload(dataset, uploads)
     return labelled_table(frame, upload.target, task or upload.task, shown)
 
 
 def _read_upload(
-    dataset: UploadedDataset, url: str | None
-) -> tuple[pd.DataFrame, DatasetRecord, str]:
-    upload = _fetch_upload(dataset, url)
+    dataset: UploadedDataset, uploads: Uploads | None
+) -> tuple[pd.DataFrame, Upload, str]:
+    if uploads is None:
+        raise DatasetError("an uploaded dataset is read from the database: give its URL")
+    upload = uploads(dataset.id)
     shown = f"uploaded dataset {upload.id} ({upload.name})"
     return (
         read_table(io.BytesIO(upload.content), upload.format, upload.target, shown),
         upload,
         shown,
     )
-
-
-def _fetch_upload(dataset: UploadedDataset, url: str | None) -> DatasetRecord:
-    if url is None:
-        raise DatasetError("an uploaded dataset is read from the database: give its URL")
-    with session_scope(url) as session:
-        record = session.get(DatasetRecord, dataset.id)
-        if record is None:
-            raise DatasetError(f"no uploaded dataset with id {dataset.id} in this database")
-        session.expunge(record)
-        return record
 
 
 def labelled_table(

@@ -70,7 +70,7 @@ def _sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
             seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True, constant_liar=True
         )
     if cfg.name == "bayes":
-        from hpsearch.bayes import BayesSampler
+        from hpsearch.search.bayes import BayesSampler
 
         return BayesSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     if cfg.name == "gp":
@@ -103,9 +103,9 @@ class _GridSampler(optuna.samplers.GridSampler):
     repeats one; its `after_trial` stops `study.optimize`, and raises outside of it (a
     worker's `tell`). Here a new trial takes the first free point in the seed's order,
     points never tried before those whose trials failed; a retry keeps the point of the
-    trial it retries. Under the study's claim lock, where `hpsearch.study.claim_trial` asks,
+    trial it retries. Under the study's claim lock, where `runtime.trials.claim_trial` asks,
     the sampler sees every running trial, so parallel workers never share a point; the
-    claim stops once the grid is spent (`hpsearch.service.effective_budget`), and asking
+    claim stops once the grid is spent (`hpsearch.service.studies.effective_budget`), and asking
     for more here raises GridExhausted rather than repeating a point.
     """
 

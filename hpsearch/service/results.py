@@ -14,11 +14,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from hpsearch.diagnosis import TrialFacts, advise
-from hpsearch.recovery import Recovery
-from hpsearch.service import HANDED_BACK_ERROR, StudyNotFound, effective_budget, find_study
-from hpsearch.spec import StudySpec
-from hpsearch.views import (
+from hpsearch.service.diagnosis import TrialFacts, advise
+from hpsearch.service.recovery import Recovery
+from hpsearch.service.studies import HANDED_BACK_ERROR, StudyNotFound, effective_budget, find_study
+from hpsearch.service.views import (
     CurvePoint,
     LeaderboardEntry,
     Page,
@@ -30,8 +29,16 @@ from hpsearch.views import (
     TrialSummary,
     WorkerView,
 )
-from storage import ModelRecord, StudyRecord, WorkerRecord, grace_period_s, session_scope, upgrade
-from storage.queries import (
+from hpsearch.spec import StudySpec
+from hpsearch.storage import (
+    ModelRecord,
+    StudyRecord,
+    WorkerRecord,
+    grace_period_s,
+    session_scope,
+    upgrade,
+)
+from hpsearch.storage.queries import (
     TrialRow,
     best_values,
     fail_kind,
@@ -43,7 +50,7 @@ from storage.queries import (
     trial_page,
 )
 
-# Columns of the compact per-epoch history a trial stores (hpsearch.study._record).
+# Columns of the compact per-epoch history a trial stores (hpsearch.runtime.trials._record).
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "value", "learning_rate", "grad_norms")
 
 

@@ -10,11 +10,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, TypeAdapter
 
-from hpsearch import results
 from hpsearch.errors import Conflict, HpsearchError, NotFound, SpecError
-from hpsearch.service import change_state, delete_study, resume_study, submit_study
-from hpsearch.spec import StudySpec
-from hpsearch.views import (
+from hpsearch.service import results
+from hpsearch.service.studies import change_state, delete_study, resume_study, submit_study
+from hpsearch.service.views import (
     LeaderboardEntry,
     Page,
     ResumedStudy,
@@ -22,7 +21,8 @@ from hpsearch.views import (
     StudySummary,
     TrialDetail,
 )
-from storage import default_url
+from hpsearch.spec import StudySpec
+from hpsearch.storage import default_url
 
 if TYPE_CHECKING:
     import httpx

@@ -17,20 +17,21 @@ from pydantic import ValidationError
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from hpsearch import memory
+from hpsearch.data import memory
+from hpsearch.data.facts import DataFacts, inspect_dataset, split_sizes
 from hpsearch.errors import Conflict, DatasetError, HpsearchError, NotFound, SpecError
-from hpsearch.facts import DataFacts, inspect_dataset, split_sizes
-from hpsearch.recovery import Recovery, recover
-from hpsearch.search import grid_size
+from hpsearch.search.space import grid_size
+from hpsearch.service.datasets import StoredUploads
+from hpsearch.service.recovery import Recovery, recover
 from hpsearch.spec import MAX_COUNT, MAX_ROW_ID, StudySpec, UploadedDataset, field_errors
-from storage import (
+from hpsearch.storage import (
     StudyRecord,
     delete_optuna_study,
     optuna_storage,
     session_scope,
     upgrade,
 )
-from storage.queries import optuna_study_id, recent_endings
+from hpsearch.storage.queries import optuna_study_id, recent_endings
 
 RUNNABLE_STATES = ("queued", "running")
 # A study whose last this many trials to end all failed with an error is failed itself: its
@@ -110,7 +111,7 @@ def admit(spec: StudySpec, url: str) -> StudySpec:
     once its data is found usable and its largest trial fits the device memory a trial may
     take: whatever is accepted can be run. A problem is a SpecError naming the field."""
     try:
-        facts = inspect_dataset(spec, url)
+        facts = inspect_dataset(spec, StoredUploads(url))
     except DatasetError as exc:
         raise SpecError([(_dataset_field(spec), str(exc))]) from None
     spec = spec if spec.task == facts.task else spec.with_task(facts.task)
@@ -364,7 +365,7 @@ def resume_study(
     url: str, study: str | int, *, free_running: bool = False
 ) -> tuple[StudyState, Recovery]:
     """Set the study running and free its lost trials now rather than after the grace
-    period (`hpsearch.recovery.recover`): a trial whose worker is certainly dead or whose
+    period (`hpsearch.service.recovery.recover`): a trial whose worker is certainly dead or whose
     heartbeat missed two beats. Each is retried with the same params and resumes from its
     checkpoint. `free_running`: the user knows the workers are dead; wait up to two
     heartbeats for each running trial to prove its worker alive, and free the others."""

@@ -20,13 +20,12 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from hpsearch import recovery
-from hpsearch.data import TensorData
-from hpsearch.diagnosis import diagnose
-from hpsearch.fused import pack_key, train_pack
-from hpsearch.pruning import StudyPruning
-from hpsearch.search import BUDGET_STATES, make_pruner, make_sampler, suggest_params
-from hpsearch.service import (
+from hpsearch.data.tensors import TensorData
+from hpsearch.search.pruning import StudyPruning
+from hpsearch.search.space import BUDGET_STATES, make_pruner, make_sampler, suggest_params
+from hpsearch.service import recovery
+from hpsearch.service.diagnosis import diagnose
+from hpsearch.service.studies import (
     HANDED_BACK_ERROR,
     RUNNABLE_STATES,
     StudyState,
@@ -35,8 +34,7 @@ from hpsearch.service import (
     mark_running,
 )
 from hpsearch.spec import StudySpec
-from hpsearch.train import EpochRecord, TrainResult, TrialConfig, checkpoint_history, train
-from storage import (
+from hpsearch.storage import (
     DATABASE_ERRORS,
     LeaseLost,
     StudyClaim,
@@ -52,8 +50,10 @@ from storage import (
     with_retries,
     write_trial,
 )
-from storage.engine import MAX_RETRIES
-from storage.queries import STATE_NAMES
+from hpsearch.storage.engine import MAX_RETRIES
+from hpsearch.storage.queries import STATE_NAMES
+from hpsearch.training.fused import pack_key, train_pack
+from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, checkpoint_history, train
 
 log = logging.getLogger(__name__)
 KEEP_BEST_MODELS = 5  # the trained weights of this many best trials per study are kept
@@ -349,7 +349,7 @@ def run_pack(
     data: TensorData,
     context: TrialContext,
 ) -> list[TrialState | None]:
-    """Run claimed trials of one architecture as a fused pack (`hpsearch.fused`), each
+    """Run claimed trials of one architecture as a fused pack (`hpsearch.training.fused`), each
     reported, pruned, checkpointed, resumed and told as `run_trial` does it alone; a
     member is told the moment it leaves the pack."""
     configs = [TrialConfig.from_spec(spec, suggest_params(t, spec)) for t in trials]
@@ -419,7 +419,7 @@ def packs(
     trials: list[optuna.Trial], spec: StudySpec, largest: int | None = None
 ) -> list[list[optuna.Trial]]:
     """The claimed trials grouped into what can train as one fused pack (same network and
-    update rule, `hpsearch.fused.pack_key`), in claim order, at most `largest` to a pack
+    update rule, `hpsearch.training.fused.pack_key`), in claim order, at most `largest` to a pack
     (what fits the device); batch-norm trials alone."""
     groups: dict[Any, list[optuna.Trial]] = {}
     for trial in trials:

@@ -34,8 +34,14 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.orm import Session
 
 from hpsearch.spec import PrunerSpec, StudySpec
-from storage import session_scope, with_retries
-from storage.queries import RUNG_PREFIX, SeenTrial, reported_values, rung_values, trials_since
+from hpsearch.storage import session_scope, with_retries
+from hpsearch.storage.queries import (
+    RUNG_PREFIX,
+    SeenTrial,
+    reported_values,
+    rung_values,
+    trials_since,
+)
 
 REFRESH_S = 2.0  # how stale the view of other workers' trials may grow
 PERCENTILE_PRUNERS = ("median", "percentile")
@@ -98,7 +104,7 @@ def percentile_prunes(
 @dataclass(frozen=True)
 class Halving:
     """The rungs of Optuna's SuccessiveHalvingPruner, or of each bracket (one successive
-    halving each) of its HyperbandPruner, as `hpsearch.search.make_pruner` builds them."""
+    halving each) of its HyperbandPruner, as `hpsearch.search.space.make_pruner` builds them."""
 
     min_resource: int
     reduction_factor: int

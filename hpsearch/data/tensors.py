@@ -1,7 +1,7 @@
 """Datasets for training: load, split, standardise, and keep on one device.
 
 A worker trains many trials on the same data, so each dataset is prepared once per process
-and device, then only indexed. Reading and checking a user's table is `hpsearch.tables`'s
+and device, then only indexed. Reading and checking a user's table is `hpsearch.data.tables`'s
 (it needs neither torch nor scikit-learn); the builtin and generated data sets come from
 scikit-learn here.
 """
@@ -17,8 +17,16 @@ import torch
 from sklearn import datasets as sk_datasets
 from sklearn.model_selection import train_test_split
 
+from hpsearch.data.facts import MNIST_EXTRA, DataFacts, n_informative
+from hpsearch.data.tables import (
+    Table,
+    Uploads,
+    check_stratifiable,
+    data_dir,
+    file_table,
+    uploaded_table,
+)
 from hpsearch.errors import DatasetError
-from hpsearch.facts import MNIST_EXTRA, DataFacts, n_informative
 from hpsearch.spec import (
     BUILTIN_TASKS,
     BuiltinDataset,
@@ -29,7 +37,6 @@ from hpsearch.spec import (
     Task,
     UploadedDataset,
 )
-from hpsearch.tables import Table, check_stratifiable, data_dir, file_table, uploaded_table
 
 _SKLEARN_LOADERS = {
     "digits": sk_datasets.load_digits,
@@ -83,45 +90,45 @@ def clear_cache() -> None:
 
 
 def load_dataset(
-    spec: StudySpec, device: str | torch.device = "cpu", url: str | None = None
+    spec: StudySpec, device: str | torch.device = "cpu", uploads: Uploads | None = None
 ) -> TensorData:
     """Load, encode, split and standardise spec.dataset per spec.split; move it to `device` once.
 
-    `url` is the database that holds uploaded datasets. Cached per process: a second call
+    `uploads` reads uploaded datasets from their store. Cached per process: a second call
     for the same data, split, task and device returns the same object.
     """
     device = torch.device(device)
-    key = _cache_key(spec, spec.task, device, url)
+    key = _cache_key(spec, spec.task, device, uploads)
     with _LOCK:
         if key not in _CACHE:
-            data = _to_tensors(_load_table(spec, url), spec.split, device)
+            data = _to_tensors(_load_table(spec, uploads), spec.split, device)
             # The spec without a task and the same spec with the inferred task filled in
             # (StudySpec.with_task) name the same data, so both find this one object.
-            _CACHE[key] = _CACHE.setdefault(_cache_key(spec, data.task, device, url), data)
+            _CACHE[key] = _CACHE.setdefault(_cache_key(spec, data.task, device, uploads), data)
         return _CACHE[key]
 
 
 def _cache_key(
-    spec: StudySpec, task: Task | None, device: torch.device, url: str | None
+    spec: StudySpec, task: Task | None, device: torch.device, uploads: Uploads | None
 ) -> tuple[Any, ...]:
     # A relative file path means another file once the data directory changes; an upload's
-    # id means another upload in another database.
-    where = ""
+    # id means another upload in another store.
+    where: Any = ""
     if isinstance(spec.dataset, FileDataset):
         where = str(data_dir().resolve())
     elif isinstance(spec.dataset, UploadedDataset):
-        where = url or ""
+        where = uploads
     return (spec.dataset.model_dump_json(), spec.split.model_dump_json(), task, str(device), where)
 
 
-def _load_table(spec: StudySpec, url: str | None) -> Table:
+def _load_table(spec: StudySpec, uploads: Uploads | None) -> Table:
     dataset = spec.dataset
     if isinstance(dataset, BuiltinDataset):
         return _builtin(dataset)
     if isinstance(dataset, SyntheticDataset):
         return _synthetic(dataset)
     if isinstance(dataset, UploadedDataset):
-        return uploaded_table(dataset, spec.task, url)
+        return uploaded_table(dataset, spec.task, uploads)
     return file_table(dataset, spec.task)
 
 

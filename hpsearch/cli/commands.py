@@ -18,11 +18,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from hpsearch import render
+from hpsearch.cli import render
 from hpsearch.errors import HpsearchError, Interrupted, SpecError
 
 if TYPE_CHECKING:
-    from hpsearch.client import Backend
+    from hpsearch.cli.client import Backend
 
 app = typer.Typer(
     help="Hyperparameter search for BP networks (multi-layer perceptrons).",
@@ -91,8 +91,8 @@ def user_errors(command: F) -> F:
 def _database_failure(exc: Exception) -> str | None:
     """The line to show for a database error, or None for any other error (a bug, whose
     traceback must be seen). Storage is imported only now: `--help` never needs it."""
-    from storage import DATABASE_ERRORS, StorageError
-    from storage.engine import driver_reason
+    from hpsearch.storage import DATABASE_ERRORS, StorageError
+    from hpsearch.storage.engine import driver_reason
 
     if isinstance(exc, StorageError):
         return str(exc)
@@ -102,7 +102,7 @@ def _database_failure(exc: Exception) -> str | None:
 
 
 def _backend(api: str | None, db: str | None) -> Backend:
-    from hpsearch.client import connect
+    from hpsearch.cli.client import connect
 
     return connect(api, db)
 
@@ -123,11 +123,11 @@ def run(
     pack: PackOption = None,
 ) -> None:
     """Run a study here until its budget is spent; running it again resumes it."""
-    from hpsearch import results
     from hpsearch.logs import LogSettings
-    from hpsearch.service import RUNNABLE_STATES, effective_budget, submit_study
+    from hpsearch.service import results
+    from hpsearch.service.studies import RUNNABLE_STATES, effective_budget, submit_study
     from hpsearch.spec import load_spec
-    from storage import default_url, safe_url
+    from hpsearch.storage import default_url, safe_url
 
     LogSettings("warning").apply()  # the progress bar tells the rest
     url = db or default_url()
@@ -138,8 +138,8 @@ def run(
         hint = _HINTS.get(state.state, "").format(name=spec.name)
         console.print(f"study {spec.name} is {state.state}" + (f"; {hint}" if hint else ""))
         return
-    from hpsearch.embedded import read_progress, run_workers  # training: torch from here on
-    from hpsearch.worker import resolve_devices
+    from hpsearch.runtime.embedded import read_progress, run_workers  # training: torch from here on
+    from hpsearch.runtime.worker import resolve_devices
 
     devices = resolve_devices(device, jobs)
     console.print(
@@ -358,8 +358,8 @@ def worker(
     (stderr) tells claims, trial ends, pruning, hand-backs, retries and database waits.
     """
     from hpsearch.logs import LogSettings
-    from hpsearch.worker import WorkerOptions, resolve_devices, run_worker_processes
-    from storage import default_url
+    from hpsearch.runtime.worker import WorkerOptions, resolve_devices, run_worker_processes
+    from hpsearch.storage import default_url
 
     logs = LogSettings(log_level.value, log_format.value)
     logs.apply()
@@ -390,10 +390,13 @@ def serve(
     """
     import uvicorn
 
-    from api import Settings, create_app  # the API sits above the engine; load it on demand
-    from api.auth import configured_hashes
+    from hpsearch.api import (  # the API sits above the engine; load it on demand
+        Settings,
+        create_app,
+    )
+    from hpsearch.api.auth import configured_hashes
     from hpsearch.logs import quiet_optuna
-    from storage import safe_url, upgrade
+    from hpsearch.storage import safe_url, upgrade
 
     quiet_optuna()
     settings = Settings.from_env(db)
@@ -419,8 +422,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @user_errors
 def migrate(db: DbOption = None) -> None:
     """Create or upgrade the database's tables (Optuna's and hpsearch's); safe to repeat."""
-    from storage import default_url, safe_url, upgrade
-    from storage.engine import upgrade_optuna
+    from hpsearch.storage import default_url, safe_url, upgrade
+    from hpsearch.storage.engine import upgrade_optuna
 
     url = db or default_url()
     upgrade_optuna(url)  # first: `upgrade` refuses Optuna's tables of an older Optuna
@@ -437,8 +440,8 @@ TokenName = Annotated[str, typer.Argument(metavar="NAME", help="Who or what uses
 @user_errors
 def token_create(name: TokenName, db: DbOption = None) -> None:
     """Create a token; it is printed once and stored only as a hash."""
-    from hpsearch.tokens import create_token
-    from storage import default_url
+    from hpsearch.service.tokens import create_token
+    from hpsearch.storage import default_url
 
     view, token = create_token(db or default_url(), name)
     errors.print(f"token {escape(view.name)} created; it is shown only this once:")
@@ -449,8 +452,8 @@ def token_create(name: TokenName, db: DbOption = None) -> None:
 @user_errors
 def token_list(db: DbOption = None) -> None:
     """The tokens, with when each was last used and whether it was revoked."""
-    from hpsearch.tokens import list_tokens
-    from storage import default_url
+    from hpsearch.service.tokens import list_tokens
+    from hpsearch.storage import default_url
 
     console.print(render.tokens_table(list_tokens(db or default_url())))
 
@@ -459,8 +462,8 @@ def token_list(db: DbOption = None) -> None:
 @user_errors
 def token_revoke(name: TokenName, db: DbOption = None) -> None:
     """Revoke a token at once: the next request with it gets a 401."""
-    from hpsearch.tokens import revoke_token
-    from storage import default_url
+    from hpsearch.service.tokens import revoke_token
+    from hpsearch.storage import default_url
 
     view = revoke_token(db or default_url(), name)
     console.print(f"token {escape(view.name)} revoked")
@@ -475,7 +478,7 @@ def _show(answer: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
 
 
 def _print_json(answer: Any) -> None:
-    from hpsearch.client import dump_json
+    from hpsearch.cli.client import dump_json
 
     typer.echo(dump_json(answer))
 
@@ -483,7 +486,7 @@ def _print_json(answer: Any) -> None:
 def _last_failure(url: str, name: str) -> str:
     import optuna
 
-    from storage import optuna_storage
+    from hpsearch.storage import optuna_storage
 
     study = optuna.load_study(study_name=name, storage=optuna_storage(url))
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))

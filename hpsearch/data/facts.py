@@ -3,7 +3,7 @@ rows, the encoded width and the outputs (`DataFacts`), and how a split divides t
 
 Builtin and generated data are measured from tables and from their spec, so that admitting
 them (the API, `hpsearch submit`, `hpsearch run` before it trains) loads neither pandas,
-torch nor scikit-learn; files and uploads are read and checked by `hpsearch.tables`.
+torch nor scikit-learn; files and uploads are read and checked by `hpsearch.data.tables`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,13 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hpsearch.errors import DatasetError
 from hpsearch.spec import BuiltinDataset, SplitSpec, StudySpec, SyntheticDataset, Task
+
+if TYPE_CHECKING:
+    from hpsearch.data.tables import Uploads
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,7 @@ class DataFacts:
     n_outputs: int  # classes K, labels L, or 1 for regression
 
 
-def inspect_dataset(spec: StudySpec, url: str | None = None) -> DataFacts:
+def inspect_dataset(spec: StudySpec, uploads: Uploads | None = None) -> DataFacts:
     """The task (spec.task, else what the target column implies) and the size of the data,
     after the checks a worker's load would make: columns, values, classes.
 
@@ -40,9 +44,9 @@ def inspect_dataset(spec: StudySpec, url: str | None = None) -> DataFacts:
         return _synthetic_facts(dataset)
     if isinstance(dataset, BuiltinDataset):
         return _builtin_facts(dataset)
-    from hpsearch import tables  # pandas: only files and uploads need it
+    from hpsearch.data import tables  # pandas: only files and uploads need it
 
-    return tables.table_facts(spec, url)
+    return tables.table_facts(spec, uploads)
 
 
 # The builtin data sets' facts, so that admitting one needs no import of scikit-learn;

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from hpsearch import holders
-from storage import (
+from hpsearch.service import holders
+from hpsearch.storage import (
     StudyClaim,
     claim_study,
     grace_period_s,
     heartbeat_interval_s,
     session_scope,
 )
-from storage.engine import MAX_RETRIES
-from storage.queries import RunningTrial, running_trials
+from hpsearch.storage.engine import MAX_RETRIES
+from hpsearch.storage.queries import RunningTrial, running_trials
 
 log = logging.getLogger(__name__)
 WATCH_S = 0.5  # how often `recover` looks at the heartbeats it waits for
@@ -44,7 +44,7 @@ def record_holder(study: optuna.Study, trial: optuna.Trial) -> None:
 def reap_lost_trials(study: optuna.Study, claim: StudyClaim, grace_s: float) -> int:
     """Under the claim lock, fail the running trials whose worker is gone and queue their
     retries (same params, resumed from their checkpoints): at once when the holder is
-    certainly dead (`hpsearch.holders`), else once no heartbeat came for `grace_s`. Returns
+    certainly dead (`hpsearch.service.holders`), else once no heartbeat came for `grace_s`. Returns
     how many."""
     lost: list[tuple[RunningTrial, str]] = []
     for trial in claim.running_trials(holders.HOLDER_ATTR):

@@ -23,10 +23,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from hpsearch.data import TensorData
-from hpsearch.memory import EVAL_CHUNK_ROWS
-from hpsearch.model import build_mlp
+from hpsearch.data.memory import EVAL_CHUNK_ROWS
+from hpsearch.data.tensors import TensorData
 from hpsearch.spec import StudySpec
+from hpsearch.training.model import build_mlp
 
 # A training loss this many times the untrained network's means the weights blew up, even
 # when gradient clipping keeps it finite: healthy training never climbs that far above it.

@@ -1,0 +1,1 @@
+"""The `hpsearch` command line: its commands, their two ways to a study, and Rich rendering."""

@@ -1,0 +1,2 @@
+"""The worker runtime: claiming trials, training them with heartbeats, and the embedded
+`hpsearch run`."""
