@@ -2,12 +2,15 @@
 
 Real training on real data, no mocks: a resumed run must produce the very numbers of a run
 that was never stopped, because the worker that resumes a crashed or interrupted trial
-reports them to the sampler as if nothing had happened (DESIGN.md, "Trial life cycle").
+reports them to the sampler as if nothing had happened (docs/architecture.md, "The trial
+life cycle and crash semantics").
 """
 
 from __future__ import annotations
 
+import io
 import threading
+from dataclasses import fields, replace
 from typing import Any
 
 import pytest
@@ -15,6 +18,8 @@ import torch
 
 from hpsearch.data.tensors import TensorData, load_dataset
 from hpsearch.spec import parse_spec
+from hpsearch.training.checkpoint import Checkpoint
+from hpsearch.training.fused import train_pack
 from hpsearch.training.train import (
     EpochRecord,
     TrainResult,
@@ -215,6 +220,77 @@ def test_checkpoint_history_lists_the_epochs_it_holds() -> None:
     result, taken = train_collecting(config, data, checkpoint_every_s=0)
     assert checkpoint_history(taken[3]) == result.history[:3]
     assert checkpoint_history(taken[5]) == result.history[:5]
+    assert Checkpoint.from_bytes(taken[5]).history == result.history[:5]
+
+
+def stored(payload: bytes) -> dict[str, Any]:
+    """A payload as the database holds it, read without the Checkpoint type."""
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def assert_equal(a: Any, b: Any, where: str = "") -> None:
+    """Nested dicts, lists and tensors equal to the last bit, in the same order."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for key in a:
+            assert_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_a_checkpoint_round_trips_through_bytes() -> None:
+    config, data = setup(params={"dropout": 0.2}, optimizer="adam", scheduler="cosine")
+    _, taken = train_collecting(config, data, checkpoint_every_s=0)
+    checkpoint = Checkpoint.from_bytes(taken[3])
+    assert checkpoint.epoch == 3 and checkpoint.config["dropout"] == 0.2
+    assert all(isinstance(record, EpochRecord) for record in checkpoint.history)
+    again = Checkpoint.from_bytes(checkpoint.to_bytes())
+    for name in (f.name for f in fields(Checkpoint)):
+        assert_equal(getattr(again, name), getattr(checkpoint, name), name)
+    # Stored, the fields are the payload's keys in their order, after the format.
+    assert_equal(stored(checkpoint.to_bytes()), stored(taken[3]))
+    assert list(stored(taken[3])) == ["format", *(f.name for f in fields(Checkpoint))]
+    resumed = train(config, data, resume_from=again.to_bytes())
+    assert_same_run(resumed, train(config, data, resume_from=taken[3]))
+
+
+def layout(value: Any) -> Any:
+    """How a checkpoint's contents nest: every key, the type of every value, the dtype and
+    shape of every tensor."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.shape))
+    if isinstance(value, dict):
+        return {key: layout(v) for key, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [layout(v) for v in value]
+    return type(value).__name__
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scheduler"), [("adam", "plateau"), ("sgd", "cosine"), ("rmsprop", "none")]
+)
+def test_single_runs_and_packs_write_the_same_checkpoint(optimizer: str, scheduler: str) -> None:
+    """Either path resumes the other's checkpoints only while both write the same one: the
+    same keys down to every optimiser slot and random stream, the same tensors' shapes."""
+    config, data = setup(params={"dropout": 0.2}, optimizer=optimizer, scheduler=scheduler)
+    _, alone = train_collecting(config, data, checkpoint_every_s=0)
+    packed: dict[tuple[int, int], bytes] = {}
+
+    def keep(index: int, payload: bytes, epoch: int) -> None:
+        packed[(index, epoch)] = payload
+
+    other = replace(config, learning_rate=config.learning_rate / 2)
+    train_pack([config, other], data, on_checkpoint=keep, checkpoint_every_s=0)
+    single, member = stored(alone[2]), stored(packed[(0, 2)])
+    assert list(single) == list(member) == ["format", *(f.name for f in fields(Checkpoint))]
+    assert layout(member) == layout(single)
+    assert member["config"] == single["config"] and member["data"] == single["data"]
 
 
 def test_a_checkpoint_is_a_few_copies_of_the_weights() -> None:

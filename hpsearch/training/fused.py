@@ -28,45 +28,31 @@ tensors.
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from hpsearch.data.tensors import TensorData
+from hpsearch.training.checkpoint import Checkpoint, CheckpointSchedule
 from hpsearch.training.model import ACTIVATIONS
+from hpsearch.training.progress import Ending, EpochRecord, Progress
 from hpsearch.training.train import (
-    CHECKPOINT_FORMAT,
-    EXPLOSION_FACTOR,
-    EpochRecord,
     TrainResult,
     TrialConfig,
-    _better,
-    _check_fits,
-    _Checkpoints,
-    _data_shape,
-    _load_checkpoint,
-    _load_optimizer,
-    _loss_function,
-    _optimizer,
-    _prefixed,
-    _records,
-    _restore_rng,
-    _rng_state,
-    _scheduler,
-    _step_scheduler,
-    _to_cpu,
     autocast,
     build_model,
-    evaluate,
+    loss_function,
+    make_optimizer,
+    make_scheduler,
     metric_tensors,
+    step_scheduler,
 )
 
 WIDTH_RATIO = 1.5  # on a CPU, batch sizes padded to one width differ by less than this
@@ -79,7 +65,8 @@ _RMSPROP_ALPHA, _RMSPROP_EPS = 0.99, 1e-8
 MemberEpoch = Callable[[int, EpochRecord], bool]
 # Called once when a member leaves the pack, with its position and its result.
 MemberDone = Callable[[int, TrainResult], None]
-# Receives a member's checkpoint (in `train`'s format, so either path resumes it) and epoch.
+# Receives a member's checkpoint (`Checkpoint.to_bytes`, as `train` hands them out, so
+# either path resumes it) and the epoch it was taken after.
 MemberCheckpoint = Callable[[int, bytes, int], None]
 
 
@@ -132,8 +119,8 @@ def train_pack(
             on_done(index, result)
 
     pack = _Pack(configs, data, resume_from or [None] * len(configs))
-    checkpoints = _Checkpoints(None, checkpoint_every_s, checkpoint_now)
-    pack.fit(on_epoch, done, on_checkpoint, checkpoints, stop_after_checkpoint)
+    schedule = CheckpointSchedule(checkpoint_every_s, checkpoint_now, stop_after_checkpoint)
+    pack.fit(on_epoch, done, on_checkpoint, schedule)
     return [results[i] for i in range(len(configs))]
 
 
@@ -144,23 +131,17 @@ class _Member:
     index: int
     config: TrialConfig
     generator: torch.Generator  # its batch order, seeded as training it alone would be
-    scheduler: Any  # a torch scheduler driving a stand-in optimizer that holds the member's lr
-    explosion: float = math.inf
-    best_value: float = math.nan
-    best_epoch: int = 0
-    best_weights: list[torch.Tensor] = field(default_factory=list)
-    history: list[EpochRecord] = field(default_factory=list)
-    seconds_before: float = 0.0  # spent before the checkpoint it resumed from
-    resumed_from_epoch: int | None = None
+    # A stand-in optimizer that only holds the member's learning rate, for its torch
+    # scheduler (None for a constant rate) to drive.
+    holder: torch.optim.Optimizer
+    scheduler: Any
+    # Its epochs and best weights (slices of the stacked tensors), from the untrained
+    # network or the checkpoint it resumed from: set once the pack has either.
+    progress: Progress[list[torch.Tensor]] = field(init=False)
 
     @property
     def lr(self) -> float:
-        return self.scheduler.optimizer.param_groups[0]["lr"]
-
-    @property
-    def epoch(self) -> int:
-        """The last epoch it completed."""
-        return len(self.history)
+        return self.holder.param_groups[0]["lr"]
 
 
 class _Pack:
@@ -173,7 +154,7 @@ class _Pack:
     ) -> None:
         self.started = time.perf_counter()
         self.data, self.device = data, data.device
-        self.loss_fn = _loss_function(data.task)
+        self.loss_fn = loss_function(data.task)
         self.activation = ACTIVATIONS[configs[0].activation]()
         order = sorted(range(len(configs)), key=lambda i: -configs[i].batch_size)
         self.members = [self._member(i, configs[i]) for i in order]
@@ -184,16 +165,20 @@ class _Pack:
         self.dropout_generator = torch.Generator(device=self.device).manual_seed(
             configs[0].seed + 1
         )
+        fresh = []
         for k, member in enumerate(self.members):
             payload = resume_from[member.index]
-            if payload is not None:
-                self._restore(k, _load_checkpoint(payload))
+            if payload is None:
+                fresh.append(k)
+            else:
+                self._restore(k, Checkpoint.from_bytes(payload))
         self._set_hyperparameters()
+        self._start(fresh)
 
     def _member(self, index: int, config: TrialConfig) -> _Member:
         holder = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.learning_rate)
         generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        return _Member(index, config, generator, _scheduler(config, holder) or _Constant(holder))
+        return _Member(index, config, generator, holder, make_scheduler(config, holder))
 
     def _stacked_initial_weights(self) -> list[torch.Tensor]:
         """Each member's weights initialised exactly as its network alone would be, stacked
@@ -243,75 +228,70 @@ class _Pack:
         on_epoch: MemberEpoch | None,
         on_done: MemberDone,
         on_checkpoint: MemberCheckpoint | None,
-        checkpoints: _Checkpoints,
-        stop: bool,
+        schedule: CheckpointSchedule,
     ) -> None:
-        self._start()
+        """Train until every member has left the pack, each told to `on_done` as it leaves."""
         while self.members:
-            train_losses, grad_norms = self._train_epoch()
-            val = self._evaluate_val()
-            leaving: dict[int, str] = {}
-            for k in range(len(self.members)):
-                ending = self._after_epoch(k, train_losses[k], grad_norms[k], val[k], on_epoch)
-                if ending is not None:
-                    leaving[k] = ending
-            for k, ending in leaving.items():
-                on_done(self.members[k].index, self._result(self.members[k], ending))
-            self._set_lr()
-            if leaving:
-                self._keep([k for k in range(len(self.members)) if k not in leaving])
-            if self.members and checkpoints.due():
-                forced = checkpoints.forced()
-                for k, member in enumerate(self.members):
-                    if on_checkpoint is not None:
-                        on_checkpoint(member.index, self.checkpoint(k), member.epoch)
-                checkpoints.restart()
-                if forced and stop:
-                    for member in self.members:
-                        on_done(member.index, self._result(member, "interrupted"))
-                    return
+            self._epoch(on_epoch, on_done)
+            if self.members and schedule.hand_out_if_due(lambda: self._hand_out(on_checkpoint)):
+                for member in self.members:
+                    on_done(member.index, self._result(member, "interrupted"))
+                return
 
-    def _start(self) -> None:
-        """The untrained networks are the first best, and the yardstick for explosions;
-        resumed members bring theirs."""
-        fresh = [k for k, m in enumerate(self.members) if m.resumed_from_epoch is None]
+    def _start(self, fresh: list[int]) -> None:
+        """The untrained networks of members `fresh` are their first best, and the yardstick
+        for explosions; resumed members brought theirs."""
         if not fresh:
             return
-        untrained_all = self._evaluate_val()
+        untrained = self._evaluate_val()
         for k in fresh:
-            member, untrained = self.members[k], untrained_all[k]
-            member.explosion = EXPLOSION_FACTOR * max(untrained["loss"], 1.0)
-            member.best_value = untrained[member.config.metric]
-            member.best_weights = [p[k].detach().clone() for p in self.params]
+            weights = [p[k].detach().clone() for p in self.params]
+            member = self.members[k]
+            member.progress = Progress.untrained(member.config, untrained[k], weights)
 
-    def _after_epoch(
+    def _epoch(self, on_epoch: MemberEpoch | None, on_done: MemberDone) -> None:
+        """One epoch of every member; the members it ends leave the pack."""
+        train_losses, grad_norms = self._train_epoch()
+        val = self._evaluate_val()
+        leaving: dict[int, Ending] = {}
+        for k in range(len(self.members)):
+            ending = self._end_epoch(k, train_losses[k], grad_norms[k], val[k], on_epoch)
+            if ending is not None:
+                leaving[k] = ending
+        for k, ending in leaving.items():
+            on_done(self.members[k].index, self._result(self.members[k], ending))
+        self._set_lr()
+        if leaving:
+            self._keep([k for k in range(len(self.members)) if k not in leaving])
+
+    def _end_epoch(
         self,
         k: int,
         loss: float,
         grad_norms: tuple[float, ...],
         val: dict[str, float],
         on_epoch: MemberEpoch | None,
-    ) -> str | None:
-        """Record member k's next epoch; how it ends, when this epoch ends it."""
+    ) -> Ending | None:
+        """Member k's epoch, as its progress records and ends it (None: it goes on)."""
         member = self.members[k]
-        config, epoch = member.config, member.epoch + 1
-        if not (math.isfinite(loss) and math.isfinite(val["loss"])) or loss > member.explosion:
-            return "diverged"
-        record = EpochRecord(epoch, loss, val["loss"], val[config.metric], member.lr, grad_norms)
-        member.history.append(record)
-        if member.best_epoch == 0 or _better(record.value, member.best_value, config.maximize):
-            member.best_value, member.best_epoch = record.value, epoch
-            member.best_weights = [p[k].detach().clone() for p in self.params]
-        if on_epoch is not None and on_epoch(member.index, record):
-            return "pruned"
-        patience = config.early_stopping_patience
-        stalled = patience is not None and epoch - member.best_epoch >= patience
-        if epoch >= config.max_epochs:
-            return "completed"
-        if stalled:
-            return "stopped_early"
-        _step_scheduler(member.scheduler, record.val_loss)
-        return None
+
+        def snapshot() -> list[torch.Tensor]:
+            return [p[k].detach().clone() for p in self.params]
+
+        def report(record: EpochRecord) -> bool:
+            return on_epoch is not None and on_epoch(member.index, record)
+
+        ending = member.progress.end_epoch(loss, grad_norms, val, member.lr, snapshot, report)
+        if ending is None:
+            step_scheduler(member.scheduler, val["loss"])
+        return ending
+
+    def _hand_out(self, on_checkpoint: MemberCheckpoint | None) -> None:
+        """Every member's checkpoint to `on_checkpoint`."""
+        if on_checkpoint is None:
+            return
+        for k, member in enumerate(self.members):
+            on_checkpoint(member.index, self._checkpoint(k).to_bytes(), member.progress.epoch)
 
     def _set_lr(self) -> None:
         lrs = [m.lr for m in self.members]
@@ -496,118 +476,97 @@ class _Pack:
         values = torch.stack([torch.stack([m[n].float() for n in names]) for m in per_member])
         return [dict(zip(names, row, strict=True)) for row in values.tolist()]
 
-    # --- a member's result ---------------------------------------------------------------
+    # --- a member's result and checkpoints, as a single run of its config makes them -----
 
-    def _result(self, member: _Member, ending: str) -> TrainResult:
-        model = self._network(member)
-        data = self.data
-        return TrainResult(
-            value=member.best_value,
-            best_epoch=member.best_epoch,
-            epochs_run=len(member.history) + int(ending == "diverged"),
-            stopped_early=ending == "stopped_early",
-            diverged=ending == "diverged",
-            pruned=ending == "pruned",
-            val_metrics=_prefixed(
-                "val", evaluate(model, data.x_val, data.y_val, data, self.loss_fn)
-            ),
-            test_metrics=_prefixed(
-                "test", evaluate(model, data.x_test, data.y_test, data, self.loss_fn)
-            ),
-            seconds=member.seconds_before + time.perf_counter() - self.started,
-            history=member.history,
-            model=model,
-            interrupted=ending == "interrupted",
-            resumed_from_epoch=member.resumed_from_epoch,
+    def _result(self, member: _Member, ending: Ending) -> TrainResult:
+        """The member's result, as `train` would return it: its best network, scored."""
+        network = self._network(member)
+        return TrainResult.build(
+            member.progress, ending, network, self.data, self.loss_fn, self.started
         )
 
     def _network(self, member: _Member, weights: list[torch.Tensor] | None = None) -> nn.Sequential:
         """The member's best weights (or `weights`) in the network `train` would return."""
         model = build_model(member.config, self.data).to(self.device)
+        stacked = member.progress.best_state if weights is None else weights
         with torch.no_grad():
-            for param, stacked in zip(
-                model.parameters(), weights or member.best_weights, strict=True
-            ):
-                param.copy_(_unstacked(stacked, param))
+            for param, tensor in zip(model.parameters(), stacked, strict=True):
+                param.copy_(_unstacked(tensor, param))
         return model
 
-    # --- checkpoints, in `train`'s format ------------------------------------------------
-
-    def checkpoint(self, k: int) -> bytes:
-        """Member k's state as `hpsearch.training.train` writes a checkpoint: a single network, a
-        torch optimizer's state_dict, its scheduler, its batch-order stream."""
+    def _checkpoint(self, k: int) -> Checkpoint:
+        """Member k's checkpoint: its network, a torch optimizer holding its moments, step
+        count and learning rate, its scheduler, its batch-order stream."""
         member = self.members[k]
         model = self._network(member, [p[k].detach() for p in self.params])
-        optimizer = _optimizer(member.config, model)
-        scheduler = _scheduler(member.config, optimizer)
+        optimizer = self._torch_optimizer(k, model)
+        return Checkpoint.capture(
+            member.config,
+            self.data,
+            member.progress,
+            started=self.started,
+            model=model,
+            optimizer=optimizer,
+            scheduler=member.scheduler,
+            generator=member.generator,
+            best_state=lambda: self._network(member).state_dict(),
+        )
+
+    def _torch_optimizer(self, k: int, model: nn.Module) -> torch.optim.Optimizer:
+        """Member k's optimiser state in the torch optimizer a single run of its config
+        would have over `model`."""
+        member = self.members[k]
+        optimizer = make_optimizer(member.config, model)
+        # A single run's optimizer has its scheduler attached, which adds `initial_lr` to
+        # the param groups: make one so that a checkpoint's groups are the same.
+        make_scheduler(member.config, optimizer)
         step = self.steps[k].detach().clone()
         for i, param in enumerate(model.parameters()):
             # Contiguous copies: torch's fused optimizers read their state as if it were.
-            first = _unstacked(self.state[2 * i][k], param).clone(
-                memory_format=torch.contiguous_format
-            )
-            second = _unstacked(self.state[2 * i + 1][k], param).clone(
-                memory_format=torch.contiguous_format
+            first, second = (
+                _unstacked(self.state[slot][k], param).clone(memory_format=torch.contiguous_format)
+                for slot in (2 * i, 2 * i + 1)
             )
             optimizer.state[param] = _torch_state(member.config, step, first, second)
         for group in optimizer.param_groups:
             group["lr"] = member.lr
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "config": asdict(member.config),
-            "data": _data_shape(self.data),
-            "epoch": member.epoch,
-            "seconds": member.seconds_before + time.perf_counter() - self.started,
-            "history": [asdict(r) for r in member.history],
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": None if scheduler is None else member.scheduler.state_dict(),
-            "rng": _rng_state(member.generator, self.device),
-            "best_value": member.best_value,
-            "best_epoch": member.best_epoch,
-            "best_state": self._network(member).state_dict(),
-            "explosion": member.explosion,
-        }
-        buffer = io.BytesIO()
-        torch.save(_to_cpu(state), buffer)
-        return buffer.getvalue()
+        return optimizer
 
-    def _restore(self, k: int, state: dict[str, Any]) -> None:
-        """Put a checkpoint (from a pack or a single run) into member k's slices."""
+    def _restore(self, k: int, checkpoint: Checkpoint) -> None:
+        """Put a checkpoint (from a pack or a single run) into member k's slices, by way of
+        the single network and torch optimizer it describes."""
         member = self.members[k]
-        _check_fits(state, member.config, self.data)
+        # Both networks first: building one draws from the random streams, which the
+        # checkpoint then restores.
         model = build_model(member.config, self.data).to(self.device)
-        model.load_state_dict(state["model"])
-        optimizer = _optimizer(member.config, model)
-        _load_optimizer(optimizer, state["optimizer"])
-        with torch.no_grad():
-            for i, param in enumerate(model.parameters()):
-                self.params[i][k].copy_(_stacked(param, self.params[i][k]))
-                saved = optimizer.state.get(param, {})
-                first = saved.get("exp_avg", saved.get("momentum_buffer"))
-                second = saved.get("exp_avg_sq", saved.get("square_avg"))
-                for slot, tensor in ((2 * i, first), (2 * i + 1, second)):
-                    if tensor is not None:
-                        self.state[slot][k].copy_(_stacked(tensor, self.state[slot][k]))
-                if "step" in saved:
-                    self.steps[k] = float(saved["step"])
-        if state["scheduler"] is not None:
-            member.scheduler.load_state_dict(state["scheduler"])
-        member.scheduler.optimizer.param_groups[0]["lr"] = state["optimizer"]["param_groups"][0][
-            "lr"
-        ]
-        member.history = _records(state["history"])
-        member.seconds_before = state["seconds"]
-        member.resumed_from_epoch = member.epoch
-        member.best_value, member.best_epoch = state["best_value"], state["best_epoch"]
         best = build_model(member.config, self.data).to(self.device)
-        best.load_state_dict(state["best_state"])
-        member.best_weights = [
+        optimizer = make_optimizer(member.config, model)
+        checkpoint.restore_into(
+            member.config, self.data, model, optimizer, member.scheduler, member.generator
+        )
+        self._load_slices(k, model, optimizer)
+        member.holder.param_groups[0]["lr"] = checkpoint.optimizer["param_groups"][0]["lr"]
+        best.load_state_dict(checkpoint.best_state)
+        best_weights = [
             _stacked(param.detach(), self.params[i][k]).clone()
             for i, param in enumerate(best.parameters())
         ]
-        member.explosion = state["explosion"]
-        _restore_rng(state["rng"], member.generator, self.device, member.config.seed + member.epoch)
+        member.progress = checkpoint.progress(member.config, best_weights)
+
+    @torch.no_grad()
+    def _load_slices(self, k: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Member k's weights, moments and step count from a single network's `model` and
+        torch `optimizer`."""
+        for i, param in enumerate(model.parameters()):
+            self.params[i][k].copy_(_stacked(param, self.params[i][k]))
+            saved = optimizer.state.get(param, {})
+            first = saved.get("exp_avg", saved.get("momentum_buffer"))
+            second = saved.get("exp_avg_sq", saved.get("square_avg"))
+            for slot, tensor in ((2 * i, first), (2 * i + 1, second)):
+                if tensor is not None:
+                    self.state[slot][k].copy_(_stacked(tensor, self.state[slot][k]))
+            if "step" in saved:
+                self.steps[k] = float(saved["step"])
 
 
 def _unstacked(stacked: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -632,13 +591,3 @@ def _torch_state(
     if config.optimizer == "sgd":
         return {"momentum_buffer": first}
     return {"step": step.clone(), "square_avg": second}
-
-
-class _Constant:
-    """The scheduler of a member whose learning rate never changes."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    def step(self, *_: Any) -> None:
-        pass
