@@ -10,6 +10,11 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hpsearch import __version__
 from hpsearch.api import errors
 from hpsearch.api.auth import require_token
 from hpsearch.api.dashboard import DashboardMiddleware
@@ -17,16 +22,8 @@ from hpsearch.api.metrics import CONTENT_TYPE, LatencyMiddleware, Metrics
 from hpsearch.api.routes import router
 from hpsearch.api.settings import Settings
 from hpsearch.storage import DATABASE_ERRORS, safe_url, session_scope
-from hpsearch.storage.db import migrate_command, schema_behind
-from hpsearch.storage.engine import driver_reason
-from pydantic import BaseModel, Field
-from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from hpsearch import __version__
+from hpsearch.storage.db import migrate_command, ping, schema_behind
+from hpsearch.storage.engine import driver_reason, without_password
 
 UPLOAD_PATH = "/api/v1/datasets"
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and the target field around the file
@@ -42,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "once tokens exist (`hpsearch token create`).",
     )
     app.state.settings = settings
-    metrics = Metrics(settings.database_url)
+    metrics = Metrics(settings.store)
     errors.install(app, settings.database_url)
     app.include_router(router)
 
@@ -112,10 +109,10 @@ class HealthCheck:
         url = self.database_url
         try:
             with session_scope(url) as session:
-                session.execute(text("SELECT 1"))
+                ping(session)
             behind = None if self.schema_at_head else schema_behind(url)
         except (*DATABASE_ERRORS, OSError) as exc:
-            reason = _without_password(driver_reason(exc), url)
+            reason = without_password(driver_reason(exc), url)
             return self._unhealthy(f"the database at {safe_url(url)} cannot be reached: {reason}")
         if behind is not None:
             command = migrate_command(url)
@@ -127,15 +124,6 @@ class HealthCheck:
     def _unhealthy(self, detail: str, command: str | None = None) -> Unhealthy:
         database = safe_url(self.database_url)
         return Unhealthy(status="unavailable", database=database, detail=detail, command=command)
-
-
-def _without_password(message: str, url: str) -> str:
-    """A driver's message with the URL's password masked, should the driver quote it."""
-    try:
-        password = make_url(url).password
-    except ArgumentError:
-        return message
-    return message.replace(str(password), "***") if password else message
 
 
 class BodyLimitMiddleware:

@@ -12,9 +12,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from hpsearch.api.settings import Settings
 from starlette.exceptions import HTTPException
 
+from hpsearch.api.settings import Settings
 from hpsearch.service.tokens import mark_used, matches, stored_token_hashes
 
 COOKIE = "hpsearch_token"
@@ -24,7 +24,7 @@ bearer = HTTPBearer(auto_error=False, description="a token from `hpsearch token 
 def configured_hashes(settings: Settings) -> tuple[list[str], bool]:
     """The hashes of every valid token (the environment's and the database's active ones),
     and whether a token is required at all."""
-    stored, ever_created = stored_token_hashes(settings.database_url)
+    stored, ever_created = stored_token_hashes(settings.store)
     hashes = [*settings.env_token_hashes, *stored]
     return hashes, bool(settings.env_token_hashes) or ever_created
 
@@ -38,7 +38,7 @@ def authorized(settings: Settings, presented: str | None) -> bool:
         return False
     found = matches(presented, hashes)
     if found is not None and found not in settings.env_token_hashes:
-        mark_used(settings.database_url, found)
+        mark_used(settings.store, found)
     return found is not None
 
 

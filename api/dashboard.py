@@ -13,17 +13,16 @@ from typing import Any
 
 import optuna_dashboard
 from a2wsgi import WSGIMiddleware
-from hpsearch.api.auth import COOKIE, authorized
-from hpsearch.api.settings import Settings
-from hpsearch.storage import optuna_storage, session_scope
-from hpsearch.storage.queries import optuna_study_name
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hpsearch.api.auth import COOKIE, authorized
+from hpsearch.api.settings import Settings
 from hpsearch.errors import Conflict, NotFound
 from hpsearch.service.studies import delete_study
+from hpsearch.storage.queries import optuna_study_name
 
 DASHBOARD_PREFIXES = ("/dashboard", "/static/", "/csv/", "/favicon.ico")
 READING_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -48,7 +47,7 @@ class DashboardMiddleware:
 
     @functools.cached_property
     def dashboard(self) -> ASGIApp:
-        wsgi = optuna_dashboard.wsgi(optuna_storage(self.settings.database_url))
+        wsgi = optuna_dashboard.wsgi(self.settings.store.optuna())
         return WSGIMiddleware(wsgi)  # type: ignore[arg-type]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,13 +85,13 @@ class DashboardMiddleware:
     def _delete(self, optuna_study_id: int) -> Response:
         """The dashboard's study deletion, under hpsearch's rules: a queued or running study
         is refused (pause or cancel it first), as `DELETE /api/v1/studies/...` does."""
-        url = self.settings.database_url
+        store = self.settings.store
         try:
-            with session_scope(url) as session:
+            with store.session() as session:
                 name = optuna_study_name(session, optuna_study_id)
             if name is None:
                 return _refused(f"study_id={optuna_study_id} is not found", status_code=404)
-            delete_study(url, name)
+            delete_study(store, name)
         except Conflict as exc:
             return _refused(str(exc), status_code=409)
         except NotFound as exc:

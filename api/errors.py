@@ -12,8 +12,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from hpsearch.storage import DATABASE_ERRORS, StorageError, safe_url
-from hpsearch.storage.db import is_transient
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -26,6 +24,8 @@ from hpsearch.errors import (
     SpecError,
 )
 from hpsearch.spec import field_errors
+from hpsearch.storage import DATABASE_ERRORS, StorageError, safe_url
+from hpsearch.storage.db import is_transient
 
 log = logging.getLogger("hpsearch.api")
 

@@ -17,16 +17,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hpsearch.storage import (
-    DATABASE_ERRORS,
-    StudyRecord,
-    WorkerRecord,
-    grace_period_s,
-    session_scope,
-)
+from hpsearch.storage import DATABASE_ERRORS, Store, grace_period_s, records
 from hpsearch.storage.engine import driver_reason
 from hpsearch.storage.models import STUDY_STATES
 from hpsearch.storage.queries import finished_trial_seconds, trial_counts_by_study_name
@@ -44,8 +37,8 @@ class DatabaseCollector(Collector):
     error: the scrape still carries the request latencies, and an alert can watch the gauge.
     """
 
-    def __init__(self, database_url: str) -> None:
-        self.database_url = database_url
+    def __init__(self, store: Store) -> None:
+        self.store = store
 
     def collect(self) -> Iterator[Metric]:
         try:
@@ -63,21 +56,13 @@ class DatabaseCollector(Collector):
             yield from figures.families()
 
     def _read(self) -> DatabaseFigures:
-        with session_scope(self.database_url) as session:
+        with self.store.session() as session:
             trials = trial_counts_by_study_name(session)
             studies = dict.fromkeys(STUDY_STATES, 0)
-            studies.update(
-                session.execute(
-                    select(StudyRecord.state, func.count()).group_by(StudyRecord.state)
-                ).all()
-            )
-            now = session.scalar(select(func.now()))  # the database's clock, as for trials
+            studies.update(records.study_counts_by_state(session))
+            now = records.database_now(session)  # the database's clock, as for trials
             alive_after = now - timedelta(seconds=grace_period_s())
-            workers = session.execute(
-                select(WorkerRecord.device, func.count())
-                .where(WorkerRecord.state != "stopped", WorkerRecord.heartbeat_at >= alive_after)
-                .group_by(WorkerRecord.device)
-            ).all()
+            workers = records.alive_workers_by_device(session, alive_after)
             under, total = finished_trial_seconds(session, TRIAL_SECONDS_BUCKETS)
         return DatabaseFigures(trials, list(studies.items()), workers, under, total)
 
@@ -119,7 +104,7 @@ def _gauge(name: str, doc: str, labels: list[str], rows: list) -> GaugeMetricFam
 class Metrics:
     """This app's registry: request latencies plus the database's figures."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, store: Store) -> None:
         self.registry = CollectorRegistry()
         self.requests = Histogram(
             "hpsearch_http_request_duration_seconds",
@@ -127,7 +112,7 @@ class Metrics:
             ["method", "route", "status"],
             registry=self.registry,
         )
-        self.registry.register(DatabaseCollector(database_url))
+        self.registry.register(DatabaseCollector(store))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

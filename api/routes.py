@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, Request, Response, UploadFile
-from hpsearch.api.auth import require_token
-from hpsearch.api.errors import responses
 from pydantic import BaseModel, Field
 
+from hpsearch.api.auth import require_token
+from hpsearch.api.errors import responses
 from hpsearch.service import results
 from hpsearch.service.datasets import add_dataset, get_dataset, list_datasets, parse_target
 from hpsearch.service.studies import change_state, delete_study, resume_study, submit_study
@@ -25,6 +25,7 @@ from hpsearch.service.views import (
     WorkerView,
 )
 from hpsearch.spec import StudySpec
+from hpsearch.storage import Store
 
 router = APIRouter(
     prefix="/api/v1", dependencies=[Depends(require_token)], responses=responses(401, 503)
@@ -56,8 +57,12 @@ SPEC_EXAMPLE = {
 }
 
 
-def _url(request: Request) -> str:
-    return request.app.state.settings.database_url
+def _store(request: Request) -> Store:
+    """The API's store (`Settings.store`), handed to each route by FastAPI."""
+    return request.app.state.settings.store
+
+
+StoreDep = Annotated[Store, Depends(_store)]
 
 
 @router.post(
@@ -70,26 +75,26 @@ def _url(request: Request) -> str:
     "(a new budget is taken over). Workers start on it at once.",
 )
 def create_study(
-    request: Request,
+    store: StoreDep,
     spec: Annotated[StudySpec, Body(openapi_examples={"digits": {"value": SPEC_EXAMPLE}})],
 ) -> StudyDetail:
-    state = submit_study(_url(request), spec)
-    return results.study_detail(_url(request), state.id)
+    state = submit_study(store, spec)
+    return results.study_detail(store, state.id)
 
 
 @router.get("/studies", response_model=Page[StudySummary], summary="List studies with progress")
 def get_studies(
-    request: Request,
+    store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> Page[StudySummary]:
-    return results.list_studies(_url(request), limit, offset)
+    return results.list_studies(store, limit, offset)
 
 
 @router.get("/studies/{study}", response_model=StudyDetail, responses=responses(404, 422))
-def get_study(request: Request, study: StudyKey) -> StudyDetail:
+def get_study(store: StoreDep, study: StudyKey) -> StudyDetail:
     """The spec, state, progress and best trial."""
-    return results.study_detail(_url(request), study)
+    return results.study_detail(store, study)
 
 
 @router.get(
@@ -98,32 +103,32 @@ def get_study(request: Request, study: StudyKey) -> StudyDetail:
     responses=responses(404, 422),
 )
 def get_leaderboard(
-    request: Request, study: StudyKey, top: Annotated[int, Query(ge=1, le=1000)] = 10
+    store: StoreDep, study: StudyKey, top: Annotated[int, Query(ge=1, le=1000)] = 10
 ) -> list[LeaderboardEntry]:
     """The best complete trials, best first."""
-    return results.leaderboard(_url(request), study, top)
+    return results.leaderboard(store, study, top)
 
 
 @router.get(
     "/studies/{study}/trials", response_model=Page[TrialSummary], responses=responses(404, 422)
 )
 def get_trials(
-    request: Request,
+    store: StoreDep,
     study: StudyKey,
     state: TrialStateName | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> Page[TrialSummary]:
     """Trials by number, optionally of one state."""
-    return results.list_trials(_url(request), study, state, limit, offset)
+    return results.list_trials(store, study, state, limit, offset)
 
 
 @router.get(
     "/studies/{study}/trials/{number}", response_model=TrialDetail, responses=responses(404, 422)
 )
-def get_trial(request: Request, study: StudyKey, number: TrialNumber) -> TrialDetail:
+def get_trial(store: StoreDep, study: StudyKey, number: TrialNumber) -> TrialDetail:
     """One trial with its learning curve."""
-    return results.trial_detail(_url(request), study, number)
+    return results.trial_detail(store, study, number)
 
 
 @router.get(
@@ -134,9 +139,9 @@ def get_trial(request: Request, study: StudyKey, number: TrialNumber) -> TrialDe
         **responses(404, 422),
     },
 )
-def get_model(request: Request, study: StudyKey, number: TrialNumber) -> Response:
+def get_model(store: StoreDep, study: StudyKey, number: TrialNumber) -> Response:
     """The trained weights (a `state_dict` for `torch.load`) of one of the best trials."""
-    payload = results.model_weights(_url(request), study, number)
+    payload = results.model_weights(store, study, number)
     filename = f"{study}-trial-{number}.pt"
     return Response(
         payload,
@@ -148,31 +153,31 @@ def get_model(request: Request, study: StudyKey, number: TrialNumber) -> Respons
 @router.post(
     "/studies/{study}/pause", response_model=StudySummary, responses=responses(404, 409, 422)
 )
-def pause(request: Request, study: StudyKey) -> StudySummary:
+def pause(store: StoreDep, study: StudyKey) -> StudySummary:
     """Start no new trials (running ones finish); 409 unless queued or running."""
-    state = change_state(_url(request), study, "pause")
-    return results.study_summary(_url(request), state.id)
+    state = change_state(store, study, "pause")
+    return results.study_summary(store, state.id)
 
 
 @router.post(
     "/studies/{study}/cancel", response_model=StudySummary, responses=responses(404, 409, 422)
 )
-def cancel(request: Request, study: StudyKey) -> StudySummary:
+def cancel(store: StoreDep, study: StudyKey) -> StudySummary:
     """Stop the study for good; its results stay. 409 once completed or cancelled."""
-    state = change_state(_url(request), study, "cancel")
-    return results.study_summary(_url(request), state.id)
+    state = change_state(store, study, "cancel")
+    return results.study_summary(store, state.id)
 
 
 @router.post(
     "/studies/{study}/resume", response_model=ResumedStudy, responses=responses(404, 409, 422)
 )
-def resume(request: Request, study: StudyKey, free_running: bool = False) -> ResumedStudy:
+def resume(store: StoreDep, study: StudyKey, free_running: bool = False) -> ResumedStudy:
     """Run the study again and free the trials of crashed workers now (not after the grace
     period); they resume from their checkpoints. `free_running=true` when their workers
     are known dead: each running trial is freed unless its worker beats within two
     heartbeats (the answer takes that long at most)."""
-    state, recovery = resume_study(_url(request), study, free_running=free_running)
-    return results.resumed_study(_url(request), state.id, recovery)
+    state, recovery = resume_study(store, study, free_running=free_running)
+    return results.resumed_study(store, state.id, recovery)
 
 
 class Extension(BaseModel):
@@ -182,17 +187,17 @@ class Extension(BaseModel):
 @router.post(
     "/studies/{study}/extend", response_model=StudySummary, responses=responses(404, 409, 413, 422)
 )
-def extend(request: Request, study: StudyKey, extension: Extension) -> StudySummary:
+def extend(store: StoreDep, study: StudyKey, extension: Extension) -> StudySummary:
     """Raise the budget; a completed study runs again."""
-    state = change_state(_url(request), study, "extend", extension.n_trials)
-    return results.study_summary(_url(request), state.id)
+    state = change_state(store, study, "extend", extension.n_trials)
+    return results.study_summary(store, state.id)
 
 
 @router.delete("/studies/{study}", status_code=204, responses=responses(404, 409, 422))
-def remove_study(request: Request, study: StudyKey) -> Response:
+def remove_study(store: StoreDep, study: StudyKey) -> Response:
     """Delete the study with its trials, checkpoints and kept weights (409 while it runs:
     pause or cancel it first)."""
-    delete_study(_url(request), study)
+    delete_study(store, study)
     return Response(status_code=204)
 
 
@@ -216,22 +221,22 @@ def upload_dataset(
     content = file.file.read()  # already spooled to disk within the size limit
     settings = request.app.state.settings
     name, columns = file.filename or "upload", parse_target(target)
-    return add_dataset(_url(request), name, content, columns, settings.max_upload_cells)
+    return add_dataset(settings.store, name, content, columns, settings.max_upload_cells)
 
 
 @router.get("/datasets", response_model=list[DatasetView])
-def get_datasets(request: Request) -> list[DatasetView]:
-    return list_datasets(_url(request))
+def get_datasets(store: StoreDep) -> list[DatasetView]:
+    return list_datasets(store)
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetView, responses=responses(404, 422))
 def get_one_dataset(
-    request: Request, dataset_id: Annotated[int, Path(ge=1, le=2**31 - 1)]
+    store: StoreDep, dataset_id: Annotated[int, Path(ge=1, le=2**31 - 1)]
 ) -> DatasetView:
-    return get_dataset(_url(request), dataset_id)
+    return get_dataset(store, dataset_id)
 
 
 @router.get("/workers", response_model=list[WorkerView])
-def get_workers(request: Request) -> list[WorkerView]:
+def get_workers(store: StoreDep) -> list[WorkerView]:
     """Workers that have not stopped, with device, heartbeat and current trial."""
-    return results.list_workers(_url(request))
+    return results.list_workers(store)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from hpsearch.storage import default_url
-
 from hpsearch.service.tokens import env_token_hashes
+from hpsearch.storage import Store, default_url
 
 MB = 1_000_000
 
@@ -20,6 +19,11 @@ class Settings:
     env_token_hashes: tuple[str, ...] = ()
     max_spec_bytes: int = 1 * MB
     max_upload_bytes: int = 100 * MB
+
+    @property
+    def store(self) -> Store:
+        """The database the API serves: `serve` brought its schema to head at start."""
+        return Store(self.database_url)
 
     @property
     def max_upload_cells(self) -> int:

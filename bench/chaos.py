@@ -55,13 +55,13 @@ from typing import Any, Literal, TypeVar
 
 import optuna
 import sqlalchemy
-from hpsearch.storage import optuna_storage, upgrade
 from optuna.trial import FrozenTrial
 from report import environment, markdown_table, write_section
 
 from hpsearch.service.holders import HOLDER_ATTR
 from hpsearch.service.studies import submit_study
 from hpsearch.spec import StudySpec, parse_spec
+from hpsearch.storage import Store, optuna_storage, upgrade
 
 T = TypeVar("T")
 Mode = Literal["fault-free", "faulty", "start-ups"]
@@ -389,7 +389,8 @@ def run_study(url: str, size: Size, directory: Path, mode: Mode) -> Run:
             START_WAIT_S,
         )
         started = time.time()
-        submit_study(url, bench_spec(mode, size))
+        store = Store.open(url)
+        submit_study(store, bench_spec(mode, size))
         kills = _disturb(db, fleet, size, mode, started)
         seconds = time.time() - started
         cpu_busy, _ = meter.stop()

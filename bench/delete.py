@@ -19,12 +19,12 @@ from collections.abc import Callable
 
 import optuna
 import sqlalchemy
-from hpsearch.storage import optuna_storage
 from report import environment, markdown_table, write_section
 
 from hpsearch.search.space import suggest_params
 from hpsearch.service.studies import change_state, delete_study, submit_study
 from hpsearch.spec import StudySpec, parse_spec
+from hpsearch.storage import Store, optuna_storage
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 EPOCHS = 5
@@ -48,7 +48,8 @@ def bench_spec(name: str, n_trials: int) -> StudySpec:
 def fill(url: str, name: str, n_trials: int) -> int:
     """A submitted study with `n_trials` finished trials; returns its hpsearch id."""
     spec = bench_spec(name, n_trials)
-    state = submit_study(url, spec)
+    store = Store.open(url)
+    state = submit_study(store, spec)
     study = optuna.load_study(
         study_name=name, storage=optuna_storage(url), sampler=optuna.samplers.RandomSampler(0)
     )
@@ -84,8 +85,9 @@ def main() -> None:
         url = server.set(database=database).render_as_string(hide_password=False)
         ours = fill(url, "ours", args.trials)
         fill(url, "optunas", args.trials)
-        change_state(url, ours, "cancel")
-        ours_s = timed(lambda: delete_study(url, "ours"))
+        store = Store.open(url)
+        change_state(store, ours, "cancel")
+        ours_s = timed(lambda: delete_study(store, "ours"))
         storage = optuna_storage(url)
         optunas_s = timed(lambda: optuna.delete_study(study_name="optunas", storage=storage))
     finally:

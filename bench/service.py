@@ -44,8 +44,6 @@ from typing import Any
 import numpy as np
 import optuna
 import sqlalchemy
-from hpsearch.storage import make_engine, optuna_storage, upgrade, with_retries
-from hpsearch.storage.queries import trial_counts
 from optuna.distributions import distribution_to_json
 from optuna.storages._rdb.models import (
     StudyModel,
@@ -70,6 +68,8 @@ from hpsearch.search.pruning import REFRESH_S, Halving, rung_key
 from hpsearch.search.space import distributions, make_pruner, make_sampler, suggest_params
 from hpsearch.service.studies import StudyState, submit_study
 from hpsearch.spec import StudySpec, parse_spec
+from hpsearch.storage import Store, make_engine, optuna_storage, upgrade, with_retries
+from hpsearch.storage.queries import trial_counts
 from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, train
 
 SECTION = "## Service overhead"
@@ -383,7 +383,8 @@ class OursLoop:
     """A worker serving one study, driven one trial at a time through its own loop steps."""
 
     def __init__(self, url: str, state: StudyState) -> None:
-        self.worker = Worker(WorkerOptions(url, "cpu", studies=(state.name,)))
+        store = Store.open(url)
+        self.worker = Worker(WorkerOptions(store, "cpu", studies=(state.name,)))
         self.worker._register()
 
     def trial(self) -> None:
@@ -485,7 +486,8 @@ def measure_overhead(
     alternating in rounds so that all meet the same load on the machine."""
     n_timed = sizes.rounds * sizes.per_round + sizes.warmup
     spec = bench_spec(f"ours-{n}", n + n_timed + 10, pruner)
-    state = submit_study(url, spec)
+    store = Store.open(url)
+    state = submit_study(store, spec)
     prefill(url, optuna_storage(url).get_study_id_from_name(spec.name), n, spec, seed=1)
     plain_storage = optuna.storages.RDBStorage(url)
     for name in (f"plain-{n}", f"ask-tell-{n}"):
@@ -640,6 +642,7 @@ def measure_latency(url: str, kind: str, name: str, sizes: Sizes) -> list[Latenc
     """Each endpoint through the FastAPI app in process (Starlette's TestClient, no network),
     then the load-everything way; the SQL of one request is counted and explained."""
     from fastapi.testclient import TestClient
+
     from hpsearch.api import Settings, create_app
 
     client = TestClient(create_app(Settings(database_url=url)))
@@ -798,7 +801,8 @@ def claimant(
     """One claimant process: claim (through the worker's retrying claim), report three
     epochs asking the pruner each time, tell; until `seconds` pass or the budget is spent."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(state, url)
+    store = Store.open(url)
+    study = open_study(state, store)
     claim = functools.partial(claim_trial, study, state, url)
     rng = np.random.default_rng(stream)
     told = errors = 0
@@ -808,9 +812,10 @@ def claimant(
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            trial = with_retries(claim, url=url)
-            if trial is None:
+            claimed = with_retries(claim, url=url)
+            if claimed is None:
                 break
+            trial = claimed.trial
             for epoch in range(1, LOAD_REPORTS + 1):
                 trial.report(float(rng.uniform()), epoch)
                 trial.should_prune()
@@ -824,7 +829,8 @@ def claimant(
 
 def run_load(url: str, label: str, n_trials: int, seconds: float, claimants: int) -> LoadResult:
     """`claimants` processes (spawned, as real workers are) on one study, started together."""
-    state = submit_study(url, bench_spec(f"load-{label}", n_trials))
+    store = Store.open(url)
+    state = submit_study(store, bench_spec(f"load-{label}", n_trials))
     context = multiprocessing.get_context("spawn")
     ready, out, go = context.Queue(), context.Queue(), context.Event()
     processes = [

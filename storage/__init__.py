@@ -35,6 +35,7 @@ from hpsearch.storage.models import (
     StudyRecord,
     WorkerRecord,
 )
+from hpsearch.storage.store import Store
 
 __all__ = [
     "DATABASE_ERRORS",
@@ -45,6 +46,7 @@ __all__ = [
     "LeaseLost",
     "ModelRecord",
     "StorageError",
+    "Store",
     "StudyClaim",
     "StudyRecord",
     "TrialWrite",

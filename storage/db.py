@@ -23,6 +23,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import optuna
 import sqlalchemy
+from optuna.trial import TrialState
+from sqlalchemy import delete, event, exists, func, insert, select, text
+from sqlalchemy.engine import URL, Connection
+from sqlalchemy.exc import (
+    DBAPIError,
+    InterfaceError,
+    NoResultFound,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.orm import Session
+
 from hpsearch.storage.engine import (
     OPTUNA_VERSION_TABLE,
     SQLITE_BUSY_TIMEOUT_S,
@@ -36,26 +48,15 @@ from hpsearch.storage.engine import (
     sqlite_path,
 )
 from hpsearch.storage.models import CheckpointRecord, ModelRecord, StudyRecord
-from hpsearch.storage.queries import RunningTrial, running_trials, trial_counts
-from optuna.storages._rdb.models import BaseModel as OptunaModel
-from optuna.storages._rdb.models import (
+from hpsearch.storage.optuna_internals import BaseModel as OptunaModel
+from hpsearch.storage.optuna_internals import (
     TrialHeartbeatModel,
     TrialIntermediateValueModel,
     TrialModel,
     TrialSystemAttributeModel,
     TrialUserAttributeModel,
 )
-from optuna.trial import TrialState
-from sqlalchemy import delete, event, exists, func, insert, select, text
-from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import (
-    DBAPIError,
-    InterfaceError,
-    NoResultFound,
-    OperationalError,
-    SQLAlchemyError,
-)
-from sqlalchemy.orm import Session
+from hpsearch.storage.queries import RunningTrial, running_trials, trial_counts
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -334,6 +335,12 @@ def session_scope(url: str, *, immediate: bool = False) -> Iterator[Session]:
         engine = _immediate_engine(engine)
     with Session(engine, expire_on_commit=False) as session, session.begin():
         yield session
+
+
+def ping(session: Session) -> None:
+    """One round trip to the database (`SELECT 1`): whether it answers at all, the cheapest
+    check a health probe can make."""
+    session.execute(text("SELECT 1"))
 
 
 def lock_study(session: Session, study_id: int) -> StudyRecord:

@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import optuna.storages._rdb.storage
 import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from hpsearch.storage import optuna_internals
 
 # Heartbeats and retries are Optuna features still marked experimental, and Optuna warns
 # when they are used outside `Study.optimize`; hpsearch's workers use them by design.
@@ -65,6 +66,15 @@ def safe_url(url: str | URL) -> str:
         return (make_url(url) if isinstance(url, str) else url).render_as_string(hide_password=True)
     except ArgumentError:
         return str(url)
+
+
+def without_password(message: str, url: str) -> str:
+    """A driver's message with the URL's password masked, should the driver quote it."""
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        return message
+    return message.replace(str(password), "***") if password else message
 
 
 def sqlite_path(url: URL) -> Path | None:
@@ -140,7 +150,7 @@ def optuna_head_revision() -> str | None:
     Read from the migration files' `revision` and `down_revision` lines (the one revision
     that no migration follows), so that every process's start does not load Alembic; where
     the files do not give exactly one, Alembic decides."""
-    directory = Path(optuna.storages._rdb.storage.__file__).with_name("alembic")
+    directory = optuna_internals.alembic_directory()
     revisions, followed = set(), set()
     for script in (directory / "versions").glob("*.py"):
         text = script.read_text()

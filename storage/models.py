@@ -76,7 +76,8 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 
 def _created_at() -> Mapped[datetime]:
-    """Set by the database's clock, never a worker's (see DESIGN.md, crash safety)."""
+    """Set by the database's clock, never a worker's, whose clock may be off (see
+    docs/architecture.md, "Heartbeats, writes and leases")."""
     return mapped_column(UtcDateTime(), server_default=func.now())
 
 

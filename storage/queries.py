@@ -5,7 +5,7 @@ and best values are aggregated by the database, ranked and paged trials are limi
 and only the trials on the page have their params and attributes read. Going through
 `optuna.Study.get_trials` instead would load every trial of the study into Python.
 
-The models are Optuna's own (`optuna.storages._rdb.models`), so the column names and the
+The models are Optuna's own (through `optuna_internals`), so the column names and the
 enum encodings stay Optuna's.
 """
 
@@ -19,7 +19,11 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from optuna.distributions import json_to_distribution
-from optuna.storages._rdb.models import (
+from optuna.trial import TrialState
+from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from hpsearch.storage.optuna_internals import (
     StudyModel,
     TrialHeartbeatModel,
     TrialIntermediateValueModel,
@@ -29,9 +33,6 @@ from optuna.storages._rdb.models import (
     TrialUserAttributeModel,
     TrialValueModel,
 )
-from optuna.trial import TrialState
-from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select
-from sqlalchemy.orm import Session, aliased
 
 # The names clients see; Optuna's FAIL reads better as "failed" beside the study states.
 STATE_NAMES: dict[TrialState, str] = {

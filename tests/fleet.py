@@ -16,12 +16,12 @@ from typing import Any, TypeVar
 import optuna
 import pytest
 import sqlalchemy
-from hpsearch.storage import optuna_storage
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.service.holders import HOLDER_ATTR
 from hpsearch.service.studies import submit_study
 from hpsearch.spec import load_spec
+from hpsearch.storage import Store, optuna_storage
 from tests.conftest import hpsearch_command, write_spec
 
 T = TypeVar("T")
@@ -63,7 +63,8 @@ def crash_spec(name: str, n_trials: int, *, max_epochs: int, **training: Any) ->
 
 
 def submit(url: str, directory: Path, spec: dict[str, Any]) -> None:
-    submit_study(url, load_spec(write_spec(directory / f"{spec['name']}.yaml", **spec)))
+    store = Store.open(url)
+    submit_study(store, load_spec(write_spec(directory / f"{spec['name']}.yaml", **spec)))
 
 
 # --- watching the database from outside ------------------------------------------------
@@ -291,7 +292,8 @@ def assert_clean_exits(workers: Workers) -> None:
 
 
 def assert_budget_never_exceeded(snapshots: list[Snapshot], study: str, n_trials: int) -> None:
-    """DESIGN.md: finished plus running trials (and retries waiting) never exceed n_trials."""
+    """The budget (docs/architecture.md): finished plus running trials (and retries
+    waiting) never exceed n_trials."""
     worst = max(snapshots, key=lambda s: s.count(study, *IN_BUDGET))
     assert worst.count(study, *IN_BUDGET) <= n_trials, worst.trials[study]
 

@@ -18,17 +18,18 @@ import optuna
 import pytest
 import sqlalchemy
 from fastapi.testclient import TestClient
-from hpsearch.api import Settings, create_app
-from hpsearch.storage import optuna_storage, upgrade
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hpsearch.service.studies
+from hpsearch.api import Settings
 from hpsearch.errors import SpecError
 from hpsearch.runtime.worker import Worker, WorkerOptions
 from hpsearch.service.studies import admit, submit_study
 from hpsearch.spec import parse_spec
+from hpsearch.storage import Store, optuna_storage, upgrade
 from tests.conftest import run_cli
+from tests.served import served
 
 VALID: dict[str, Any] = {
     "name": "admitted",
@@ -56,7 +57,7 @@ def changed(path: str, value: Any, spec: dict[str, Any] | None = None) -> dict[s
     return spec
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'admission.db'}"
@@ -66,7 +67,7 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def client(url: str) -> TestClient:
     migrate(url)
-    return TestClient(create_app(Settings(database_url=url)))
+    return served(Settings(database_url=url))
 
 
 def migrate(url: str) -> None:
@@ -166,10 +167,11 @@ def test_a_trial_too_large_for_the_device_is_refused_with_the_estimate(
 def test_the_memory_limit_is_configurable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'limit.db'}"
     wide = parse_spec(changed("model.hidden", [4096, 4096]))  # about 0.3 GiB per trial
-    assert admit(wide, url).task == "classification"
+    store = Store.open(url)
+    assert admit(wide, store).task == "classification"
     monkeypatch.setenv("HPSEARCH_MAX_TRIAL_GB", "0.1")
     with pytest.raises(SpecError) as refused:
-        admit(wide, url)
+        admit(wide, store)
     [(field, reason)] = refused.value.errors
     assert field == "model.hidden"
     assert reason.startswith("a trial needs about 0.3 GiB of device memory")
@@ -189,6 +191,7 @@ def test_unreachable_ids_are_404_and_422_not_500(client: TestClient) -> None:
 
 
 @pytest.mark.postgres
+@pytest.mark.system
 def test_a_yaml_infinity_through_the_cli_is_one_line_naming_the_field(
     tmp_path: Path, postgres_url: str
 ) -> None:
@@ -215,11 +218,12 @@ def test_a_submission_that_fails_after_creating_the_optuna_study_removes_it(
         raise RuntimeError("the process failed here")
 
     monkeypatch.setattr(hpsearch.service.studies, "_state_of", broken)
+    store = Store.open(url)
     with pytest.raises(RuntimeError):
-        submit_study(url, parse_spec(VALID))
+        submit_study(store, parse_spec(VALID))
     assert studies_left(url) == (0, 0)
     monkeypatch.undo()
-    assert submit_study(url, parse_spec(VALID)).name == "admitted"  # the name is free
+    assert submit_study(store, parse_spec(VALID)).name == "admitted"  # the name is free
     assert studies_left(url) == (1, 1)
 
 
@@ -228,8 +232,9 @@ def test_an_accepted_spec_runs_as_submitted(tmp_path: Path) -> None:
     spec = changed("sampler.seed", 2**32 - 1, changed("training.seed", 2**32 - 1))
     spec = changed("split.seed", 2**32 - 1, changed("training.max_epochs", 1, spec))
     url = f"sqlite:///{tmp_path}/edge.db"
-    submit_study(url, parse_spec(spec))
-    assert Worker(WorkerOptions(url, idle_exit_s=0)).run() == 0
+    store = Store.open(url)
+    submit_study(store, parse_spec(spec))
+    assert Worker(WorkerOptions(store, idle_exit_s=0)).run() == 0
     trials = optuna.load_study(study_name="admitted", storage=optuna_storage(url)).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
 
@@ -364,14 +369,15 @@ def test_no_generated_spec_makes_a_server_error_or_an_orphan(
 @pytest.fixture
 def postgres_client(postgres_url: str) -> tuple[TestClient, str]:
     migrate(postgres_url)
-    return TestClient(create_app(Settings(database_url=postgres_url))), postgres_url
+    return served(Settings(database_url=postgres_url)), postgres_url
 
 
 def test_a_split_that_leaves_a_part_without_every_class_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'split.db'}"
     tiny = parse_spec(changed("split", {"val": 0.01, "test": 0.01}))
+    store = Store.open(url)
     with pytest.raises(SpecError) as refused:
-        admit(tiny, url)
+        admit(tiny, store)
     assert refused.value.errors == [
         (
             "split",
@@ -379,4 +385,4 @@ def test_a_split_that_leaves_a_part_without_every_class_is_refused(tmp_path: Pat
             "(one per class)",
         )
     ]
-    assert admit(parse_spec(changed("split", {"val": 0.02, "test": 0.02})), url)
+    assert admit(parse_spec(changed("split", {"val": 0.02, "test": 0.02})), store)

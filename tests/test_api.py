@@ -12,14 +12,15 @@ import optuna
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
-from hpsearch.api import Settings, create_app
-from hpsearch.storage import optuna_storage
 from prometheus_client.parser import text_string_to_metric_families
 
+from hpsearch.api import Settings, create_app
 from hpsearch.data.tensors import load_dataset
 from hpsearch.service.datasets import StoredUploads
 from hpsearch.service.tokens import create_token, hash_token, revoke_token
 from hpsearch.spec import parse_spec
+from hpsearch.storage import Store, optuna_storage
+from tests.served import served
 
 SPEC: dict[str, Any] = {
     "name": "api-test",
@@ -37,7 +38,7 @@ def url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def client(url: str) -> TestClient:
-    return TestClient(create_app(Settings(database_url=url, max_upload_bytes=20_000)))
+    return served(Settings(database_url=url, max_upload_bytes=20_000))
 
 
 def with_(**changes: Any) -> dict[str, Any]:
@@ -188,7 +189,8 @@ def test_an_uploaded_dataset_is_checked_stored_and_usable_by_a_study(
     spec = with_(name="uploaded", dataset={"source": "uploaded", "id": dataset["id"]})
     created = client.post("/api/v1/studies", json=spec)
     assert created.status_code == 201 and created.json()["spec"]["task"] == "classification"
-    data = load_dataset(parse_spec(spec), uploads=StoredUploads(url))  # as a worker reads it
+    store = Store.open(url)
+    data = load_dataset(parse_spec(spec), uploads=StoredUploads(store))  # as a worker reads it
     assert data.classes == ["no", "yes"]
     assert data.n_features == 4  # a, b and colour one-hot
     assert len(data.x_train) + len(data.x_val) + len(data.x_test) == 60
@@ -240,7 +242,8 @@ def test_an_oversized_upload_is_a_413_and_stores_nothing(client: TestClient) -> 
 
 def test_tokens_guard_every_route_once_one_exists(client: TestClient, url: str) -> None:
     assert client.get("/api/v1/studies").status_code == 200  # none yet: open
-    _, token = create_token(url, "ci")
+    store = Store.open(url)
+    _, token = create_token(store, "ci")
     for method, path in [
         ("GET", "/api/v1/studies"),
         ("POST", "/api/v1/studies"),
@@ -259,14 +262,14 @@ def test_tokens_guard_every_route_once_one_exists(client: TestClient, url: str) 
     good = {"Authorization": f"Bearer {token}"}
     assert client.get("/api/v1/studies", headers=good).status_code == 200
     assert client.get("/healthz").status_code == 200  # liveness stays open
-    revoke_token(url, "ci")
+    revoke_token(store, "ci")
     assert client.get("/api/v1/studies", headers=good).status_code == 401
     assert client.get("/api/v1/studies").status_code == 401  # revoking all opens nothing
 
 
 def test_tokens_from_the_environment(url: str) -> None:
     settings = Settings(database_url=url, env_token_hashes=(hash_token("s3cret"),))
-    client = TestClient(create_app(settings))
+    client = served(settings)
     assert client.get("/api/v1/studies").status_code == 401
     ok = client.get("/api/v1/studies", headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
@@ -280,7 +283,8 @@ def test_the_dashboard_lists_the_study_and_takes_its_token_once(
     assert page.status_code == 200 and "Optuna Dashboard" in page.text
     studies = client.get("/api/studies").json()["study_summaries"]
     assert [s["study_name"] for s in studies] == ["api-test"]
-    _, token = create_token(url, "browser")
+    store = Store.open(url)
+    _, token = create_token(store, "browser")
     assert client.get("/api/studies").status_code == 401
     login = client.get(f"/dashboard?token={token}", follow_redirects=False)
     assert login.status_code == 303 and login.headers["location"] == "/dashboard"
@@ -309,6 +313,7 @@ def test_metrics_are_prometheus_text_with_the_database_figures(
     assert "hpsearch_workers_alive" in families and "hpsearch_studies" in families
 
 
+@pytest.mark.integration
 def test_health_reports_an_unreachable_database_as_503() -> None:
     down = "postgresql://nobody@127.0.0.1:1/none"
     client = TestClient(create_app(Settings(database_url=down)))

@@ -7,7 +7,6 @@ import tempfile
 from pathlib import Path
 
 import schemathesis
-from hpsearch.api import Settings, create_app
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -17,15 +16,17 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from hpsearch.api import Settings, create_app
 from hpsearch.service.studies import submit_study
 from hpsearch.service.tokens import hash_token
 from hpsearch.spec import parse_spec
+from hpsearch.storage import Store
 
 DATABASE = Path(tempfile.mkdtemp(prefix="hpsearch-schema-")) / "schema.db"
 URL = f"sqlite:///{DATABASE}"
 # A study for the generated ids and names to hit now and then.
 submit_study(
-    URL,
+    Store.open(URL),
     parse_spec(
         {
             "name": "digits-bayes",

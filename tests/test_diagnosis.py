@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
-from hpsearch.api import Settings, create_app
 from typer.testing import CliRunner
 
+from hpsearch.api import Settings
 from hpsearch.cli.commands import app
 from hpsearch.data.tensors import load_dataset
 from hpsearch.runtime.worker import Worker, WorkerOptions
@@ -19,7 +18,9 @@ from hpsearch.service import results
 from hpsearch.service.diagnosis import TrialFacts, advise, diagnose
 from hpsearch.service.studies import submit_study
 from hpsearch.spec import parse_spec
+from hpsearch.storage import Store
 from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, train
+from tests.served import served
 
 DIGITS = {"source": "builtin", "name": "digits"}
 
@@ -151,8 +152,9 @@ def finished_study(tmp_path: Path, space: dict[str, Any], n_trials: int, sampler
         training={"max_epochs": 3},
         budget={"n_trials": n_trials},
     )
-    submit_study(url, spec)
-    assert Worker(WorkerOptions(url, idle_exit_s=0)).run() == 0
+    store = Store.open(url)
+    submit_study(store, spec)
+    assert Worker(WorkerOptions(store, idle_exit_s=0)).run() == 0
     return url
 
 
@@ -161,10 +163,11 @@ def test_a_study_searching_learning_rates_up_to_10_is_told_which_range_diverged(
 ) -> None:
     space = {"learning_rate": {"low": 1e-4, "high": 10, "log": True}}
     url = finished_study(tmp_path, space, 16, {"name": "random", "seed": 0})
-    trials = results.list_trials(url, "advice", limit=100).items
+    store = Store.open(url)
+    trials = results.list_trials(store, "advice", limit=100).items
     diverged = [t.params["learning_rate"] for t in trials if t.diagnosis == "diverged"]
     assert len(trials) == 16 and len(diverged) >= 2
-    advice = results.study_detail(url, "advice").advice
+    advice = results.study_detail(store, "advice").advice
     found = [
         re.search(r"(\d+) of (\d+) trials with learning_rate >= (\S+) diverged", a) for a in advice
     ]
@@ -180,7 +183,7 @@ def test_a_study_searching_learning_rates_up_to_10_is_told_which_range_diverged(
     )
     assert as_json["advice"] == advice
     healthy = next(t for t in trials if t.diagnosis == "ok")
-    curve = results.trial_detail(url, "advice", healthy.number).curve
+    curve = results.trial_detail(store, "advice", healthy.number).curve
     assert len(curve) == 3 and all(len(p.grad_norms) == 2 and min(p.grad_norms) > 0 for p in curve)
     shown = CliRunner().invoke(app, ["trial", "advice", str(healthy.number), "--db", url])
     assert "grad norm per layer" in shown.output and "ok" in shown.output.splitlines()[0]
@@ -192,11 +195,12 @@ def test_a_study_whose_best_trials_sit_at_the_upper_learning_rate_bound_is_told_
     space = {"learning_rate": {"low": 1e-6, "high": 1e-4, "log": True}}
     sampler = {"name": "tpe", "seed": 0, "n_startup_trials": 5}
     url = finished_study(tmp_path, space, 15, sampler)
-    best = results.leaderboard(url, "advice", top=3)
+    store = Store.open(url)
+    best = results.leaderboard(store, "advice", top=3)
     assert all(t.params["learning_rate"] > 10**-4.2 for t in best)  # the upper tenth
-    advice = results.study_detail(url, "advice").advice
+    advice = results.study_detail(store, "advice").advice
     assert any("widen search_space.learning_rate past 0.0001" in a for a in advice), advice
-    client = TestClient(create_app(Settings(database_url=url)))
+    client = served(Settings(database_url=url))
     assert client.get("/api/v1/studies/advice").json()["advice"] == advice
     curve = client.get(f"/api/v1/studies/advice/trials/{best[0].number}").json()["curve"]
     assert len(curve) == 3 and all(len(point["grad_norms"]) == 2 for point in curve)

@@ -16,6 +16,7 @@ import pytest
 
 from hpsearch.runtime.worker import Worker, WorkerOptions
 from hpsearch.service.results import list_studies, study_summary
+from hpsearch.storage import Store
 from tests.conftest import run_cli, write_spec
 from tests.fleet import (
     Db,
@@ -46,6 +47,7 @@ def params_by_number(url: str, study: str) -> dict[int, tuple[float, ...]]:
 
 
 @pytest.mark.postgres
+@pytest.mark.system
 def test_parallel_workers_draw_distinct_points_the_same_as_one_worker_would(
     tmp_path: Path, postgres_url: str, workers: Workers
 ) -> None:
@@ -54,7 +56,8 @@ def test_parallel_workers_draw_distinct_points_the_same_as_one_worker_would(
     submit(postgres_url, tmp_path, one_epoch_spec("spread", 24, "random"))
     for name in ("alone", "shared"):
         submit(postgres_url, tmp_path, one_epoch_spec(name, 8, "tpe", n_startup_trials=8))
-    assert Worker(WorkerOptions(postgres_url, studies=("alone",), idle_exit_s=0)).run() == 0
+    store = Store.open(postgres_url)
+    assert Worker(WorkerOptions(store, studies=("alone",), idle_exit_s=0)).run() == 0
     for _ in range(4):
         workers.start(postgres_url, "--idle-exit", "3")
     snapshots = watch_until_exit(Db(postgres_url), workers)
@@ -71,6 +74,7 @@ def test_parallel_workers_draw_distinct_points_the_same_as_one_worker_would(
 
 
 @pytest.mark.postgres
+@pytest.mark.system
 def test_a_study_whose_trials_keep_failing_is_failed_and_the_others_complete(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, workers: Workers, postgres_url: str
 ) -> None:
@@ -90,7 +94,8 @@ def test_a_study_whose_trials_keep_failing_is_failed_and_the_others_complete(
     watch_until_exit(Db(url), workers)
     assert_clean_exits(workers)
     assert_finished_exactly(url, "valid", 6)
-    failed = study_summary(url, "broken")
+    store = Store.open(url)
+    failed = study_summary(store, "broken")
     assert failed.state == "failed"
     assert failed.reason.startswith("3 trials in a row failed; the last: DatasetError")
     assert "data file 'rows.csv' not found" in failed.reason
@@ -99,7 +104,9 @@ def test_a_study_whose_trials_keep_failing_is_failed_and_the_others_complete(
     assert "failed" in status.stdout and "reason: 3 trials in a row failed" in status.stdout
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def test_a_study_whose_optuna_record_vanished_is_failed_and_the_worker_goes_on(
     request: pytest.FixtureRequest, tmp_path: Path, backend: str
 ) -> None:
@@ -112,14 +119,16 @@ def test_a_study_whose_optuna_record_vanished_is_failed_and_the_worker_goes_on(
     submit(url, tmp_path, crash_spec("kept", 3, max_epochs=1))
     storage = optuna.storages.RDBStorage(url.replace("postgresql://", "postgresql+psycopg://"))
     optuna.delete_study(study_name="vanished", storage=storage)  # as the dashboard would
-    assert Worker(WorkerOptions(url, idle_exit_s=0)).run() == 0
-    assert study_summary(url, "kept").state == "completed"
-    gone = study_summary(url, "vanished")
+    store = Store.open(url)
+    assert Worker(WorkerOptions(store, idle_exit_s=0)).run() == 0
+    assert study_summary(store, "kept").state == "completed"
+    gone = study_summary(store, "vanished")
     assert gone.state == "failed"
     assert gone.reason == "its Optuna study was deleted outside hpsearch"
 
 
 @pytest.mark.postgres
+@pytest.mark.system
 def test_a_worker_started_during_an_outage_waits_for_the_database(
     tmp_path: Path, workers: Workers
 ) -> None:
@@ -148,6 +157,7 @@ def test_a_worker_started_during_an_outage_waits_for_the_database(
         ("not a url", "not a database URL"),
     ],
 )
+@pytest.mark.system
 def test_a_worker_exits_at_once_on_what_waiting_cannot_cure(
     tmp_path: Path, url: str, reason: str
 ) -> None:
@@ -156,6 +166,7 @@ def test_a_worker_exits_at_once_on_what_waiting_cannot_cure(
     assert reason in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.system
 def test_a_spec_too_large_for_the_device_is_refused_before_any_worker_sees_it(
     tmp_path: Path,
 ) -> None:
@@ -166,4 +177,5 @@ def test_a_spec_too_large_for_the_device_is_refused_before_any_worker_sees_it(
     result = run_cli("submit", "huge.yaml", "--db", url, cwd=tmp_path)
     assert result.returncode == 2
     assert "model.hidden: a trial needs about 240.1 GiB of device memory" in result.stderr
-    assert list_studies(url).total == 0
+    store = Store.open(url)
+    assert list_studies(store).total == 0

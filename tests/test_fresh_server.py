@@ -11,13 +11,14 @@ import httpx
 import pytest
 import sqlalchemy
 from fastapi.testclient import TestClient
-from hpsearch.api import Settings, create_app
-from hpsearch.storage.db import VERSION_TABLE, _migrate_under_lock, make_engine, upgrade
-from hpsearch.storage.engine import OPTUNA_VERSION_TABLE, optuna_head_revision, optuna_storage
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
+from hpsearch.api import Settings, create_app
 from hpsearch.service.tokens import create_token
+from hpsearch.storage import Store
+from hpsearch.storage.db import VERSION_TABLE, _migrate_under_lock, make_engine, upgrade
+from hpsearch.storage.engine import OPTUNA_VERSION_TABLE, optuna_head_revision, optuna_storage
 from tests.conftest import run_cli
 from tests.test_api_e2e import environment, free_port, serving
 
@@ -58,6 +59,7 @@ def get_paths(openapi: dict[str, Any]) -> list[str]:
     return [*declared, "/docs", "/redoc", *EXTRA_PATHS]
 
 
+@pytest.mark.system
 def test_token_create_then_serve_on_a_new_database(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'new.db'}"
     created = run_cli("token", "create", "ops", "--db", url, cwd=tmp_path)
@@ -88,7 +90,8 @@ def test_token_create_then_serve_on_a_new_database(tmp_path: Path) -> None:
 def test_no_get_route_is_a_server_error_on_a_new_database(url: str) -> None:
     """What `hpsearch serve` does at start (upgrade), then every GET route."""
     upgrade(url)
-    _, token = create_token(url, "ops")
+    store = Store.open(url)
+    _, token = create_token(store, "ops")
     client = TestClient(create_app(Settings(database_url=url)))
     paths = get_paths(client.get("/openapi.json").json())
     for headers in ({}, {"Authorization": f"Bearer {token}"}):
@@ -158,6 +161,7 @@ def test_health_at_head_is_one_round_trip_once_it_was_ok(sqlite_url: str) -> Non
     assert [s for s in statements if not s.startswith(("BEGIN", "COMMIT"))] == ["SELECT 1"]
 
 
+@pytest.mark.system
 def test_optunas_schema_behind_fails_health_and_serve_until_migrate(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -181,7 +185,9 @@ def test_optunas_schema_behind_fails_health_and_serve_until_migrate(
 @pytest.mark.parametrize(
     "down",
     [
-        "postgresql://nobody:s3cret@127.0.0.1:1/none",  # nothing listens on port 1
+        pytest.param(  # nothing listens on port 1: a TCP connection all the same
+            "postgresql://nobody:s3cret@127.0.0.1:1/none", marks=pytest.mark.integration
+        ),
         "sqlite:///{tmp_path}/a-file/hpsearch.db",  # a folder that cannot be made
     ],
 )

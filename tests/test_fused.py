@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from hpsearch.data.tensors import load_dataset
-from hpsearch.runtime.trials import packs
+from hpsearch.runtime.trials import Claim, packs
 from hpsearch.runtime.worker import WorkerOptions
-from hpsearch.search.space import suggest_params
 from hpsearch.spec import parse_spec
+from hpsearch.storage import Store
+from hpsearch.training.checkpoint import Checkpoint
 from hpsearch.training.fused import train_pack
 from hpsearch.training.train import TrainResult, TrialConfig, train
 
@@ -191,6 +192,7 @@ def test_members_checkpoint_and_resume_in_a_pack_or_alone() -> None:
     stopped, payloads = interrupted_pack(spec, data, at_epoch=3)
     assert all(r.interrupted and r.epochs_run == 3 for r in stopped)
     assert sorted(payloads) == [0, 1, 2, 3] and {e for _, e in payloads.values()} == {3}
+    assert all(Checkpoint.from_bytes(p).epoch == 3 for p, _ in payloads.values())
     resumed = train_pack(configs, data, resume_from=[payloads[i][0] for i in range(4)])
     alone = [train(c, data, resume_from=payloads[i][0]) for i, c in enumerate(configs)]
     for k in range(4):
@@ -212,6 +214,7 @@ def test_a_single_runs_checkpoint_resumes_in_a_pack() -> None:
     saved: list[bytes] = []
     train(configs[0], data, on_checkpoint=lambda p, e: saved.append(p), checkpoint_every_s=0)
     payload = saved[1]  # after epoch 2
+    assert Checkpoint.from_bytes(payload).epoch == 2
     whole = train(configs[0], data)
     (resumed, fresh) = train_pack(configs[:1] + configs[3:], data, resume_from=[payload, None])
     assert resumed.resumed_from_epoch == 2 and resumed.epochs_run == 5
@@ -233,21 +236,21 @@ def test_claimed_trials_are_grouped_by_network_and_batch_norm_trains_alone() -> 
         }
     )
     study = optuna.create_study(direction="maximize")
-    trials = [study.ask() for _ in range(8)]
-    for trial in trials:
-        suggest_params(trial, spec)
-    groups = packs(trials, spec)
-    assert sorted(t.number for g in groups for t in g) == list(range(8))
+    claims = [Claim.of(study.ask(), spec) for _ in range(8)]
+    groups = packs(claims)
+    assert sorted(c.trial.number for g in groups for c in g) == list(range(8))
     assert len(groups) == 2
     for group in groups:
-        assert len({t.params["hidden_units"] for t in group}) == 1
+        assert len({c.trial.params["hidden_units"] for c in group}) == 1
     with_batch_norm = spec.model_copy(
         update={"model": spec.model.model_copy(update={"batch_norm": True})}
     )
-    assert [len(g) for g in packs(trials, with_batch_norm)] == [1] * 8
+    alone = [Claim.of(c.trial, with_batch_norm) for c in claims]
+    assert [len(g) for g in packs(alone)] == [1] * 8
 
 
 def test_workers_pack_eight_trials_on_a_gpu_and_one_on_a_cpu() -> None:
-    assert WorkerOptions("sqlite://", "cuda:0").pack_size == 8
-    assert WorkerOptions("sqlite://", "cpu").pack_size == 1
-    assert WorkerOptions("sqlite://", "cpu", pack=4).pack_size == 4
+    store = Store("sqlite://")  # never opened: the pack size needs no database
+    assert WorkerOptions(store, "cuda:0").pack_size == 8
+    assert WorkerOptions(store, "cpu").pack_size == 1
+    assert WorkerOptions(store, "cpu", pack=4).pack_size == 4

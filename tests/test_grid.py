@@ -9,7 +9,6 @@ from typing import Any
 
 import optuna
 import pytest
-from hpsearch.storage import optuna_storage
 from optuna.trial import TrialState
 
 from hpsearch.runtime.trials import TrialContext, claim_trial, hand_back, open_study
@@ -23,6 +22,7 @@ from hpsearch.service.studies import (
     submit_study,
 )
 from hpsearch.spec import parse_spec
+from hpsearch.storage import Store, optuna_storage
 from tests.conftest import run_cli, write_spec
 
 LEARNING_RATES = [0.01, 0.1]
@@ -51,15 +51,17 @@ def point(trial: optuna.trial.FrozenTrial | optuna.Trial) -> tuple[float, int]:
 
 def submitted(tmp_path: Path, n_trials: int) -> tuple[str, StudyState, optuna.Study]:
     url = f"sqlite:///{tmp_path / 'grid.db'}"
-    state = submit_study(url, parse_spec(grid_spec("grid", n_trials)))
-    return url, state, open_study(state, url)
+    store = Store.open(url)
+    state = submit_study(store, parse_spec(grid_spec("grid", n_trials)))
+    return url, state, open_study(state, store)
 
 
 def claim_all(study: optuna.Study, state: StudyState, url: str) -> list[optuna.Trial]:
     """Claim until the study gives no more trials (with a bound, should it never stop)."""
     claimed = []
-    while (trial := claim_trial(study, state, url)) is not None and len(claimed) < 10:
-        claimed.append(trial)
+    store = Store.open(url)
+    while (claim := claim_trial(study, state, store)) is not None and len(claimed) < 10:
+        claimed.append(claim.trial)
     return claimed
 
 
@@ -68,8 +70,8 @@ def claim_all(study: optuna.Study, state: StudyState, url: str) -> list[optuna.T
 
 def test_a_failed_point_is_trained_again_and_no_point_twice(tmp_path: Path) -> None:
     url, state, study = submitted(tmp_path, n_trials=4)
-    failed = claim_trial(study, state, url)
-    assert failed is not None
+    store = Store.open(url)
+    failed = claim_trial(study, state, store).trial
     study.tell(failed, state=TrialState.FAIL)  # frees its point, as it frees its budget
     claimed = claim_all(study, state, url)
     assert sorted(map(point, claimed)) == sorted(POINTS)
@@ -82,22 +84,23 @@ def test_claims_stop_once_every_point_is_taken_and_the_last_to_end_completes(
     url, state, study = submitted(tmp_path, n_trials=6)
     claimed = claim_all(study, state, url)
     assert sorted(map(point, claimed)) == sorted(POINTS)
+    store = Store.open(url)
     for i, trial in enumerate(claimed):
-        assert get_study(url, "grid").state == "running"
+        assert get_study(store, "grid").state == "running"
         study.tell(trial, 0.5 + i / 10)
-        mark_completed_if_done(url, state)  # as a worker does after each trial
-    assert get_study(url, "grid").state == "completed"
-    assert results.study_summary(url, "grid").progress.budget == 4  # the grid's size
+        mark_completed_if_done(store, state)  # as a worker does after each trial
+    assert get_study(store, "grid").state == "completed"
+    assert results.study_summary(store, "grid").progress.budget == 4  # the grid's size
 
 
 def test_a_retried_trial_keeps_its_point(tmp_path: Path) -> None:
     url, state, study = submitted(tmp_path, n_trials=6)
-    first, second = claim_trial(study, state, url), claim_trial(study, state, url)
-    assert first is not None and second is not None
-    context = TrialContext(url, state.id, StudyPruning(url, study, state.spec))
+    store = Store.open(url)
+    first, second = claim_trial(study, state, store).trial, claim_trial(study, state, store).trial
+    context = TrialContext(store, state.id, StudyPruning(store, study, state.spec))
     hand_back(study, first, context)  # failed and queued again, as a stopping worker does
-    retry = claim_trial(study, state, url)
-    assert retry is not None and retry.number != first.number
+    retry = claim_trial(study, state, store).trial
+    assert retry.number != first.number
     assert point(retry) == point(first)
     rest = claim_all(study, state, url)
     assert sorted(map(point, [second, retry, *rest])) == sorted(POINTS)
@@ -109,11 +112,12 @@ def test_a_budget_raised_after_the_grid_is_spent_completes_the_study_again(
     url, state, study = submitted(tmp_path, n_trials=4)
     for trial in claim_all(study, state, url):
         study.tell(trial, 0.5)
-    mark_completed_if_done(url, state)
-    assert get_study(url, "grid").state == "completed"
-    assert change_state(url, "grid", "extend", n_trials=3).state == "running"
-    assert claim_trial(study, state, url) is None  # and no trial would end to complete it
-    assert get_study(url, "grid").state == "completed"
+    store = Store.open(url)
+    mark_completed_if_done(store, state)
+    assert get_study(store, "grid").state == "completed"
+    assert change_state(store, "grid", "extend", n_trials=3).state == "running"
+    assert claim_trial(study, state, store) is None  # and no trial would end to complete it
+    assert get_study(store, "grid").state == "completed"
     assert len(study.get_trials(deepcopy=False)) == 4
 
 
@@ -136,12 +140,14 @@ def assert_trained(url: str, name: str, n_points: int) -> list[optuna.trial.Froz
     assert [t.state for t in trials] == [TrialState.COMPLETE] * n_points
     points = [point(t) for t in trials]
     assert len(set(points)) == n_points and set(points) <= POINTS
-    assert get_study(url, name).state == "completed"
+    store = Store.open(url)
+    assert get_study(store, name).state == "completed"
     return trials
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("jobs", [1, 2])
+@pytest.mark.system
 def test_grid_runs_end_cleanly_below_at_and_above_the_grid_size(tmp_path: Path, jobs: int) -> None:
     url = f"sqlite:///{tmp_path / 'grid.db'}"
     run_grid(tmp_path, url, "above", n_trials=6, jobs=jobs)
@@ -155,6 +161,7 @@ def test_grid_runs_end_cleanly_below_at_and_above_the_grid_size(tmp_path: Path, 
 
 @pytest.mark.postgres
 @pytest.mark.timeout(600)
+@pytest.mark.system
 def test_grid_run_on_postgres_with_two_workers(tmp_path: Path, postgres_url: str) -> None:
     run_grid(tmp_path, postgres_url, "grid-pg", n_trials=5, jobs=2)
     assert_trained(postgres_url, "grid-pg", n_points=4)

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from fastapi.testclient import TestClient
-from hpsearch.api import Settings, create_app
-from hpsearch.storage import optuna_storage
 from typer.testing import CliRunner
 
+from hpsearch.api import Settings
 from hpsearch.cli.commands import app
 from hpsearch.data.tensors import load_dataset
 from hpsearch.runtime.trials import TrialContext, claim_trial, open_study, run_trial
@@ -23,6 +21,8 @@ from hpsearch.search.pruning import StudyPruning
 from hpsearch.service import results
 from hpsearch.service.studies import StudyState, submit_study
 from hpsearch.spec import parse_spec
+from hpsearch.storage import Store, optuna_storage
+from tests.served import served
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -42,27 +42,29 @@ def submitted(url: str) -> StudyState:
             "budget": {"n_trials": 10},
         }
     )
-    return submit_study(url, spec)
+    store = Store.open(url)
+    return submit_study(store, spec)
 
 
 def hand_one_back(url: str, state: StudyState) -> int:
     """Claim a trial and run it as a worker would after SIGTERM: it checkpoints at the end
     of its first epoch and is handed back. Returns its number."""
-    study = open_study(state, url)
-    trial = claim_trial(study, state, url)
-    assert trial is not None
+    store = Store.open(url)
+    study = open_study(state, store)
+    claim = claim_trial(study, state, store)
+    assert claim is not None
     stop = threading.Event()
     stop.set()
-    context = TrialContext(url, state.id, StudyPruning(url, study, state.spec), stop)
-    assert run_trial(study, trial, state.spec, load_dataset(state.spec), context) is None
-    return trial.number
+    context = TrialContext(store, state.id, StudyPruning(store, study, state.spec), stop)
+    assert run_trial(study, claim, state.spec, load_dataset(state.spec), context) is None
+    return claim.trial.number
 
 
 def fail_one(url: str, state: StudyState) -> int:
     """A trial whose training raised: failed with its error, as a worker records it."""
-    study = open_study(state, url)
-    trial = claim_trial(study, state, url)
-    assert trial is not None
+    store = Store.open(url)
+    study = open_study(state, store)
+    trial = claim_trial(study, state, store).trial
     trial.set_user_attr("error", "RuntimeError: CUDA out of memory")
     study.tell(trial, state=optuna.trial.TrialState.FAIL)
     return trial.number
@@ -70,9 +72,9 @@ def fail_one(url: str, state: StudyState) -> int:
 
 def lose_one(url: str, state: StudyState) -> int:
     """A trial whose worker died: its heartbeat goes stale and Optuna fails it."""
-    study = open_study(state, url)
-    trial = claim_trial(study, state, url)
-    assert trial is not None
+    store = Store.open(url)
+    study = open_study(state, store)
+    trial = claim_trial(study, state, store).trial
     time.sleep(2.1)
     stale = optuna.load_study(study_name=state.name, storage=optuna_storage(url, grace_s=1))
     optuna.storages.fail_stale_trials(stale)
@@ -86,15 +88,16 @@ def test_a_handed_back_trial_is_shown_as_handed_back_not_failed(url: str) -> Non
     states = [t.state for t in study.get_trials(deepcopy=False)]
     assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]  # Optuna's
 
-    progress = results.study_summary(url, state.id).progress
+    store = Store.open(url)
+    progress = results.study_summary(store, state.id).progress
     assert (progress.handed_back, progress.failed, progress.waiting) == (1, 0, 1)
-    trial = results.trial_detail(url, state.id, number)
+    trial = results.trial_detail(store, state.id, number)
     assert trial.state == "handed_back" and trial.diagnosis is None
-    listed = results.list_trials(url, state.id, state="handed_back").items
+    listed = results.list_trials(store, state.id, state="handed_back").items
     assert [t.number for t in listed] == [number]
-    assert results.list_trials(url, state.id, state="failed").items == []
+    assert results.list_trials(store, state.id, state="failed").items == []
 
-    client = TestClient(create_app(Settings(database_url=url)))
+    client = served(Settings(database_url=url))
     body = client.get(f"/api/v1/studies/{state.name}").json()
     assert (body["progress"]["handed_back"], body["progress"]["failed"]) == (1, 0)
     shown = client.get(f"/api/v1/studies/{state.name}/trials/{number}").json()
@@ -113,15 +116,16 @@ def test_failed_handed_back_and_lost_trials_are_counted_apart(url: str) -> None:
     handed_back = hand_one_back(url, state)
     failed = fail_one(url, state)
     lost = lose_one(url, state)
-    progress = results.study_summary(url, state.id).progress
+    store = Store.open(url)
+    progress = results.study_summary(store, state.id).progress
     assert (progress.failed, progress.handed_back, progress.lost) == (1, 1, 1)
     assert progress.waiting == 1  # the lost trial's retry; the handed-back one's was claimed
     by_state = {
-        name: [t.number for t in results.list_trials(url, state.id, state=name).items]
+        name: [t.number for t in results.list_trials(store, state.id, state=name).items]
         for name in ("failed", "handed_back", "lost")
     }
     assert by_state == {"failed": [failed], "handed_back": [handed_back], "lost": [lost]}
-    listing = results.list_studies(url).items[0].progress
+    listing = results.list_studies(store).items[0].progress
     assert listing == progress
     table = CliRunner().invoke(app, ["studies", "--db", url])
     assert "handed back" in table.output

@@ -11,7 +11,6 @@ import numpy as np
 import optuna
 import pytest
 import sqlalchemy
-from hpsearch.storage import optuna_storage, upgrade
 from optuna.trial import TrialState
 
 import hpsearch.runtime.trials
@@ -29,6 +28,7 @@ from hpsearch.search.pruning import (
 from hpsearch.search.space import make_pruner
 from hpsearch.service.studies import submit_study
 from hpsearch.spec import PrunerSpec, parse_spec
+from hpsearch.storage import Store, optuna_storage, upgrade
 from hpsearch.training.train import EpochRecord
 
 PRUNERS = [
@@ -107,7 +107,8 @@ def test_a_workers_view_catches_up_with_trials_finished_elsewhere(tmp_path: Path
     upgrade(url)
     study = optuna.create_study(storage=optuna_storage(url), direction="maximize")
     pruner = {"name": "median", "n_startup_trials": 0, "n_warmup_steps": 0}
-    pruning = StudyPruning(url, study, parse_spec(spec_dict("view", pruner=pruner)))
+    store = Store.open(url)
+    pruning = StudyPruning(store, study, parse_spec(spec_dict("view", pruner=pruner)))
     seen_running = study.ask()
     seen_running.report(0.5, 1)
     study.tell(study.ask(), 0.9)  # complete before the view's first look
@@ -204,7 +205,8 @@ def test_a_workers_halving_view_reads_rungs_of_others_and_records_its_own(tmp_pa
     study = optuna.create_study(
         study_name="rungs", storage=storage, direction="maximize", pruner=make_pruner(spec)
     )
-    context = TrialContext(url, 0, StudyPruning(url, study, spec))
+    store = Store.open(url)
+    context = TrialContext(store, 0, StudyPruning(store, study, spec))
     elsewhere = study.ask()  # trials of another worker, pruned by Optuna's own pruner
     elsewhere.report(0.5, 1)
     assert elsewhere.should_prune() is False
@@ -236,8 +238,9 @@ def test_a_worker_prunes_with_hyperband_and_records_the_rungs(tmp_path: Path) ->
     spec = parse_spec(
         spec_dict("hb", pruner={"name": "hyperband"}, budget={"n_trials": 12})  # 20 epochs
     )
-    submit_study(url, spec)
-    assert Worker(WorkerOptions(url, studies=("hb",), max_trials=12)).run() == 0
+    store = Store.open(url)
+    submit_study(store, spec)
+    assert Worker(WorkerOptions(store, studies=("hb",), max_trials=12)).run() == 0
     trials = optuna.load_study(study_name="hb", storage=optuna_storage(url)).trials
     halving = Halving.from_spec(spec)
     assert halving is not None
@@ -271,7 +274,8 @@ def test_reports_wait_for_the_next_write_or_the_interval(
     study = optuna.create_study(storage=optuna_storage(url), direction="maximize")
     trial = study.ask()
     spec = parse_spec(spec_dict("writes", pruner={"name": "median"}))
-    context = TrialContext(url, 0, StudyPruning(url, study, spec))
+    store = Store.open(url)
+    context = TrialContext(store, 0, StudyPruning(store, study, spec))
     writer = TrialWriter(trial, context)
     for epoch in (1, 2, 3):
         writer.report(0.1 * epoch, epoch)
@@ -291,7 +295,8 @@ def one_trial_through_a_worker(url: str, max_epochs: int) -> tuple[int, optuna.t
     """The commits of a worker that runs one trial of `max_epochs` epochs, and the trial."""
     name = f"epochs-{max_epochs}"
     training = {"max_epochs": max_epochs, "early_stopping_patience": None}
-    submit_study(url, parse_spec(spec_dict(name, training=training, budget={"n_trials": 1})))
+    store = Store.open(url)
+    submit_study(store, parse_spec(spec_dict(name, training=training, budget={"n_trials": 1})))
     commits: list[object] = []
 
     def count(connection: object) -> None:
@@ -299,7 +304,7 @@ def one_trial_through_a_worker(url: str, max_epochs: int) -> tuple[int, optuna.t
 
     sqlalchemy.event.listen(sqlalchemy.Engine, "commit", count)
     try:
-        assert Worker(WorkerOptions(url, studies=(name,), max_trials=1)).run() == 0
+        assert Worker(WorkerOptions(store, studies=(name,), max_trials=1)).run() == 0
     finally:
         sqlalchemy.event.remove(sqlalchemy.Engine, "commit", count)
     (trial,) = optuna.load_study(study_name=name, storage=optuna_storage(url)).trials
@@ -341,8 +346,9 @@ def test_a_failed_trial_keeps_the_epochs_it_reported(
     monkeypatch.setattr(hpsearch.runtime.trials, "train", failing_training)
     monkeypatch.setattr(hpsearch.runtime.trials, "train_pack", failing_pack)
     spec = spec_dict("failing", budget={"n_trials": 2})
-    submit_study(url, parse_spec(spec))
-    options = WorkerOptions(url, studies=("failing",), max_trials=2, pack=pack, idle_exit_s=0)
+    store = Store.open(url)
+    submit_study(store, parse_spec(spec))
+    options = WorkerOptions(store, studies=("failing",), max_trials=2, pack=pack, idle_exit_s=0)
     Worker(options).run()
     trials = optuna.load_study(study_name="failing", storage=optuna_storage(url)).trials
     assert len(trials) == 2

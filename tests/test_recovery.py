@@ -23,6 +23,7 @@ from hpsearch.service.holders import HOLDER_ATTR
 from hpsearch.service.recovery import recover
 from hpsearch.service.studies import StudyState, submit_study
 from hpsearch.spec import parse_spec
+from hpsearch.storage import Store
 from tests.fleet import (
     Db,
     Workers,
@@ -66,6 +67,7 @@ def freed(output: str) -> int:
 
 
 @pytest.mark.postgres
+@pytest.mark.system
 def test_resume_right_after_every_worker_was_killed_finishes_the_study(
     tmp_path: Path, postgres_url: str, workers: Workers
 ) -> None:
@@ -92,6 +94,7 @@ def test_resume_right_after_every_worker_was_killed_finishes_the_study(
 
 
 @pytest.mark.postgres
+@pytest.mark.system
 def test_idle_workers_wait_for_silent_trials_and_train_their_retries(
     tmp_path: Path, postgres_url: str, workers: Workers
 ) -> None:
@@ -117,6 +120,7 @@ def test_idle_workers_wait_for_silent_trials_and_train_their_retries(
 
 
 @pytest.mark.postgres
+@pytest.mark.system
 def test_free_running_frees_a_dead_workers_trial_and_spares_a_live_ones(
     tmp_path: Path, postgres_url: str, workers: Workers
 ) -> None:
@@ -171,18 +175,21 @@ def exited_process() -> holders.Holder:
 
 def claimed_study(tmp_path: Path) -> tuple[str, StudyState, optuna.Study]:
     url = f"sqlite:///{tmp_path / 'claims.db'}"
-    state = submit_study(url, parse_spec(crash_spec("claims", 3, max_epochs=2)))
-    return url, state, open_study(state, url)
+    store = Store.open(url)
+    state = submit_study(store, parse_spec(crash_spec("claims", 3, max_epochs=2)))
+    return url, state, open_study(state, store)
 
 
+@pytest.mark.integration
 def test_a_claim_reaps_the_trials_of_an_exited_process_at_once(tmp_path: Path) -> None:
     url, state, study = claimed_study(tmp_path)
-    mine, orphan = claim_trial(study, state, url), claim_trial(study, state, url)
-    assert mine is not None and orphan is not None
+    store = Store.open(url)
+    assert claim_trial(study, state, store) is not None  # this process's own, alive
+    orphan = claim_trial(study, state, store).trial
     study._storage.set_trial_system_attr(
         orphan._trial_id, holders.HOLDER_ATTR, exited_process().as_attr()
     )
-    retry = claim_trial(study, state, url)  # its heartbeat is fresh: only the holder tells
+    retry = claim_trial(study, state, store)  # its heartbeat is fresh: only the holder tells
     assert retry is not None
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.RUNNING]
@@ -190,22 +197,23 @@ def test_a_claim_reaps_the_trials_of_an_exited_process_at_once(tmp_path: Path) -
     assert trials[2].params == trials[1].params
 
 
+@pytest.mark.integration
 def test_a_retry_does_not_inherit_the_dead_holder_of_the_trial_it_retries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A claimant that cannot name itself (no /proc) must not leave the retried trial's dead
     holder on its live retry: the next claim would fail it as lost."""
     url, state, study = claimed_study(tmp_path)
-    orphan = claim_trial(study, state, url)
-    assert orphan is not None
+    store = Store.open(url)
+    orphan = claim_trial(study, state, store).trial
     study._storage.set_trial_system_attr(
         orphan._trial_id, holders.HOLDER_ATTR, exited_process().as_attr()
     )
-    assert recover(url, study, state.id).freed == 1  # its retry inherits the dead holder
+    assert recover(store, study, state.id).freed == 1  # its retry inherits the dead holder
     with monkeypatch.context() as patch:
         patch.setattr(holders, "this_process", lambda: None)
-        retry = claim_trial(study, state, url)
-    assert retry is not None and retry.number == 1
+        retry = claim_trial(study, state, store).trial
+    assert retry.number == 1
     assert study.get_trials(deepcopy=False)[1].system_attrs["failed_trial"] == orphan.number
-    assert claim_trial(study, state, url) is not None  # another claim, another reap
+    assert claim_trial(study, state, store) is not None  # another claim, another reap
     assert study.get_trials(deepcopy=False)[retry.number].state == TrialState.RUNNING

@@ -9,7 +9,6 @@ from typing import Any
 
 import optuna
 import pytest
-from hpsearch.storage import optuna_storage
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -19,6 +18,7 @@ from hpsearch.service import results
 from hpsearch.service.studies import StudyNotFound, change_state, delete_study, submit_study
 from hpsearch.service.tokens import hash_token, stored_token_hashes
 from hpsearch.spec import parse_spec
+from hpsearch.storage import Store, optuna_storage
 
 
 def make_spec(name: str, metric: str = "val_accuracy", n_trials: int = 20) -> Any:
@@ -66,9 +66,10 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize(("metric", "best"), [("val_accuracy", 0.9), ("val_loss", 0.1)])
 def test_leaderboard_ranks_by_the_objective_direction(url: str, metric: str, best: float) -> None:
-    submit_study(url, make_spec("ranked", metric))
+    store = Store.open(url)
+    submit_study(store, make_spec("ranked", metric))
     study = fill(url, "ranked", [0.5, best, 0.3, None, 0.3])
-    rows = results.leaderboard(url, "ranked", top=3)
+    rows = results.leaderboard(store, "ranked", top=3)
     expected = sorted(
         (t for t in study.trials if t.state == TrialState.COMPLETE),
         key=lambda t: (-t.value if metric == "val_accuracy" else t.value, t.number),
@@ -83,11 +84,12 @@ def test_leaderboard_ranks_by_the_objective_direction(url: str, metric: str, bes
 
 
 def test_listing_counts_trials_by_state_and_reports_the_best_value(url: str) -> None:
-    submit_study(url, make_spec("first", n_trials=10))
-    submit_study(url, make_spec("second", "val_loss"))
+    store = Store.open(url)
+    submit_study(store, make_spec("first", n_trials=10))
+    submit_study(store, make_spec("second", "val_loss"))
     fill(url, "first", [0.2, 0.7, None])
     fill(url, "second", [0.4, 0.1])
-    page = results.list_studies(url)
+    page = results.list_studies(store)
     assert page.total == 2
     by_name = {s.name: s for s in page.items}
     assert [s.name for s in page.items] == ["second", "first"]  # newest first
@@ -95,52 +97,56 @@ def test_listing_counts_trials_by_state_and_reports_the_best_value(url: str) -> 
     assert (first.budget, first.complete, first.pruned, first.finished) == (10, 2, 1, 3)
     assert by_name["first"].best_value == 0.7  # maximised
     assert by_name["second"].best_value == 0.1  # minimised
-    assert results.list_studies(url, limit=1, offset=1).items[0].name == "first"
+    assert results.list_studies(store, limit=1, offset=1).items[0].name == "first"
 
 
 def test_trials_page_filters_by_state_and_pages_by_number(url: str) -> None:
-    submit_study(url, make_spec("paged"))
+    store = Store.open(url)
+    submit_study(store, make_spec("paged"))
     fill(url, "paged", [0.1, None, 0.2, None, 0.3, 0.4])
-    page = results.list_trials(url, "paged", state="complete", limit=2, offset=1)
+    page = results.list_trials(store, "paged", state="complete", limit=2, offset=1)
     assert page.total == 4
     assert [t.number for t in page.items] == [2, 4]
-    pruned = results.list_trials(url, "paged", state="pruned")
+    pruned = results.list_trials(store, "paged", state="pruned")
     assert [t.number for t in pruned.items] == [1, 3]
     assert pruned.items[0].value == 0.2  # Optuna keeps the last reported value of a pruned trial
 
 
 def test_one_trial_has_its_learning_curve(url: str) -> None:
-    submit_study(url, make_spec("curve"))
+    store = Store.open(url)
+    submit_study(store, make_spec("curve"))
     fill(url, "curve", [0.8], history=True)
-    trial = results.trial_detail(url, "curve", 0)
+    trial = results.trial_detail(store, "curve", 0)
     assert [(p.epoch, p.value) for p in trial.curve] == [(1, 0.1), (2, 0.2)]
     assert [p.val_loss for p in trial.curve] == [0.8, 0.6]
     assert trial.curve[1].learning_rate == 5e-4
     assert trial.has_model is False
     assert trial.seconds is not None and trial.seconds >= 0
     with pytest.raises(StudyNotFound, match="has no trial 5"):
-        results.trial_detail(url, "curve", 5)
+        results.trial_detail(store, "curve", 5)
     with pytest.raises(StudyNotFound, match="no weights kept for trial 0"):
-        results.model_weights(url, "curve", 0)
+        results.model_weights(store, "curve", 0)
 
 
 def test_delete_removes_the_study_and_its_trials_but_not_while_it_runs(url: str) -> None:
-    state = submit_study(url, make_spec("doomed"))
+    store = Store.open(url)
+    state = submit_study(store, make_spec("doomed"))
     fill(url, "doomed", [0.5])
     with pytest.raises(Conflict, match="pause or cancel it"):
-        delete_study(url, "doomed")
-    change_state(url, state.id, "cancel")
-    assert delete_study(url, state.id) == "doomed"
-    assert results.list_studies(url).total == 0
+        delete_study(store, "doomed")
+    change_state(store, state.id, "cancel")
+    assert delete_study(store, state.id) == "doomed"
+    assert results.list_studies(store).total == 0
     assert "doomed" not in optuna.get_all_study_names(optuna_storage(url))
     with pytest.raises(StudyNotFound):
-        results.study_detail(url, "doomed")
-    submit_study(url, make_spec("doomed"))  # the name is free again
+        results.study_detail(store, "doomed")
+    submit_study(store, make_spec("doomed"))  # the name is free again
 
 
 def test_client_commands_on_the_database_print_tables_and_json(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
-    submit_study(url, make_spec("shown"))
+    store = Store.open(url)
+    submit_study(store, make_spec("shown"))
     fill(url, "shown", [0.25, 0.75, None], history=True)
     runner = CliRunner()
 
@@ -168,11 +174,12 @@ def test_token_commands(tmp_path: Path) -> None:
     assert created.exit_code == 0
     token = created.stdout.strip().splitlines()[-1]
     assert token.startswith("hps_") and len(token) > 40
-    assert stored_token_hashes(url) == ([hash_token(token)], True)
+    store = Store.open(url)
+    assert stored_token_hashes(store) == ([hash_token(token)], True)
     again = runner.invoke(app, ["token", "create", "alice", "--db", url])
     assert again.exit_code == 2 and "exists already" in again.output
     assert "alice" in runner.invoke(app, ["token", "list", "--db", url]).output
     assert runner.invoke(app, ["token", "revoke", "alice", "--db", url]).exit_code == 0
-    assert stored_token_hashes(url) == ([], True)
+    assert stored_token_hashes(store) == ([], True)
     gone = runner.invoke(app, ["token", "revoke", "alice", "--db", url])
     assert gone.exit_code == 2 and "no active token named 'alice'" in gone.output

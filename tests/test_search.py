@@ -18,6 +18,7 @@ from hpsearch.runtime.trials import claim_trial, open_study, run_trial
 from hpsearch.search.space import distributions, make_pruner, make_sampler, suggest_params
 from hpsearch.service.studies import submit_study
 from hpsearch.spec import StudySpec, parse_spec
+from hpsearch.storage import Store
 
 SPACE = {
     "learning_rate": {"low": 1e-4, "high": 1e-1, "log": True},
@@ -177,14 +178,15 @@ def test_median_pruner_prunes_a_trial_that_falls_behind() -> None:
 def test_claims_stop_at_the_budget_and_trials_run(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
     spec = make_spec("random", budget={"n_trials": 3})
-    state = submit_study(url, spec)
-    study = open_study(state, url)
+    store = Store.open(url)
+    state = submit_study(store, spec)
+    study = open_study(state, store)
     data = load_dataset(spec)
-    claimed = [claim_trial(study, state, url) for _ in range(3)]
-    assert claim_trial(study, state, url) is None  # three running trials use the whole budget
+    claimed = [claim_trial(study, state, store) for _ in range(3)]
+    assert claim_trial(study, state, store) is None  # three running trials use the whole budget
     states = [run_trial(study, trial, spec, data) for trial in claimed]
     assert states == [TrialState.COMPLETE] * 3
-    assert claim_trial(study, state, url) is None
+    assert claim_trial(study, state, store) is None
     for trial in study.trials:
         assert trial.params.keys() == SPACE.keys()
         recorded = {"val_accuracy", "test_accuracy", "epochs", "history", "diagnosis"}
@@ -195,11 +197,12 @@ def test_claims_stop_at_the_budget_and_trials_run(tmp_path: Path) -> None:
 def test_failed_trials_use_no_budget(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'f.db'}"
     spec = make_spec("random", budget={"n_trials": 1})
-    state = submit_study(url, spec)
-    study = open_study(state, url)
-    trial = claim_trial(study, state, url)
+    store = Store.open(url)
+    state = submit_study(store, spec)
+    study = open_study(state, store)
+    trial = claim_trial(study, state, store).trial
     study.tell(trial, state=TrialState.FAIL)
-    assert claim_trial(study, state, url) is not None
+    assert claim_trial(study, state, store) is not None
 
 
 @pytest.mark.parametrize(
@@ -215,15 +218,16 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_retried(
     else:
         url = request.getfixturevalue("postgres_url")
     spec = make_spec("random", budget={"n_trials": 2})
-    state = submit_study(url, spec)
-    study = open_study(state, url)
+    store = Store.open(url)
+    state = submit_study(store, spec)
+    study = open_study(state, store)
     # A claim that broke between Optuna's `ask` and the first heartbeat (the database went
     # away): the trial is running, with no heartbeat, and uses budget.
     orphan = study.ask()
-    assert claim_trial(study, state, url) is not None  # the second trial of the budget
-    assert claim_trial(study, state, url) is None
+    assert claim_trial(study, state, store) is not None  # the second trial of the budget
+    assert claim_trial(study, state, store) is None
     time.sleep(2.5)  # past the grace period of the orphan's first heartbeat
-    assert claim_trial(study, state, url) is not None
+    assert claim_trial(study, state, store) is not None
     trials = study.get_trials(deepcopy=False)
     assert trials[orphan.number].state == TrialState.FAIL
     retries = [t for t in trials if t.system_attrs.get("retry_history") == [orphan.number]]
@@ -233,11 +237,12 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_retried(
 def test_a_failing_trial_records_its_error(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'e.db'}"
     spec = make_spec("random", budget={"n_trials": 1})
-    state = submit_study(url, spec)
-    study = open_study(state, url)
-    trial = claim_trial(study, state, url)
+    store = Store.open(url)
+    state = submit_study(store, spec)
+    study = open_study(state, store)
+    claim = claim_trial(study, state, store)
     data = load_dataset(spec)
     broken = dataclasses.replace(data, x_val=data.x_val[:, :2])  # too few features to evaluate
-    assert run_trial(study, trial, spec, broken) == TrialState.FAIL
+    assert run_trial(study, claim, spec, broken) == TrialState.FAIL
     assert study.trials[0].user_attrs["error"].startswith("RuntimeError: ")
     assert study.trials[0].state == TrialState.FAIL

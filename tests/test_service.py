@@ -10,7 +10,6 @@ from typing import Any
 import optuna
 import pytest
 import sqlalchemy
-from hpsearch.storage import StudyRecord, delete_optuna_study, make_engine, session_scope
 from optuna.storages._rdb.models import BaseModel as OptunaBase
 from optuna.trial import TrialState
 from sqlalchemy import delete, func, select
@@ -35,10 +34,11 @@ from hpsearch.service.studies import (
     submit_study,
 )
 from hpsearch.spec import StudySpec, parse_spec
+from hpsearch.storage import Store, StudyRecord, delete_optuna_study, make_engine, session_scope
 from tests.conftest import run_cli, write_spec
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'service.db'}"
@@ -60,82 +60,93 @@ def make_spec(**overrides: Any) -> StudySpec:
 
 
 def test_submit_is_idempotent_and_budget_changes_update_it(url: str) -> None:
-    first = submit_study(url, make_spec())
+    store = Store.open(url)
+    first = submit_study(store, make_spec())
     assert (first.state, first.n_trials) == ("queued", 2)
-    assert submit_study(url, make_spec()).id == first.id
-    bigger = submit_study(url, make_spec(budget={"n_trials": 5}))
+    assert submit_study(store, make_spec()).id == first.id
+    bigger = submit_study(store, make_spec(budget={"n_trials": 5}))
     assert (bigger.id, bigger.n_trials, bigger.spec.budget.n_trials) == (first.id, 5, 5)
-    assert get_study(url, first.id).name == get_study(url, "service-test").name == "service-test"
+    assert (
+        get_study(store, first.id).name == get_study(store, "service-test").name == "service-test"
+    )
 
 
 def test_same_name_with_another_spec_is_a_conflict(url: str) -> None:
-    submit_study(url, make_spec())
+    store = Store.open(url)
+    submit_study(store, make_spec())
     with pytest.raises(StudyConflict, match="already exists with a different spec"):
-        submit_study(url, make_spec(training={"max_epochs": 3}))
+        submit_study(store, make_spec(training={"max_epochs": 3}))
 
 
 def test_unknown_study_is_not_found(url: str) -> None:
-    submit_study(url, make_spec())
+    store = Store.open(url)
+    submit_study(store, make_spec())
     with pytest.raises(StudyNotFound, match="no study 'nope'"):
-        get_study(url, "nope")
+        get_study(store, "nope")
     with pytest.raises(StudyNotFound):
-        change_state(url, 999, "pause")
+        change_state(store, 999, "pause")
 
 
 def test_state_changes_follow_the_rules(url: str) -> None:
-    study = submit_study(url, make_spec()).name
-    assert change_state(url, study, "pause").state == "paused"
+    store = Store.open(url)
+    study = submit_study(store, make_spec()).name
+    assert change_state(store, study, "pause").state == "paused"
     with pytest.raises(StudyConflict, match="cannot pause study 'service-test': it is paused"):
-        change_state(url, study, "pause")
-    assert change_state(url, study, "resume").state == "running"
-    assert change_state(url, study, "cancel").state == "cancelled"
+        change_state(store, study, "pause")
+    assert change_state(store, study, "resume").state == "running"
+    assert change_state(store, study, "cancel").state == "cancelled"
     for change in ("pause", "resume", "cancel", "extend"):
         with pytest.raises(StudyConflict, match="it is cancelled"):
-            change_state(url, study, change, 1)
+            change_state(store, study, change, 1)
 
 
 def test_claims_respect_pause_budget_completion_and_extend(url: str) -> None:
     spec = make_spec()
-    state = submit_study(url, spec)
-    study = open_study(state, url)
+    store = Store.open(url)
+    state = submit_study(store, spec)
+    study = open_study(state, store)
     data = load_dataset(spec)
-    change_state(url, state.id, "pause")
-    assert claim_trial(study, state, url) is None  # a paused study starts no trial
-    change_state(url, state.id, "resume")
+    change_state(store, state.id, "pause")
+    assert claim_trial(study, state, store) is None  # a paused study starts no trial
+    change_state(store, state.id, "resume")
 
     run_all(study, state, url, data)
     assert len(study.trials) == 2
-    assert get_study(url, state.id).state == "completed"
-    assert claim_trial(study, state, url) is None
+    assert get_study(store, state.id).state == "completed"
+    assert claim_trial(study, state, store) is None
 
-    extended = change_state(url, state.id, "extend", 1)
+    extended = change_state(store, state.id, "extend", 1)
     assert (extended.state, extended.n_trials) == ("running", 3)
     run_all(study, state, url, data)
     assert len(study.trials) == 3
-    assert get_study(url, state.id).state == "completed"
+    assert get_study(store, state.id).state == "completed"
 
 
 def run_all(study: Any, state: Any, url: str, data: Any) -> None:
-    while (trial := claim_trial(study, state, url)) is not None:
+    store = Store.open(url)
+    while (trial := claim_trial(study, state, store)) is not None:
         run_trial(study, trial, state.spec, data)
-        mark_completed_if_done(url, state)
+        mark_completed_if_done(store, state)
 
 
 def test_a_queued_study_turns_running_at_its_first_claim(url: str) -> None:
-    state = submit_study(url, make_spec())
-    claim_trial(open_study(state, url), state, url)
-    assert get_study(url, state.id).state == "running"
+    store = Store.open(url)
+    state = submit_study(store, make_spec())
+    claim_trial(open_study(state, store), state, store)
+    assert get_study(store, state.id).state == "running"
 
 
 def test_extend_needs_a_positive_count_within_the_largest_budget(url: str) -> None:
-    submit_study(url, make_spec())
+    store = Store.open(url)
+    submit_study(store, make_spec())
     with pytest.raises(HpsearchError, match="at least 1"):
-        change_state(url, "service-test", "extend", 0)
-    assert change_state(url, "service-test", "extend", 999_998).n_trials == 1_000_000
+        change_state(store, "service-test", "extend", 0)
+    assert change_state(store, "service-test", "extend", 999_998).n_trials == 1_000_000
     with pytest.raises(HpsearchError, match="the budget 1,000,001 trials; a study may have"):
-        change_state(url, "service-test", "extend", 1)
+        change_state(store, "service-test", "extend", 1)
 
 
+@pytest.mark.system
 def test_cli_state_commands(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     spec_file = write_spec(tmp_path / "s.yaml", **make_spec().model_dump(mode="json"))
@@ -166,8 +177,9 @@ def end_trial(study: optuna.Study, state: TrialState, error: str | None = None) 
 
 
 def test_three_failures_in_a_row_fail_the_study_with_the_last_error(url: str) -> None:
-    state = submit_study(url, make_spec())
-    study = open_study(state, url)
+    store = Store.open(url)
+    state = submit_study(store, make_spec())
+    study = open_study(state, store)
     end_trial(study, TrialState.FAIL, "ValueError: first")
     end_trial(study, TrialState.FAIL, "ValueError: second")
     end_trial(study, TrialState.COMPLETE)  # breaks the row
@@ -175,16 +187,16 @@ def test_three_failures_in_a_row_fail_the_study_with_the_last_error(url: str) ->
     end_trial(study, TrialState.FAIL, HANDED_BACK_ERROR)  # says nothing about the spec
     end_trial(study, TrialState.FAIL)  # failed as stale: its worker died, a retry follows
     end_trial(study, TrialState.FAIL, "ValueError: fourth")
-    assert fail_if_failing(url, state) is None
-    assert get_study(url, state.id).state == "queued"
+    assert fail_if_failing(store, state) is None
+    assert get_study(store, state.id).state == "queued"
     end_trial(study, TrialState.FAIL, "RuntimeError: CUDA out of memory")
-    reason = fail_if_failing(url, state)
+    reason = fail_if_failing(store, state)
     assert reason == "3 trials in a row failed; the last: RuntimeError: CUDA out of memory"
-    failed = study_summary(url, state.id)
+    failed = study_summary(store, state.id)
     assert (failed.state, failed.reason) == ("failed", reason)
-    assert fail_if_failing(url, state) is None  # failed once; not runnable any more
-    resumed = change_state(url, state.id, "resume")
-    assert resumed.state == "running" and study_summary(url, state.id).reason is None
+    assert fail_if_failing(store, state) is None  # failed once; not runnable any more
+    resumed = change_state(store, state.id, "resume")
+    assert resumed.state == "running" and study_summary(store, state.id).reason is None
 
 
 def optuna_rows(url: str) -> dict[str, int]:
@@ -199,8 +211,9 @@ def optuna_rows(url: str) -> dict[str, int]:
 
 def filled_study(url: str, name: str, n_trials: int) -> StudyState:
     """A study whose trials hold a row in every table of Optuna's schema."""
-    state = submit_study(url, make_spec(name=name))
-    study = open_study(state, url)
+    store = Store.open(url)
+    state = submit_study(store, make_spec(name=name))
+    study = open_study(state, store)
     study.set_user_attr("owner", "test")
     for i in range(n_trials):
         trial = study.ask()
@@ -217,27 +230,29 @@ def test_delete_removes_every_row_of_the_study_in_a_few_statements(url: str) -> 
     kept = filled_study(url, "kept", 5)
     before = optuna_rows(url)
     doomed = filled_study(url, "doomed", 60)
-    change_state(url, doomed.id, "cancel")
+    store = Store.open(url)
+    change_state(store, doomed.id, "cancel")
     statements: list[str] = []
     engine = make_engine(url)
     listen = functools.partial(sqlalchemy.event.listen, engine, "before_cursor_execute")
     listen(record := lambda *args: statements.append(args[2]))
     try:
-        assert delete_study(url, "doomed") == "doomed"
+        assert delete_study(store, "doomed") == "doomed"
     finally:
         sqlalchemy.event.remove(engine, "before_cursor_execute", record)
     assert len([s for s in statements if s.lstrip().upper().startswith("DELETE")]) <= 15
     assert optuna_rows(url) == before  # every row of the doomed study, and only those
-    assert get_study(url, kept.id).name == "kept"
+    assert get_study(store, kept.id).name == "kept"
     with pytest.raises(StudyNotFound):
-        delete_study(url, "doomed")
+        delete_study(store, "doomed")
 
 
 def test_a_deletion_that_stops_half_way_leaves_the_study_whole(
     url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = filled_study(url, "whole", 4)
-    change_state(url, state.id, "pause")
+    store = Store.open(url)
+    change_state(store, state.id, "pause")
     before = optuna_rows(url)
 
     def dies_after_deleting(session: Any, study_id: int) -> None:
@@ -246,9 +261,9 @@ def test_a_deletion_that_stops_half_way_leaves_the_study_whole(
 
     monkeypatch.setattr(hpsearch.service.studies, "delete_optuna_study", dies_after_deleting)
     with pytest.raises(RuntimeError):
-        delete_study(url, "whole")
+        delete_study(store, "whole")
     assert optuna_rows(url) == before
-    assert get_study(url, "whole").state == "paused"
+    assert get_study(store, "whole").state == "paused"
 
 
 def test_a_half_deleted_study_is_deleted_by_name_and_its_name_used_again(url: str) -> None:
@@ -256,12 +271,13 @@ def test_a_half_deleted_study_is_deleted_by_name_and_its_name_used_again(url: st
     with session_scope(url) as session:  # what a deletion killed half-way once left behind
         session.execute(delete(StudyRecord).where(StudyRecord.id == state.id))
     with pytest.raises(StudyNotFound):
-        get_study(url, "half")
+        store = Store.open(url)
+        get_study(store, "half")
     with pytest.raises(StudyConflict, match="delete it with `hpsearch delete half`"):
-        submit_study(url, make_spec(name="half"))
-    assert delete_study(url, "half") == "half"
+        submit_study(store, make_spec(name="half"))
+    assert delete_study(store, "half") == "half"
     assert sum(optuna_rows(url).values()) == 0
-    assert submit_study(url, make_spec(name="half")).state == "queued"
+    assert submit_study(store, make_spec(name="half")).state == "queued"
 
 
 def test_a_stored_spec_this_version_cannot_read_fails_its_study_not_the_workers(
@@ -269,12 +285,13 @@ def test_a_stored_spec_this_version_cannot_read_fails_its_study_not_the_workers(
 ) -> None:
     """A spec stored by an older version that checked less (a negative seed, say) is failed
     with the reason; the other studies are still served."""
-    old = submit_study(url, make_spec(name="old"))
-    submit_study(url, make_spec(name="new"))
+    store = Store.open(url)
+    old = submit_study(store, make_spec(name="old"))
+    submit_study(store, make_spec(name="new"))
     with session_scope(url) as session:
         record = session.get(StudyRecord, old.id)
         record.spec = {**record.spec, "sampler": {**record.spec["sampler"], "seed": -1}}
-    assert [state.name for state in runnable_studies(url)] == ["new"]
+    assert [state.name for state in runnable_studies(store)] == ["new"]
     with session_scope(url) as session:
         record = session.get(StudyRecord, old.id)
         assert record.state == "failed"

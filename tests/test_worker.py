@@ -1,4 +1,5 @@
-"""Crash safety of `hpsearch worker` (DESIGN.md, "Trial life cycle and crash safety").
+"""Crash safety of `hpsearch worker` (docs/architecture.md, "The trial life cycle and crash
+semantics").
 
 Real worker processes on real databases, training real (tiny) networks, killed with
 SIGKILL or stopped with SIGTERM. The test watches the database with plain SQL, as an
@@ -44,6 +45,8 @@ from tests.fleet import (
     watch_until_exit,
 )
 from tests.pg_private import private_postgres
+
+pytestmark = pytest.mark.system  # worker processes, killed with SIGKILL
 
 # --- the tests -------------------------------------------------------------------------
 

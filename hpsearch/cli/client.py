@@ -22,7 +22,7 @@ from hpsearch.service.views import (
     TrialDetail,
 )
 from hpsearch.spec import StudySpec
-from hpsearch.storage import default_url
+from hpsearch.storage import Store, default_url
 
 if TYPE_CHECKING:
     import httpx
@@ -62,33 +62,33 @@ class DatabaseBackend:
     """The service layer, called in this process."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        self.store = Store.open(url)  # the schema checked once, as the command starts
 
     def submit(self, spec: StudySpec) -> StudyDetail:
-        return results.study_detail(self.url, submit_study(self.url, spec).id)
+        return results.study_detail(self.store, submit_study(self.store, spec).id)
 
     def studies(self, limit: int, offset: int) -> Page[StudySummary]:
-        return results.list_studies(self.url, limit, offset)
+        return results.list_studies(self.store, limit, offset)
 
     def study(self, study: str) -> StudyDetail:
-        return results.study_detail(self.url, study)
+        return results.study_detail(self.store, study)
 
     def leaderboard(self, study: str, top: int) -> list[LeaderboardEntry]:
-        return results.leaderboard(self.url, study, top)
+        return results.leaderboard(self.store, study, top)
 
     def trial(self, study: str, number: int) -> TrialDetail:
-        return results.trial_detail(self.url, study, number)
+        return results.trial_detail(self.store, study, number)
 
     def change(self, study: str, change: str, n_trials: int = 0) -> StudySummary:
-        state = change_state(self.url, study, change, n_trials)
-        return results.study_summary(self.url, state.id)
+        state = change_state(self.store, study, change, n_trials)
+        return results.study_summary(self.store, state.id)
 
     def resume(self, study: str, free_running: bool = False) -> ResumedStudy:
-        state, recovery = resume_study(self.url, study, free_running=free_running)
-        return results.resumed_study(self.url, state.id, recovery)
+        state, recovery = resume_study(self.store, study, free_running=free_running)
+        return results.resumed_study(self.store, state.id, recovery)
 
     def delete(self, study: str) -> None:
-        delete_study(self.url, study)
+        delete_study(self.store, study)
 
 
 class ApiBackend:

@@ -23,6 +23,7 @@ from hpsearch.errors import HpsearchError, Interrupted, SpecError
 
 if TYPE_CHECKING:
     from hpsearch.cli.client import Backend
+    from hpsearch.storage import Store
 
 app = typer.Typer(
     help="Hyperparameter search for BP networks (multi-layer perceptrons).",
@@ -127,14 +128,14 @@ def run(
     from hpsearch.service import results
     from hpsearch.service.studies import RUNNABLE_STATES, effective_budget, submit_study
     from hpsearch.spec import load_spec
-    from hpsearch.storage import default_url, safe_url
+    from hpsearch.storage import Store, default_url
 
     LogSettings("warning").apply()  # the progress bar tells the rest
-    url = db or default_url()
-    state = submit_study(url, load_spec(spec_path))  # refused at once if it cannot run
+    store = Store.open(db or default_url())
+    state = submit_study(store, load_spec(spec_path))  # refused at once if it cannot run
     spec = state.spec
     if state.state not in RUNNABLE_STATES:
-        console.print(render.leaderboard(results.leaderboard(url, spec.name, top), spec))
+        console.print(render.leaderboard(results.leaderboard(store, spec.name, top), spec))
         hint = _HINTS.get(state.state, "").format(name=spec.name)
         console.print(f"study {spec.name} is {state.state}" + (f"; {hint}" if hint else ""))
         return
@@ -143,23 +144,23 @@ def run(
 
     devices = resolve_devices(device, jobs)
     console.print(
-        f"study [bold]{spec.name}[/] on {escape(safe_url(url))}: {jobs} worker(s) on {devices[0]}"
+        f"study [bold]{spec.name}[/] on {escape(str(store))}: {jobs} worker(s) on {devices[0]}"
     )
     total = effective_budget(spec, spec.budget.n_trials)  # a grid's size at most
     try:
         with render.progress_bar(spec.name, total, console) as update:
-            codes = run_workers(state, url, jobs, devices, update, pack=pack)
+            codes = run_workers(state, store, jobs, devices, update, pack=pack)
     except Interrupted as stop:
-        console.print(render.leaderboard(results.leaderboard(url, spec.name, top), spec))
+        console.print(render.leaderboard(results.leaderboard(store, spec.name, top), spec))
         errors.print("interrupted: run the same command again to resume")
         raise typer.Exit(stop.exit_code) from None
-    console.print(render.leaderboard(results.leaderboard(url, spec.name, top), spec))
-    ended = results.study_summary(url, state.id)
+    console.print(render.leaderboard(results.leaderboard(store, spec.name, top), spec))
+    ended = results.study_summary(store, state.id)
     if ended.state == "failed":
         errors.print(f"[red]error:[/] study {spec.name} failed: {escape(ended.reason or '')}")
         raise typer.Exit(1)
     maximize = spec.objective.direction == "maximize"
-    left = read_progress(url, state.optuna_study_id, maximize)
+    left = read_progress(store, state.optuna_study_id, maximize)
     if left.finished < spec.budget.n_trials and left.running:
         errors.print(
             f"{left.running} trial(s) still running elsewhere or left by a crashed process; "
@@ -169,7 +170,7 @@ def run(
     if any(code != 0 for code in codes):
         errors.print(
             f"[red]error:[/] {sum(c != 0 for c in codes)} worker(s) stopped early: "
-            f"{_last_failure(url, spec.name)}"
+            f"{_last_failure(store, spec.name)}"
         )
         raise typer.Exit(1)
 
@@ -359,14 +360,13 @@ def worker(
     """
     from hpsearch.logs import LogSettings
     from hpsearch.runtime.worker import WorkerOptions, resolve_devices, run_worker_processes
-    from hpsearch.storage import default_url
+    from hpsearch.storage import Store, default_url
 
     logs = LogSettings(log_level.value, log_format.value)
     logs.apply()
-    url = db or default_url()
     devices = resolve_devices(device)
     options = WorkerOptions(
-        url,
+        Store(db or default_url()),  # each worker brings its schema to head as it starts
         studies=tuple(study or ()),
         max_trials=max_trials,
         idle_exit_s=idle_exit,
@@ -396,13 +396,13 @@ def serve(
     )
     from hpsearch.api.auth import configured_hashes
     from hpsearch.logs import quiet_optuna
-    from hpsearch.storage import safe_url, upgrade
+    from hpsearch.storage import safe_url
 
     quiet_optuna()
     settings = Settings.from_env(db)
     # Optuna's tables and hpsearch's, before any request; an unreachable database is one
     # line now, not one per request.
-    upgrade(settings.database_url)
+    settings.store.migrate()
     if not configured_hashes(settings)[1] and host not in LOOPBACK:
         errors.print(
             "[yellow]no API token configured:[/] listening on 127.0.0.1 only; create one with "
@@ -441,9 +441,9 @@ TokenName = Annotated[str, typer.Argument(metavar="NAME", help="Who or what uses
 def token_create(name: TokenName, db: DbOption = None) -> None:
     """Create a token; it is printed once and stored only as a hash."""
     from hpsearch.service.tokens import create_token
-    from hpsearch.storage import default_url
+    from hpsearch.storage import Store, default_url
 
-    view, token = create_token(db or default_url(), name)
+    view, token = create_token(Store.open(db or default_url()), name)
     errors.print(f"token {escape(view.name)} created; it is shown only this once:")
     typer.echo(token)
 
@@ -453,9 +453,9 @@ def token_create(name: TokenName, db: DbOption = None) -> None:
 def token_list(db: DbOption = None) -> None:
     """The tokens, with when each was last used and whether it was revoked."""
     from hpsearch.service.tokens import list_tokens
-    from hpsearch.storage import default_url
+    from hpsearch.storage import Store, default_url
 
-    console.print(render.tokens_table(list_tokens(db or default_url())))
+    console.print(render.tokens_table(list_tokens(Store.open(db or default_url()))))
 
 
 @token_app.command("revoke")
@@ -463,9 +463,9 @@ def token_list(db: DbOption = None) -> None:
 def token_revoke(name: TokenName, db: DbOption = None) -> None:
     """Revoke a token at once: the next request with it gets a 401."""
     from hpsearch.service.tokens import revoke_token
-    from hpsearch.storage import default_url
+    from hpsearch.storage import Store, default_url
 
-    view = revoke_token(db or default_url(), name)
+    view = revoke_token(Store.open(db or default_url()), name)
     console.print(f"token {escape(view.name)} revoked")
 
 
@@ -483,12 +483,10 @@ def _print_json(answer: Any) -> None:
     typer.echo(dump_json(answer))
 
 
-def _last_failure(url: str, name: str) -> str:
+def _last_failure(store: Store, name: str) -> str:
     import optuna
 
-    from hpsearch.storage import optuna_storage
-
-    study = optuna.load_study(study_name=name, storage=optuna_storage(url))
+    study = optuna.load_study(study_name=name, storage=store.optuna())
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
     return (
         failed[-1].user_attrs.get("error", "unknown error") if failed else "see the messages above"

@@ -10,8 +10,8 @@ importing it again.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +25,12 @@ from hpsearch.runtime.trials import FINISHED_STATES
 from hpsearch.runtime.worker import Worker, WorkerOptions, worker_processes
 from hpsearch.service.studies import StudyState
 from hpsearch.signals import started, stop_on_signals, stopping
-from hpsearch.storage import DATABASE_ERRORS, StorageError, session_scope
+from hpsearch.storage import DATABASE_ERRORS, StorageError
 from hpsearch.storage.db import is_transient
 from hpsearch.storage.queries import STATE_NAMES, best_values, trial_counts
+from hpsearch.storage.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class StudyProgress:
 
 def run_workers(
     state: StudyState,
-    url: str,
+    store: Store,
     jobs: int,
     devices: list[str],
     on_progress: Callable[[StudyProgress], None],
@@ -55,7 +58,7 @@ def run_workers(
     timeout_s = state.spec.budget.timeout_s
     options = [
         WorkerOptions(
-            url,
+            store,
             device,
             studies=(state.name,),
             idle_exit_s=0,
@@ -66,7 +69,7 @@ def run_workers(
         )
         for device in devices[:jobs]
     ]
-    show = _progress_reader(on_progress, url, state)
+    show = _progress_reader(on_progress, store, state)
     with _polled(show, poll_s):
         codes, received = _run_here(options[0]) if jobs == 1 else _run_apart(options)
     if received:
@@ -119,7 +122,7 @@ def _polled(show: Callable[[], None], every_s: float) -> Iterator[None]:
 
 
 def _progress_reader(
-    on_progress: Callable[[StudyProgress], None], url: str, state: StudyState
+    on_progress: Callable[[StudyProgress], None], store: Store, state: StudyState
 ) -> Callable[[], None]:
     """Show the study's progress; while the database cannot be reached, the workers wait
     for it, and so does the progress bar."""
@@ -127,7 +130,7 @@ def _progress_reader(
 
     def show() -> None:
         try:
-            on_progress(read_progress(url, state.optuna_study_id, maximize))
+            on_progress(read_progress(store, state.optuna_study_id, maximize))
         except DATABASE_ERRORS as exc:
             if not is_transient(exc):
                 raise
@@ -135,10 +138,10 @@ def _progress_reader(
     return show
 
 
-def read_progress(url: str, optuna_study_id: int | None, maximize: bool) -> StudyProgress:
+def read_progress(store: Store, optuna_study_id: int | None, maximize: bool) -> StudyProgress:
     """Counts and the best value, aggregated by the database: polled twice a second, so it
     must not load the study's trials."""
-    with session_scope(url) as session:
+    with store.session() as session:
         counts = trial_counts(session, [optuna_study_id]).get(optuna_study_id, {})
         low_high = best_values(session, [optuna_study_id]).get(optuna_study_id)
     return StudyProgress(
@@ -158,13 +161,14 @@ def _worker_main(options: WorkerOptions, index: int) -> None:
 
 
 def _served(worker: Worker, index: int) -> int:
-    """The worker's exit code; what stopped it early is one line on stderr, not a
-    traceback, and the caller says the run failed."""
+    """The worker's exit code; what stopped it early is one logged line, not a traceback,
+    and the caller says the run failed."""
     try:
         return worker.run()
     except (HpsearchError, StorageError) as exc:
-        print(f"error: worker {index}: {exc}", file=sys.stderr)
+        log.error("worker %d stopped: %s", index, exc, extra={"worker": index})
         return 2
     except Exception as exc:
-        print(f"error: worker {index}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        reason = f"{type(exc).__name__}: {exc}"
+        log.error("worker %d stopped: %s", index, reason, extra={"worker": index})
         return 1

@@ -39,19 +39,18 @@ from hpsearch.storage import (
     LeaseLost,
     StudyClaim,
     TrialWrite,
-    claim_study,
     delete_checkpoints,
     grace_period_s,
     heartbeat_interval_s,
     keep_best_model,
     newest_checkpoint,
-    optuna_storage,
-    session_scope,
-    with_retries,
+    optuna_internals,
     write_trial,
 )
 from hpsearch.storage.engine import MAX_RETRIES
+from hpsearch.storage.optuna_internals import as_asked
 from hpsearch.storage.queries import STATE_NAMES
+from hpsearch.storage.store import Store
 from hpsearch.training.fused import pack_key, train_pack
 from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, checkpoint_history, train
 
@@ -64,17 +63,31 @@ _BEATING: set[tuple[int, int]] = set()
 _BEATING_LOCK = threading.Lock()
 
 
-def open_study(state: StudyState, url: str) -> optuna.Study:
+def open_study(state: StudyState, store: Store) -> optuna.Study:
     """The study with its spec's sampler and pruner, as a worker uses it."""
     return optuna.load_study(
         study_name=state.name,
-        storage=optuna_storage(url),
+        storage=store.optuna(),
         sampler=make_sampler(state.spec),
         pruner=make_pruner(state.spec),
     )
 
 
-def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Trial | None:
+@dataclass(frozen=True)
+class Claim:
+    """A claimed trial with what it trains: its config is derived from its params once, at
+    the claim, and everything downstream (packing, training, checkpoints) reads it here."""
+
+    trial: optuna.Trial
+    config: TrialConfig
+
+    @classmethod
+    def of(cls, trial: optuna.Trial, spec: StudySpec) -> Claim:
+        """The trial's params suggested from the spec (a retry's are the ones it inherited)."""
+        return cls(trial, TrialConfig.from_spec(spec, suggest_params(trial, spec)))
+
+
+def claim_trial(study: optuna.Study, state: StudyState, store: Store) -> Claim | None:
     """A new trial with its params chosen, or None when the study is not runnable (paused,
     cancelled, ...) or its budget is spent.
 
@@ -86,26 +99,26 @@ def claim_trial(study: optuna.Study, state: StudyState, url: str) -> optuna.Tria
     budget may have been raised after the last of them ended, and no trial would end again
     to complete it.
     """
-    with claim_study(url, state.id) as claim:
+    with store.claim(state.id) as claim:
         if claim.record.state not in RUNNABLE_STATES:
             return None
         n_trials = claim.record.n_trials
         budget = effective_budget(state.spec, n_trials)
-        trial = _claim_within_budget(study, state, claim, budget)
+        claimed = _claim_within_budget(study, state, claim, budget)
         first = claim.record.state == "queued"
     # Outside the lock: on PostgreSQL it is a lock on the study's row, which these update.
-    if trial is None:
+    if claimed is None:
         if budget < n_trials:
-            mark_completed_if_done(url, state)
+            mark_completed_if_done(store, state)
         return None
     if first:
-        mark_running(url, state.id)
-    return trial
+        mark_running(store, state.id)
+    return claimed
 
 
 def _claim_within_budget(
     study: optuna.Study, state: StudyState, claim: StudyClaim, budget: int
-) -> optuna.Trial | None:
+) -> Claim | None:
     """Under the claim lock: a new trial, or a waiting retry (which holds budget already),
     unless the trials that count against the budget fill it."""
     claim.beat_for_orphans()
@@ -118,10 +131,9 @@ def _claim_within_budget(
     trial = study.ask()  # a waiting retry first, with its params (and grid point)
     # A first heartbeat at once: a trial orphaned by a crash right after this point still
     # goes stale and is retried, instead of holding budget for ever.
-    study._storage.record_heartbeat(trial._trial_id)
+    optuna_internals.study_storage(study).record_heartbeat(optuna_internals.trial_id(trial))
     recovery.record_holder(study, trial)
-    suggest_params(trial, state.spec)
-    return trial
+    return Claim.of(trial, state.spec)
 
 
 @dataclass(frozen=True)
@@ -129,18 +141,11 @@ class TrialContext:
     """What a worker adds to a trial: where its writes go, its study's pruning, and a signal
     to stop early."""
 
-    url: str
+    store: Store
     study_id: int
     pruning: StudyPruning
     # Set (by SIGTERM or Ctrl-C) to checkpoint at the end of the epoch and hand the trial back.
     stop: threading.Event = field(default_factory=threading.Event)
-
-
-def as_asked(trial: optuna.Trial) -> optuna.trial.FrozenTrial:
-    """Optuna's in-memory copy of a running trial: as it was asked (its params, and the
-    attributes a retry inherits), plus its reports since. Reading it costs no query, where
-    `trial.user_attrs` or `trial.system_attrs` read the whole trial again."""
-    return trial._cached_frozen_trial
 
 
 class TrialHandedBack(Exception):
@@ -212,16 +217,16 @@ class TrialWriter:
         )
 
         def write() -> None:
-            with session_scope(context.url, immediate=True) as session:
+            with context.store.session(immediate=True) as session:
                 write_trial(
                     session,
                     study_id=context.study_id,
-                    trial_id=self.trial._trial_id,
+                    trial_id=optuna_internals.trial_id(self.trial),
                     trial_number=self.trial.number,
                     write=change,
                 )
 
-        with_retries(write, url=context.url)
+        context.store.retrying(write)
         self._reports.clear()
         self._attrs.clear()
         self._system_attrs.clear()
@@ -243,14 +248,14 @@ def objective(
     Raises `optuna.TrialPruned` when the pruner says so; the results are recorded as user
     attributes either way.
     """
-    result = train_trial(trial, spec, data, context)
+    result = train_trial(Claim.of(trial, spec), spec, data, context)
     if result.pruned:
         raise optuna.TrialPruned(f"pruned at epoch {result.epochs_run}")
     return result.value
 
 
 def train_trial(
-    trial: optuna.Trial, spec: StudySpec, data: TensorData, context: TrialContext | None = None
+    claim: Claim, spec: StudySpec, data: TensorData, context: TrialContext | None = None
 ) -> TrainResult:
     """Train the trial's network, reporting every epoch, and record the results.
 
@@ -258,7 +263,7 @@ def train_trial(
     trial it retries (re-reporting that history so pruners see it), checkpoints are written
     as it trains, and a set `context.stop` checkpoints and raises TrialHandedBack.
     """
-    config = TrialConfig.from_spec(spec, suggest_params(trial, spec))
+    trial = claim.trial
     writer = TrialWriter(trial, context)
     resume_from = _checkpoint_to_resume(trial, context) if context else None
     if context is not None:
@@ -273,7 +278,7 @@ def train_trial(
 
     try:
         result = train(
-            config,
+            claim.config,
             data,
             on_epoch=report,
             on_checkpoint=save if context else None,
@@ -298,7 +303,7 @@ def _checkpoint_to_resume(trial: optuna.Trial, context: TrialContext) -> bytes |
     trial_ids = _retried_trial_ids(trial)
     if not trial_ids:
         return None
-    with session_scope(context.url) as session:
+    with context.store.session() as session:
         checkpoint = newest_checkpoint(session, trial_ids)
         return None if checkpoint is None else checkpoint.payload
 
@@ -306,17 +311,19 @@ def _checkpoint_to_resume(trial: optuna.Trial, context: TrialContext) -> bytes |
 def _retried_trial_ids(trial: optuna.Trial) -> list[int]:
     """The ids of the trials this one retries (oldest first), looked up by number one by
     one: a trial that retries none, as most do, costs no lookup at all."""
-    storage = trial.study._storage
+    storage = optuna_internals.study_storage(trial.study)
     numbers = as_asked(trial).system_attrs.get("retry_history", [])
     return [
-        storage.get_trial_id_from_study_id_trial_number(trial.study._study_id, number)
+        storage.get_trial_id_from_study_id_trial_number(
+            optuna_internals.study_id(trial.study), number
+        )
         for number in numbers
     ]
 
 
 def run_trial(
     study: optuna.Study,
-    trial: optuna.Trial,
+    claim: Claim,
     spec: StudySpec,
     data: TensorData,
     context: TrialContext | None = None,
@@ -326,9 +333,10 @@ def run_trial(
 
     An error fails the trial with the message recorded (failed trials use no budget).
     """
+    trial = claim.trial
     try:
         with _heartbeat(study, trial):
-            result = train_trial(trial, spec, data, context)
+            result = train_trial(claim, spec, data, context)
         return _tell(study, trial, result, context)
     except TrialHandedBack:
         hand_back(study, trial, context)
@@ -344,62 +352,26 @@ def run_trial(
 
 def run_pack(
     study: optuna.Study,
-    trials: list[optuna.Trial],
+    claims: list[Claim],
     spec: StudySpec,
     data: TensorData,
     context: TrialContext,
 ) -> list[TrialState | None]:
-    """Run claimed trials of one architecture as a fused pack (`hpsearch.training.fused`), each
+    """Run claimed trials of one architecture as a fused pack (`training.fused`), each
     reported, pruned, checkpointed, resumed and told as `run_trial` does it alone; a
     member is told the moment it leaves the pack."""
-    configs = [TrialConfig.from_spec(spec, suggest_params(t, spec)) for t in trials]
-    resume_from = [_checkpoint_to_resume(t, context) for t in trials]
-    writers = [TrialWriter(t, context) for t in trials]
-    outcomes: list[TrialState | None] = [None] * len(trials)
-    lost: set[int] = set()  # members failed as stale elsewhere: never written to again
-    for writer, payload in zip(writers, resume_from, strict=True):
+    pack = _PackRun(study, claims, context)
+    resume_from = [_checkpoint_to_resume(c.trial, context) for c in claims]
+    for writer, payload in zip(pack.writers, resume_from, strict=True):
         _begin(writer, data, payload)
-
-    def lose(i: int) -> None:
-        lost.add(i)
-        _log_taken_away(study, trials[i])
-
-    def report(i: int, record: EpochRecord) -> bool:
-        if i not in lost:
-            try:
-                writers[i].report(record.value, record.epoch)
-                return writers[i].should_prune()
-            except LeaseLost:
-                lose(i)
-        return False
-
-    def save(i: int, payload: bytes, epoch: int) -> None:
-        if i not in lost:
-            try:
-                writers[i].write(checkpoint=(epoch, payload))
-            except LeaseLost:
-                lose(i)
-
-    def done(i: int, result: TrainResult) -> None:
-        if i in lost:
-            return
-        if result.interrupted:
-            hand_back(study, trials[i], context)
-            return
-        try:
-            _record(writers[i], result)
-            outcomes[i] = _tell(study, trials[i], result, context)
-        except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
-            lose(i)
-
     try:
-        with keep_alive(study, trials):
+        with keep_alive(study, pack.trials):
             train_pack(
-                configs,
+                [c.config for c in claims],
                 data,
-                report,
-                done,
-                on_checkpoint=save,
+                pack.report,
+                pack.done,
+                on_checkpoint=pack.save,
                 checkpoint_every_s=spec.training.checkpoint_every_s,
                 checkpoint_now=context.stop,
                 stop_after_checkpoint=True,
@@ -408,25 +380,71 @@ def run_pack(
     except DATABASE_ERRORS:
         raise
     except Exception as exc:  # fail the members still training; the worker goes on
-        for i, trial in enumerate(trials):
-            if outcomes[i] is None and i not in lost:
-                writers[i].write_before_failing()
-                outcomes[i] = _fail(study, trial, exc)
-    return outcomes
+        pack.fail_the_rest(exc)
+    return pack.outcomes
 
 
-def packs(
-    trials: list[optuna.Trial], spec: StudySpec, largest: int | None = None
-) -> list[list[optuna.Trial]]:
+class _PackRun:
+    """The members of a pack as they train: each one's writer and outcome, and the members
+    failed as stale elsewhere (`lost`), which are never written to again."""
+
+    def __init__(self, study: optuna.Study, claims: list[Claim], context: TrialContext) -> None:
+        self.study = study
+        self.context = context
+        self.trials = [c.trial for c in claims]
+        self.writers = [TrialWriter(t, context) for t in self.trials]
+        self.outcomes: list[TrialState | None] = [None] * len(claims)
+        self.lost: set[int] = set()
+
+    def report(self, i: int, record: EpochRecord) -> bool:
+        if i not in self.lost:
+            try:
+                self.writers[i].report(record.value, record.epoch)
+                return self.writers[i].should_prune()
+            except LeaseLost:
+                self._lose(i)
+        return False
+
+    def save(self, i: int, payload: bytes, epoch: int) -> None:
+        if i not in self.lost:
+            try:
+                self.writers[i].write(checkpoint=(epoch, payload))
+            except LeaseLost:
+                self._lose(i)
+
+    def done(self, i: int, result: TrainResult) -> None:
+        if i in self.lost:
+            return
+        if result.interrupted:
+            hand_back(self.study, self.trials[i], self.context)
+            return
+        try:
+            _record(self.writers[i], result)
+            self.outcomes[i] = _tell(self.study, self.trials[i], result, self.context)
+        except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
+            self._lose(i)
+
+    def fail_the_rest(self, exc: Exception) -> None:
+        for i, trial in enumerate(self.trials):
+            if self.outcomes[i] is None and i not in self.lost:
+                self.writers[i].write_before_failing()
+                self.outcomes[i] = _fail(self.study, trial, exc)
+
+    def _lose(self, i: int) -> None:
+        self.lost.add(i)
+        _log_taken_away(self.study, self.trials[i])
+
+
+def packs(claims: list[Claim], largest: int | None = None) -> list[list[Claim]]:
     """The claimed trials grouped into what can train as one fused pack (same network and
-    update rule, `hpsearch.training.fused.pack_key`), in claim order, at most `largest` to a pack
+    update rule, `training.fused.pack_key`), in claim order, at most `largest` to a pack
     (what fits the device); batch-norm trials alone."""
-    groups: dict[Any, list[optuna.Trial]] = {}
-    for trial in trials:
-        config = TrialConfig.from_spec(spec, suggest_params(trial, spec))
-        key = ("alone", trial.number) if config.batch_norm else pack_key(config)
-        groups.setdefault(key, []).append(trial)
-    size = largest or len(trials)
+    groups: dict[Any, list[Claim]] = {}
+    for claim in claims:
+        config = claim.config
+        key = ("alone", claim.trial.number) if config.batch_norm else pack_key(config)
+        groups.setdefault(key, []).append(claim)
+    size = largest or len(claims)
     return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
@@ -471,7 +489,7 @@ def _tell(
     if context is not None:
         if not result.pruned:
             curve = {r.epoch: r.value for r in result.history}
-            context.pruning.completed_here(trial._trial_id, curve)
+            context.pruning.completed_here(optuna_internals.trial_id(trial), curve)
         keep = not result.pruned and result.model is not None
         _keep_and_forget(study, trial, result if keep else None, context)
     return TrialState.PRUNED if result.pruned else TrialState.COMPLETE
@@ -522,14 +540,14 @@ def _log_taken_away(study: optuna.Study, trial: optuna.Trial) -> None:
 
 
 def fail_trials(
-    study: optuna.Study, trials: list[optuna.Trial], exc: Exception
+    study: optuna.Study, claims: list[Claim], exc: Exception
 ) -> list[TrialState | None]:
     """Fail claimed trials that could not start (their data could not be loaded, say) with
     the error; a trial taken away meanwhile is left alone."""
     outcomes: list[TrialState | None] = []
-    for trial in trials:
+    for claim in claims:
         try:
-            outcomes.append(_fail(study, trial, exc))
+            outcomes.append(_fail(study, claim.trial, exc))
         except optuna.exceptions.UpdateFinishedTrialError:
             outcomes.append(None)
     return outcomes
@@ -541,13 +559,13 @@ def _keep_and_forget(
     """Store the weights of `kept` (the best KEEP_BEST_MODELS of the study stay) and delete
     the checkpoints of the trial and of those it retried, in one transaction. Optuna is
     asked first: on SQLite its connection would wait for this immediate transaction."""
-    trial_ids = [trial._trial_id, *_retried_trial_ids(trial)]
-    with session_scope(context.url, immediate=True) as session:
+    trial_ids = [optuna_internals.trial_id(trial), *_retried_trial_ids(trial)]
+    with context.store.session(immediate=True) as session:
         if kept is not None and (model := kept.model) is not None:
             keep_best_model(
                 session,
                 study_id=context.study_id,
-                trial_id=trial._trial_id,
+                trial_id=optuna_internals.trial_id(trial),
                 trial_number=trial.number,
                 value=kept.value,
                 payload=lambda: _weights(model),
@@ -567,7 +585,7 @@ def _weights(model: torch.nn.Module) -> bytes:
 def hand_back(study: optuna.Study, trial: optuna.Trial, context: TrialContext) -> None:
     """Fail the trial and queue its retry in one step under the claim lock, so the budget
     never looks free in between; the retry resumes from the trial's checkpoint."""
-    with claim_study(context.url, context.study_id):
+    with context.store.claim(context.study_id):
         trial.set_user_attr("error", HANDED_BACK_ERROR)
         frozen = study.tell(trial, state=TrialState.FAIL)
         optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)(study, frozen)
@@ -585,8 +603,8 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     worker died is recognised as stale and retried; its claim (`claim_trial`) recorded the
     first. Inside an enclosing block for the same trial (a worker's `keep_alive`), the
     enclosing one's beats suffice."""
-    storage = study._storage
-    key = (id(storage), trial._trial_id)
+    storage = optuna_internals.study_storage(study)
+    key = (id(storage), optuna_internals.trial_id(trial))
     with _BEATING_LOCK:
         nested = key in _BEATING
         _BEATING.add(key)
@@ -598,7 +616,7 @@ def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     def beat() -> None:
         while not stopped.wait(heartbeat_interval_s()):
             with contextlib.suppress(Exception):  # a missed beat is retried at the next one
-                storage.record_heartbeat(trial._trial_id)
+                storage.record_heartbeat(optuna_internals.trial_id(trial))
 
     try:
         thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)

@@ -23,7 +23,6 @@ from typing import TypeVar
 
 import optuna
 import torch
-from sqlalchemy import func, update
 from sqlalchemy.exc import NoResultFound
 
 from hpsearch.data import memory
@@ -31,6 +30,7 @@ from hpsearch.data.tensors import TensorData, load_dataset
 from hpsearch.errors import HpsearchError
 from hpsearch.logs import LogSettings
 from hpsearch.runtime.trials import (
+    Claim,
     TrialContext,
     as_asked,
     claim_trial,
@@ -52,18 +52,11 @@ from hpsearch.service.studies import (
     runnable_studies,
 )
 from hpsearch.signals import started, stop_on_signals
-from hpsearch.storage import (
-    DATABASE_ERRORS,
-    WorkerRecord,
-    heartbeat_interval_s,
-    safe_url,
-    session_scope,
-    upgrade,
-    with_retries,
-)
+from hpsearch.storage import DATABASE_ERRORS, heartbeat_interval_s, records, safe_url
 from hpsearch.storage.db import is_transient
 from hpsearch.storage.engine import driver_reason
 from hpsearch.storage.queries import optuna_study_id
+from hpsearch.storage.store import Store
 
 T = TypeVar("T")
 log = logging.getLogger("hpsearch.runtime.worker")
@@ -78,7 +71,7 @@ WAITING_MESSAGE_S = 5.0  # how often a worker waiting for its database says so
 
 @dataclass
 class WorkerOptions:
-    url: str
+    store: Store
     device: str = "cpu"
     studies: tuple[str, ...] = ()  # names to serve; empty = every runnable study
     max_trials: int | None = None
@@ -123,6 +116,10 @@ class Worker:
     _busy: bool = False
     _waiting_for: list[int] = field(default_factory=list)  # silent trials last told of
 
+    @property
+    def store(self) -> Store:
+        return self.options.store
+
     def run(self) -> int:
         if self.options.threads is not None:
             torch.set_num_threads(self.options.threads)
@@ -134,7 +131,7 @@ class Worker:
             "worker %s started on %s, database %s, serving %s",
             self._worker_id,
             self.options.device,
-            safe_url(self.options.url),
+            safe_url(self.store.url),
             ", ".join(self.options.studies) or "every runnable study",
             extra={"worker_id": self._worker_id, "device": self.options.device},
         )
@@ -149,7 +146,7 @@ class Worker:
                 self._set(state="stopped", current_study_id=None, current_trial_number=None)
 
     def _connect(self) -> None:
-        upgrade(self.options.url)
+        self.store.migrate()
         self._register()
 
     def _wait_for_database(self, step: Callable[[], T]) -> T:
@@ -168,7 +165,7 @@ class Worker:
                 if said_at is None or now - said_at >= WAITING_MESSAGE_S:
                     log.warning(
                         "waiting for the database at %s (%.0f s so far): %s",
-                        safe_url(self.options.url),
+                        safe_url(self.store.url),
                         now - waiting_since,
                         driver_reason(exc),
                     )
@@ -217,7 +214,7 @@ class Worker:
         self._run(*claimed)
         return len(claimed[2])
 
-    def _claim(self) -> tuple[StudyState, optuna.Study, list[optuna.Trial]] | None:
+    def _claim(self) -> tuple[StudyState, optuna.Study, list[Claim]] | None:
         """Trials of the next runnable study in turn (up to the pack size, fewer when its
         budget runs out): the turn rotates so every study gets trials while several share
         the workers."""
@@ -226,17 +223,17 @@ class Worker:
             state = candidates[(self._turn + offset) % len(candidates)]
             with self._guarded(state):
                 study = self._study(state)
-                claim = functools.partial(claim_trial, study, state, self.options.url)
-                trials: list[optuna.Trial] = []
-                while len(trials) < self._pack_limit():
-                    trial = with_retries(claim, url=self.options.url)
-                    if trial is None:
+                claim = functools.partial(claim_trial, study, state, self.store)
+                claims: list[Claim] = []
+                while len(claims) < self._pack_limit():
+                    claimed = self.store.retrying(claim)
+                    if claimed is None:
                         break
-                    trials.append(trial)
-                if trials:
+                    claims.append(claimed)
+                if claims:
                     self._turn = (self._turn + offset + 1) % len(candidates)
-                    _log_claim(state, trials)
-                    return state, study, trials
+                    _log_claim(state, [c.trial for c in claims])
+                    return state, study, claims
         return None
 
     @contextlib.contextmanager
@@ -265,12 +262,12 @@ class Worker:
 
     def _give_up(self, state: StudyState, reason: str) -> None:
         self._forget(state.id)
-        url = self.options.url
-        if with_retries(functools.partial(fail_study, url, state.id, reason), url=url):
+        store = self.store
+        if store.retrying(functools.partial(fail_study, store, state.id, reason)):
             log.warning("study %s failed: %s", state.name, reason, extra={"study": state.name})
 
     def _optuna_study_exists(self, state: StudyState) -> bool:
-        with session_scope(self.options.url) as session:
+        with self.store.session() as session:
             return optuna_study_id(session, state.name) is not None
 
     def _forget(self, study_id: int) -> None:
@@ -285,57 +282,53 @@ class Worker:
         return limit
 
     def _runnable(self) -> list[StudyState]:
-        find = functools.partial(runnable_studies, self.options.url, self.options.studies)
-        return with_retries(find, url=self.options.url)
+        find = functools.partial(runnable_studies, self.store, self.options.studies)
+        return self.store.retrying(find)
 
     def _study(self, state: StudyState) -> optuna.Study:
         if state.id not in self._studies:
-            study = open_study(state, self.options.url)
+            study = open_study(state, self.store)
             self._studies[state.id] = study
-            self._pruning[state.id] = StudyPruning(self.options.url, study, state.spec)
+            self._pruning[state.id] = StudyPruning(self.store, study, state.spec)
         return self._studies[state.id]
 
     def _run(
-        self, state: StudyState, study: optuna.Study, trials: list[optuna.Trial]
+        self, state: StudyState, study: optuna.Study, claims: list[Claim]
     ) -> list[optuna.trial.TrialState | None]:
         """Train the claimed trials: those of one architecture as fused packs (as many as
         fit the device memory a trial may take), the others alone, all kept alive by
         heartbeats until their turn comes. Data that cannot be loaded fails them."""
-        first = trials[0].number
+        first = claims[0].trial.number
         self._set(state="busy", current_study_id=state.id, current_trial_number=first)
         self._busy = True
         outcomes: list[optuna.trial.TrialState | None] = []
         with self._guarded(state):
             try:
-                data = load_dataset(
-                    state.spec, self.options.device, StoredUploads(self.options.url)
-                )
+                data = load_dataset(state.spec, self.options.device, StoredUploads(self.store))
             except DATABASE_ERRORS:
                 raise
             except Exception as exc:
-                outcomes = fail_trials(study, trials, exc)
+                outcomes = fail_trials(study, claims, exc)
             else:
-                outcomes = self._train(state, study, trials, data)
+                outcomes = self._train(state, study, claims, data)
         if optuna.trial.TrialState.FAIL in outcomes:
-            reason = with_retries(
-                lambda: fail_if_failing(self.options.url, state), url=self.options.url
-            )
+            reason = self.store.retrying(lambda: fail_if_failing(self.store, state))
             if reason is not None:
                 self._forget(state.id)
                 log.warning("study %s failed: %s", state.name, reason, extra={"study": state.name})
-        with_retries(lambda: mark_completed_if_done(self.options.url, state), url=self.options.url)
+        self.store.retrying(lambda: mark_completed_if_done(self.store, state))
         return outcomes
 
     def _train(
-        self, state: StudyState, study: optuna.Study, trials: list[optuna.Trial], data: TensorData
+        self, state: StudyState, study: optuna.Study, claims: list[Claim], data: TensorData
     ) -> list[optuna.trial.TrialState | None]:
-        context = TrialContext(self.options.url, state.id, self._pruning[state.id], self.stop)
+        context = TrialContext(self.store, state.id, self._pruning[state.id], self.stop)
         limit = memory.max_trial_bytes()
         largest = memory.largest_pack(memory.estimate(state.spec, data.facts), limit)
         outcomes: list[optuna.trial.TrialState | None] = []
         try:
-            with keep_alive(study, trials):
-                for group in packs(trials, state.spec, largest):
+            with keep_alive(study, [c.trial for c in claims]):
+                for group in packs(claims, largest):
                     if len(group) == 1:
                         outcomes.append(run_trial(study, group[0], state.spec, data, context))
                     else:
@@ -345,9 +338,9 @@ class Worker:
                 "study %s: lost the database during trials %s (%s); they will be retried "
                 "from their checkpoints",
                 state.name,
-                [t.number for t in trials],
+                [c.trial.number for c in claims],
                 driver_reason(exc),
-                extra={"study": state.name, "trials": [t.number for t in trials]},
+                extra={"study": state.name, "trials": [c.trial.number for c in claims]},
             )
         return outcomes
 
@@ -366,9 +359,8 @@ class Worker:
         for state in self._runnable():
             if state.optuna_study_id is None:
                 continue
-            silent = with_retries(
-                functools.partial(silent_trials, self.options.url, state.optuna_study_id),
-                url=self.options.url,
+            silent = self.store.retrying(
+                functools.partial(silent_trials, self.store, state.optuna_study_id)
             )
             if silent and self._waiting_for != (numbers := [t.number for t in silent]):
                 self._waiting_for = numbers  # said once, not at every poll
@@ -391,29 +383,20 @@ class Worker:
         return limit is not None and time.monotonic() - since >= limit
 
     def _register(self) -> None:
-        with session_scope(self.options.url) as session:
-            record = WorkerRecord(
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                device=self.options.device,
-                state="idle",
+        with self.store.session() as session:
+            record = records.add_worker(
+                session, host=socket.gethostname(), pid=os.getpid(), device=self.options.device
             )
-            session.add(record)
-            session.flush()
             self._worker_id = record.id
 
     def _set(self, **values: object) -> None:
         """Update this worker's row; the heartbeat moves with every update."""
 
         def write() -> None:
-            with session_scope(self.options.url) as session:
-                session.execute(
-                    update(WorkerRecord)
-                    .where(WorkerRecord.id == self._worker_id)
-                    .values(heartbeat_at=func.now(), **values)
-                )
+            with self.store.session() as session:
+                records.update_worker(session, self._worker_id, **values)
 
-        with_retries(write, url=self.options.url)
+        self.store.retrying(write)
 
 
 def _log_claim(state: StudyState, trials: list[optuna.Trial]) -> None:

@@ -34,7 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.orm import Session
 
 from hpsearch.spec import PrunerSpec, StudySpec
-from hpsearch.storage import session_scope, with_retries
+from hpsearch.storage import optuna_internals
 from hpsearch.storage.queries import (
     RUNG_PREFIX,
     SeenTrial,
@@ -42,6 +42,7 @@ from hpsearch.storage.queries import (
     rung_values,
     trials_since,
 )
+from hpsearch.storage.store import Store
 
 REFRESH_S = 2.0  # how stale the view of other workers' trials may grow
 PERCENTILE_PRUNERS = ("median", "percentile")
@@ -218,8 +219,8 @@ class StudyPruning:
     """A worker's pruning for one study: each decision Optuna's pruner of the spec would
     take, from a view of the study (`CompletedCurves` or `RungValues`) kept up to date."""
 
-    def __init__(self, url: str, study: optuna.Study, spec: StudySpec) -> None:
-        self.url = url
+    def __init__(self, store: Store, study: optuna.Study, spec: StudySpec) -> None:
+        self.store = store
         self.study = study
         self.pruner = spec.pruner
         self.halving = Halving.from_spec(spec)
@@ -238,20 +239,20 @@ class StudyPruning:
         (`intermediate_values`) and the rungs it passed (`system_attrs`)."""
         curve = trial.intermediate_values
         if self.pruner.name in PERCENTILE_PRUNERS:
-            self._catch_up_for(trial._trial_id)
+            self._catch_up_for(optuna_internals.trial_id(trial))
             return Decision(percentile_prunes(self.pruner, self.maximize, self.completed, curve))
         if self.halving is None:
             return Decision(False)  # no pruner, or hyperband without a bracket
-        bracket = self._bracket(trial._trial_id, trial.number)
+        bracket = self._bracket(optuna_internals.trial_id(trial), trial.number)
         rung = current_rung(trial.system_attrs)
         if not curve or max(curve) < self.halving.promotion_step(bracket, rung):
             return Decision(False)  # no rung to judge at: the view is not needed
-        self._catch_up_for(trial._trial_id)
+        self._catch_up_for(optuna_internals.trial_id(trial))
         prune, reached = halving_prunes(
             self.halving, bracket, rung, self.maximize, self.rungs, curve
         )
         for passed, value in reached.items():
-            self.rungs.add(trial._trial_id, bracket, passed, value)
+            self.rungs.add(optuna_internals.trial_id(trial), bracket, passed, value)
         return Decision(prune, {rung_key(r): value for r, value in reached.items()})
 
     def completed_here(self, trial_id: int, curve: dict[int, float]) -> None:
@@ -272,12 +273,14 @@ class StudyPruning:
     def _catch_up_for(self, trial_id: int) -> None:
         """Catch up at the first decision of each trial, then every REFRESH_S."""
         if trial_id != self._fresh_for or time.monotonic() - self._caught_up_at > REFRESH_S:
-            with_retries(self._catch_up, url=self.url)
+            self.store.retrying(self._catch_up)
             self._fresh_for = trial_id
 
     def _catch_up(self) -> None:
-        with session_scope(self.url) as session:
-            seen = trials_since(session, self.study._study_id, self._after_id, self._unfinished)
+        with self.store.session() as session:
+            seen = trials_since(
+                session, optuna_internals.study_id(self.study), self._after_id, self._unfinished
+            )
             self._read_views(session, seen)
         for trial_id, trial in seen.items():
             self._after_id = max(self._after_id, trial_id)

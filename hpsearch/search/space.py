@@ -18,6 +18,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.spec import INTEGER_KEYS, Dimension, StudySpec
+from hpsearch.storage import optuna_internals
 
 
 def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:
@@ -118,14 +119,14 @@ class _GridSampler(optuna.samplers.GridSampler):
             raise GridExhausted(
                 f"all {len(self._all_grids)} points of the grid are taken by trials"
             )
-        study._storage.set_trial_system_attr(trial._trial_id, "search_space", self._search_space)
-        study._storage.set_trial_system_attr(trial._trial_id, "grid_id", free[0])
+        optuna_internals.set_system_attr(study, trial, "search_space", self._search_space)
+        optuna_internals.set_system_attr(study, trial, "grid_id", free[0])
 
     def free_points(self, study: optuna.Study) -> list[int]:
         """The grid ids no trial in BUDGET_STATES holds, in the order they are handed out."""
         held: set[int] = set()
         failed: set[int] = set()
-        for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+        for t in study.get_trials(deepcopy=False):
             grid_id = t.system_attrs.get("grid_id")
             if grid_id is None:
                 continue

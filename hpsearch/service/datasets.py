@@ -8,13 +8,11 @@ import io
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from sqlalchemy import select
-from sqlalchemy.orm import defer
-
 from hpsearch.data.tables import DatasetFormat, Upload, frame_facts, read_table
 from hpsearch.errors import DatasetError, NotFound
 from hpsearch.service.views import DatasetView
-from hpsearch.storage import DatasetRecord, session_scope, upgrade
+from hpsearch.storage import records
+from hpsearch.storage.store import Store
 
 FORMATS: dict[str, DatasetFormat] = {
     ".csv": "csv",
@@ -34,11 +32,11 @@ class StoredUploads:
     reads uploads without touching the database itself. Equal for the same URL, so a
     worker's cache of loaded data keeps one entry per database."""
 
-    url: str
+    store: Store
 
     def __call__(self, dataset_id: int) -> Upload:
-        with session_scope(self.url) as session:
-            record = session.get(DatasetRecord, dataset_id)
+        with self.store.session() as session:
+            record = records.dataset(session, dataset_id)
             if record is None:
                 raise DatasetError(f"no uploaded dataset with id {dataset_id} in this database")
             return Upload(
@@ -55,7 +53,7 @@ def parse_target(target: str) -> str | list[str]:
 
 
 def add_dataset(
-    url: str, filename: str, content: bytes, target: str | list[str], max_cells: int
+    store: Store, filename: str, content: bytes, target: str | list[str], max_cells: int
 ) -> DatasetView:
     """Check the upload as a worker would read it (format, target column, finite values,
     encodable features, at most `max_cells` values) and store it; a refused upload stores
@@ -67,9 +65,9 @@ def add_dataset(
         )
     frame = read_table(io.BytesIO(content), fmt, target, filename, max_cells)
     task = frame_facts(frame, target, None, filename).task
-    upgrade(url)
-    with session_scope(url) as session:
-        record = DatasetRecord(
+    with store.session() as session:
+        record = records.add_dataset(
+            session,
             name=PurePath(filename).name,
             format=fmt,
             target=target,
@@ -80,24 +78,17 @@ def add_dataset(
             n_rows=len(frame),
             columns=[str(c) for c in frame.columns],
         )
-        session.add(record)
-        session.flush()
-        session.refresh(record)
         return DatasetView.model_validate(record)
 
 
-def list_datasets(url: str) -> list[DatasetView]:
-    upgrade(url)
-    with session_scope(url) as session:
-        query = select(DatasetRecord).options(defer(DatasetRecord.content))
-        records = session.scalars(query.order_by(DatasetRecord.id))
-        return [DatasetView.model_validate(r) for r in records]
+def list_datasets(store: Store) -> list[DatasetView]:
+    with store.session() as session:
+        return [DatasetView.model_validate(r) for r in records.all_datasets(session)]
 
 
-def get_dataset(url: str, dataset_id: int) -> DatasetView:
-    upgrade(url)
-    with session_scope(url) as session:
-        record = session.get(DatasetRecord, dataset_id, options=[defer(DatasetRecord.content)])
+def get_dataset(store: Store, dataset_id: int) -> DatasetView:
+    with store.session() as session:
+        record = records.dataset_without_content(session, dataset_id)
         if record is None:
             raise DatasetNotFound(f"no uploaded dataset with id {dataset_id}")
         return DatasetView.model_validate(record)

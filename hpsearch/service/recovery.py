@@ -19,13 +19,13 @@ from optuna.trial import TrialState
 from hpsearch.service import holders
 from hpsearch.storage import (
     StudyClaim,
-    claim_study,
     grace_period_s,
     heartbeat_interval_s,
-    session_scope,
+    optuna_internals,
 )
 from hpsearch.storage.engine import MAX_RETRIES
 from hpsearch.storage.queries import RunningTrial, running_trials
+from hpsearch.storage.store import Store
 
 log = logging.getLogger(__name__)
 WATCH_S = 0.5  # how often `recover` looks at the heartbeats it waits for
@@ -38,7 +38,7 @@ def record_holder(study: optuna.Study, trial: optuna.Trial) -> None:
     must not speak for this live process."""
     me = holders.this_process()
     value = None if me is None else me.as_attr()
-    study._storage.set_trial_system_attr(trial._trial_id, holders.HOLDER_ATTR, value)
+    optuna_internals.set_system_attr(study, trial, holders.HOLDER_ATTR, value)
 
 
 def reap_lost_trials(study: optuna.Study, claim: StudyClaim, grace_s: float) -> int:
@@ -60,7 +60,7 @@ def fail_and_retry(study: optuna.Study, lost: list[tuple[RunningTrial, str]]) ->
     """Fail these running trials as lost and queue their retries, as Optuna's
     `fail_stale_trials` does; returns the numbers of those failed here (a trial that ended
     meanwhile is left alone)."""
-    storage = study._storage
+    storage = optuna_internals.study_storage(study)
     failed: list[RunningTrial] = []
     for trial, reason in lost:
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
@@ -96,7 +96,7 @@ class Recovery:
 
 
 def recover(
-    url: str, study: optuna.Study, study_id: int, *, wait_for_silence: bool = False
+    store: Store, study: optuna.Study, study_id: int, *, wait_for_silence: bool = False
 ) -> Recovery:
     """Free the running trials whose worker is gone: certainly dead, or silent for two
     heartbeats (a live worker beats every one). With `wait_for_silence` (the user knows
@@ -107,7 +107,7 @@ def recover(
     started = time.monotonic()
     freed = 0
     while True:
-        with claim_study(url, study_id) as claim:
+        with store.claim(study_id) as claim:
             freed += reap_lost_trials(study, claim, silence_s)
             running = claim.running_trials(holders.HOLDER_ATTR)
         waited = time.monotonic() - started
@@ -117,11 +117,11 @@ def recover(
         time.sleep(WATCH_S)
 
 
-def silent_trials(url: str, study_id: int) -> list[RunningTrial]:
+def silent_trials(store: Store, study_id: int) -> list[RunningTrial]:
     """The study's running trials silent for two heartbeats or more: their workers are
     probably gone, and they will count as lost at the end of the grace period. A worker
     waits for those rather than leave the study unfinished."""
     silence_s = 2 * heartbeat_interval_s()
-    with session_scope(url) as session:
+    with store.session() as session:
         running = running_trials(session, study_id, holders.HOLDER_ATTR)
     return [t for t in running if t.beat_age_s is None or t.beat_age_s >= silence_s]

@@ -11,7 +11,6 @@ from __future__ import annotations
 from datetime import UTC, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from hpsearch.service.diagnosis import TrialFacts, advise
@@ -30,14 +29,7 @@ from hpsearch.service.views import (
     WorkerView,
 )
 from hpsearch.spec import StudySpec
-from hpsearch.storage import (
-    ModelRecord,
-    StudyRecord,
-    WorkerRecord,
-    grace_period_s,
-    session_scope,
-    upgrade,
-)
+from hpsearch.storage import StudyRecord, grace_period_s, records
 from hpsearch.storage.queries import (
     TrialRow,
     best_values,
@@ -49,6 +41,7 @@ from hpsearch.storage.queries import (
     trial_counts,
     trial_page,
 )
+from hpsearch.storage.store import Store
 
 # Columns of the compact per-epoch history a trial stores (hpsearch.runtime.trials._record).
 HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "value", "learning_rate", "grad_norms")
@@ -58,24 +51,20 @@ class TrialNotFound(StudyNotFound):
     """No trial of that number in the study, or no kept weights for it (HTTP 404)."""
 
 
-def list_studies(url: str, limit: int = 100, offset: int = 0) -> Page[StudySummary]:
+def list_studies(store: Store, limit: int = 100, offset: int = 0) -> Page[StudySummary]:
     """The studies, newest first, each with its progress and best value."""
-    upgrade(url)
-    with session_scope(url) as session:
-        total = session.scalar(select(func.count()).select_from(StudyRecord)) or 0
-        records = session.scalars(
-            select(StudyRecord).order_by(StudyRecord.id.desc()).limit(limit).offset(offset)
-        ).all()
-        ids = [r.optuna_study_id for r in records if r.optuna_study_id is not None]
+    with store.session() as session:
+        total = records.count_studies(session)
+        page = records.study_page(session, limit, offset)
+        ids = [r.optuna_study_id for r in page if r.optuna_study_id is not None]
         counts, bests = trial_counts(session, ids, HANDED_BACK_ERROR), best_values(session, ids)
-        items = [_summary(r, counts.get(r.optuna_study_id, {}), bests) for r in records]
+        items = [_summary(r, counts.get(r.optuna_study_id, {}), bests) for r in page]
     return Page[StudySummary](items=items, total=total, limit=limit, offset=offset)
 
 
-def study_detail(url: str, study: str | int) -> StudyDetail:
+def study_detail(store: Store, study: str | int) -> StudyDetail:
     """The study's spec, state, progress, best trial, and advice from its finished trials."""
-    upgrade(url)
-    with session_scope(url) as session:
+    with store.session() as session:
         record = find_study(session, study)
         summary = _summary_of(session, record)
         spec = StudySpec.model_validate(record.spec)
@@ -107,26 +96,24 @@ def _state_of(row: TrialRow) -> str:
     return fail_kind(row.attrs.get("error"), HANDED_BACK_ERROR)
 
 
-def study_summary(url: str, study: str | int) -> StudySummary:
-    upgrade(url)
-    with session_scope(url) as session:
+def study_summary(store: Store, study: str | int) -> StudySummary:
+    with store.session() as session:
         return _summary_of(session, find_study(session, study))
 
 
-def resumed_study(url: str, study: str | int, recovery: Recovery) -> ResumedStudy:
+def resumed_study(store: Store, study: str | int, recovery: Recovery) -> ResumedStudy:
     """The study after `resume`, with what it freed and what it left running."""
     return ResumedStudy(
-        **study_summary(url, study).model_dump(),
+        **study_summary(store, study).model_dump(),
         freed_trials=recovery.freed,
         running_trials=[trial.number for trial in recovery.running],
         lost_after_s=recovery.lost_after_s,
     )
 
 
-def leaderboard(url: str, study: str | int, top: int = 10) -> list[LeaderboardEntry]:
+def leaderboard(store: Store, study: str | int, top: int = 10) -> list[LeaderboardEntry]:
     """The `top` complete trials, best first."""
-    upgrade(url)
-    with session_scope(url) as session:
+    with store.session() as session:
         record = find_study(session, study)
         maximize = _maximize(StudySpec.model_validate(record.spec))
         rows = ranked_trials(session, _optuna_id(record), maximize, top)
@@ -137,11 +124,10 @@ def leaderboard(url: str, study: str | int, top: int = 10) -> list[LeaderboardEn
 
 
 def list_trials(
-    url: str, study: str | int, state: str | None = None, limit: int = 50, offset: int = 0
+    store: Store, study: str | int, state: str | None = None, limit: int = 50, offset: int = 0
 ) -> Page[TrialSummary]:
     """Trials by number, optionally of one state."""
-    upgrade(url)
-    with session_scope(url) as session:
+    with store.session() as session:
         record = find_study(session, study)
         rows, total = trial_page(
             session, _optuna_id(record), state, limit, offset, HANDED_BACK_ERROR
@@ -150,17 +136,16 @@ def list_trials(
     return Page[TrialSummary](items=items, total=total, limit=limit, offset=offset)
 
 
-def trial_detail(url: str, study: str | int, number: int) -> TrialDetail:
+def trial_detail(store: Store, study: str | int, number: int) -> TrialDetail:
     """One trial with its learning curve: the objective reported at every epoch, with the
     losses and learning rate the trainer recorded when it finished."""
-    upgrade(url)
-    with session_scope(url) as session:
+    with store.session() as session:
         record = find_study(session, study)
         row = one_trial(session, _optuna_id(record), number)
         if row is None:
             raise TrialNotFound(f"study {record.name!r} has no trial {number}")
         reported = intermediate_values(session, row.trial_id)
-        has_model = session.scalar(select(func.count()).where(ModelRecord.trial_id == row.trial_id))
+        has_model = records.has_model(session, row.trial_id)
     attrs = row.attrs
     return TrialDetail(
         **_trial_summary(row).model_dump(),
@@ -169,20 +154,15 @@ def trial_detail(url: str, study: str | int, number: int) -> TrialDetail:
         worker=attrs.get("worker"),
         device=attrs.get("device"),
         resumed_from_epoch=attrs.get("resumed_from_epoch"),
-        has_model=bool(has_model),
+        has_model=has_model,
     )
 
 
-def model_weights(url: str, study: str | int, number: int) -> bytes:
+def model_weights(store: Store, study: str | int, number: int) -> bytes:
     """The trained weights (a `torch.save`d state dict) of one of the study's best trials."""
-    upgrade(url)
-    with session_scope(url) as session:
+    with store.session() as session:
         record = find_study(session, study)
-        payload = session.scalar(
-            select(ModelRecord.payload).where(
-                ModelRecord.study_id == record.id, ModelRecord.trial_number == number
-            )
-        )
+        payload = records.model_payload(session, record.id, number)
         if payload is None:
             raise TrialNotFound(
                 f"no weights kept for trial {number} of {record.name!r}: only finished trials "
@@ -191,19 +171,12 @@ def model_weights(url: str, study: str | int, number: int) -> bytes:
         return payload
 
 
-def list_workers(url: str) -> list[WorkerView]:
+def list_workers(store: Store) -> list[WorkerView]:
     """Workers that have not stopped, newest first; `alive` says whether each still beats."""
-    upgrade(url)
-    with session_scope(url) as session:
-        now = session.scalar(select(func.now()))  # the database's clock, as for trials
+    with store.session() as session:
+        now = records.database_now(session)  # the database's clock, as for trials
         now = now if now.tzinfo else now.replace(tzinfo=UTC)  # SQLite's is naive UTC
-        query = (
-            select(WorkerRecord, StudyRecord.name)
-            .outerjoin(StudyRecord, StudyRecord.id == WorkerRecord.current_study_id)
-            .where(WorkerRecord.state != "stopped")
-            .order_by(WorkerRecord.id.desc())
-        )
-        rows = session.execute(query).all()
+        rows = records.workers_not_stopped(session)
     grace = timedelta(seconds=grace_period_s())
     return [
         WorkerView(

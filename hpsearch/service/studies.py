@@ -11,10 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.storages._rdb.models import TrialModel
-from optuna.trial import TrialState
 from pydantic import ValidationError
-from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from hpsearch.data import memory
@@ -27,11 +24,11 @@ from hpsearch.spec import MAX_COUNT, MAX_ROW_ID, StudySpec, UploadedDataset, fie
 from hpsearch.storage import (
     StudyRecord,
     delete_optuna_study,
-    optuna_storage,
-    session_scope,
-    upgrade,
+    optuna_internals,
+    records,
 )
 from hpsearch.storage.queries import optuna_study_id, recent_endings
+from hpsearch.storage.store import Store
 
 RUNNABLE_STATES = ("queued", "running")
 # A study whose last this many trials to end all failed with an error is failed itself: its
@@ -70,48 +67,45 @@ class StudyState:
     optuna_study_id: int | None = None
 
 
-def submit_study(url: str, spec: StudySpec) -> StudyState:
+def submit_study(store: Store, spec: StudySpec) -> StudyState:
     """Create the study, or return it when one of that name has the same spec.
 
     A spec that differs only in its budget sets the new budget (as re-running
     `study.optimize` with more trials would); any other difference is a conflict. The spec
     is admitted first (`admit`); a submission that fails leaves nothing behind.
     """
-    upgrade(url)
-    spec = admit(spec, url)
-    existing = _update_existing(url, spec)
+    spec = admit(spec, store)
+    existing = _update_existing(store, spec)
     if existing is not None:
         return existing
     # Outside our transaction: on SQLite a transaction that read and then sees another
     # connection (Optuna's) write cannot write any more.
-    optuna_study_id, created = _create_optuna_study(optuna_storage(url), spec)
+    optuna_study_id, created = _create_optuna_study(store.optuna(), spec)
     try:
-        with session_scope(url) as session:
-            record = StudyRecord(
+        with store.session() as session:
+            record = records.add_study(
+                session,
                 name=spec.name,
                 spec=spec.model_dump(mode="json"),
-                state="queued",
                 n_trials=spec.budget.n_trials,
                 optuna_study_id=optuna_study_id,
             )
-            session.add(record)
-            session.flush()
             return _state_of(record)
     except IntegrityError:  # submitted at the same moment by another process
-        return _update_existing(url, spec)
+        return _update_existing(store, spec)
     except BaseException:
         if created:  # no Optuna study without its record, which would block the name
-            with session_scope(url) as session:
+            with store.session() as session:
                 delete_optuna_study(session, optuna_study_id)
         raise
 
 
-def admit(spec: StudySpec, url: str) -> StudySpec:
+def admit(spec: StudySpec, store: Store) -> StudySpec:
     """The spec with its task decided (a file's or an upload's target column implies it),
     once its data is found usable and its largest trial fits the device memory a trial may
     take: whatever is accepted can be run. A problem is a SpecError naming the field."""
     try:
-        facts = inspect_dataset(spec, StoredUploads(url))
+        facts = inspect_dataset(spec, StoredUploads(store))
     except DatasetError as exc:
         raise SpecError([(_dataset_field(spec), str(exc))]) from None
     spec = spec if spec.task == facts.task else spec.with_task(facts.task)
@@ -146,9 +140,9 @@ def _dataset_field(spec: StudySpec) -> str:
     return "dataset.id" if isinstance(spec.dataset, UploadedDataset) else "dataset"
 
 
-def _update_existing(url: str, spec: StudySpec) -> StudyState | None:
-    with session_scope(url, immediate=True) as session:
-        record = session.scalar(select(StudyRecord).where(StudyRecord.name == spec.name))
+def _update_existing(store: Store, spec: StudySpec) -> StudyState | None:
+    with store.session(immediate=True) as session:
+        record = records.study_by_name(session, spec.name)
         if record is None:
             return None
         _update_budget(record, spec)
@@ -162,7 +156,7 @@ def _create_optuna_study(storage: optuna.storages.BaseStorage, spec: StudySpec) 
         study = optuna.create_study(
             study_name=spec.name, storage=storage, direction=spec.objective.direction
         )
-        return study._study_id, True
+        return optuna_internals.study_id(study), True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.name, storage=storage)
         if study.get_trials(deepcopy=False):
@@ -171,7 +165,7 @@ def _create_optuna_study(storage: optuna.storages.BaseStorage, spec: StudySpec) 
                 "and was not created by hpsearch; choose another name, or delete it with "
                 f"`hpsearch delete {spec.name}`"
             ) from None
-        return study._study_id, False
+        return optuna_internals.study_id(study), False
 
 
 def _update_budget(record: StudyRecord, spec: StudySpec) -> None:
@@ -194,23 +188,19 @@ def _without_budget(spec: StudySpec) -> dict[str, Any]:
     return data
 
 
-def get_study(url: str, study: str | int) -> StudyState:
+def get_study(store: Store, study: str | int) -> StudyState:
     """The study by numeric id or by name."""
-    upgrade(url)
-    with session_scope(url) as session:
+    with store.session() as session:
         return _state_of(find_study(session, study))
 
 
-def runnable_studies(url: str, names: tuple[str, ...] = ()) -> list[StudyState]:
+def runnable_studies(store: Store, names: tuple[str, ...] = ()) -> list[StudyState]:
     """The studies workers may claim trials of (all, or those named), oldest first: one
     query, since every idle worker asks for them every few seconds. A study whose stored
     spec this version cannot read is failed with the reason, not served."""
-    with session_scope(url) as session:
-        query = select(StudyRecord).where(StudyRecord.state.in_(RUNNABLE_STATES))
-        if names:
-            query = query.where(StudyRecord.name.in_(names))
+    with store.session() as session:
         states = []
-        for record in session.scalars(query.order_by(StudyRecord.id)):
+        for record in records.studies_in_states(session, RUNNABLE_STATES, names):
             try:
                 states.append(_state_of(record))
             except ValidationError as exc:
@@ -224,14 +214,12 @@ def runnable_studies(url: str, names: tuple[str, ...] = ()) -> list[StudyState]:
 def find_study(session: Any, study: str | int) -> StudyRecord:
     """The study's row by numeric id or name, or StudyNotFound. Names start with a letter,
     so digits are an id (one past the column's range is no study, not a database error)."""
-    query = select(StudyRecord)
     if isinstance(study, int) or str(study).isdigit():
         if int(study) > MAX_ROW_ID:
             raise StudyNotFound(f"no study {study!r}")
-        query = query.where(StudyRecord.id == int(study))
+        record = records.study_by_id(session, int(study))
     else:
-        query = query.where(StudyRecord.name == study)
-    record = session.scalar(query)
+        record = records.study_by_name(session, study)
     if record is None:
         raise StudyNotFound(f"no study {study!r}")
     return record
@@ -248,10 +236,9 @@ def _state_of(record: StudyRecord) -> StudyState:
     )
 
 
-def change_state(url: str, study: str | int, change: str, n_trials: int = 0) -> StudyState:
+def change_state(store: Store, study: str | int, change: str, n_trials: int = 0) -> StudyState:
     """pause, resume, cancel or extend (by `n_trials` more trials) a study."""
-    upgrade(url)
-    with session_scope(url, immediate=True) as session:
+    with store.session(immediate=True) as session:
         record = find_study(session, study)
         if record.state not in TRANSITIONS[change]:
             raise StudyConflict(f"cannot {change} study {record.name!r}: it is {record.state}")
@@ -278,9 +265,9 @@ def change_state(url: str, study: str | int, change: str, n_trials: int = 0) -> 
         return _state_of(record)
 
 
-def mark_running(url: str, study_id: int) -> None:
+def mark_running(store: Store, study_id: int) -> None:
     """queued -> running, when its first trial is claimed."""
-    _transition(url, study_id, "queued", "running")
+    _transition(store, study_id, "queued", "running")
 
 
 def effective_budget(spec: StudySpec, n_trials: int) -> int:
@@ -290,51 +277,30 @@ def effective_budget(spec: StudySpec, n_trials: int) -> int:
     return n_trials if points is None else min(n_trials, points)
 
 
-def mark_completed_if_done(url: str, state: StudyState) -> None:
+def mark_completed_if_done(store: Store, state: StudyState) -> None:
     """running -> completed once the study's complete and pruned trials fill its budget (a
     grid study's: at most its grid's size): counted and compared by the database in one
     statement, so an `extend` meanwhile keeps the study running."""
-    finished = (
-        select(func.count())
-        .select_from(TrialModel)
-        .where(
-            TrialModel.study_id == StudyRecord.optuna_study_id,
-            TrialModel.state.in_((TrialState.COMPLETE, TrialState.PRUNED)),
-        )
-        .scalar_subquery()
-    )
-    filled = StudyRecord.n_trials <= finished
     points = grid_size(state.spec)
-    if points is not None:  # a study's grid never changes, unlike its n_trials
-        filled = or_(filled, finished >= points)
-    with session_scope(url) as session:
-        session.execute(
-            update(StudyRecord)
-            .where(StudyRecord.id == state.id, StudyRecord.state == "running", filled)
-            .values(state="completed")
-        )
+    with store.session() as session:
+        records.complete_study_if_filled(session, state.id, points)
 
 
-def fail_study(url: str, study_id: int, reason: str) -> bool:
+def fail_study(store: Store, study_id: int, reason: str) -> bool:
     """queued or running -> failed, with the reason shown by `status` and the API. False
     when the study is no longer runnable (or no longer there): nothing changes then."""
-    with session_scope(url) as session:
-        result = session.execute(
-            update(StudyRecord)
-            .where(StudyRecord.id == study_id, StudyRecord.state.in_(RUNNABLE_STATES))
-            .values(state="failed", reason=_clip(reason))
-        )
-        return bool(result.rowcount)
+    with store.session() as session:
+        return records.fail_study_in_states(session, study_id, RUNNABLE_STATES, _clip(reason))
 
 
-def fail_if_failing(url: str, state: StudyState) -> str | None:
+def fail_if_failing(store: Store, state: StudyState) -> str | None:
     """Fail the study when its last MAX_FAILURES_IN_A_ROW trials to end all failed with an
     error; returns the reason then. Trials handed back by a stopping worker, or failed as
     stale when their worker died (and retried), say nothing about the spec: they are left
     out of the count."""
     if state.optuna_study_id is None:
         return None
-    with session_scope(url) as session:
+    with store.session() as session:
         endings = recent_endings(session, state.optuna_study_id, RECENT_ENDINGS)
     counted = [
         (trial_state, error)
@@ -345,36 +311,32 @@ def fail_if_failing(url: str, state: StudyState) -> str | None:
     if len(last) < MAX_FAILURES_IN_A_ROW or any(s != "failed" for s, _ in last):
         return None
     reason = f"{MAX_FAILURES_IN_A_ROW} trials in a row failed; the last: {last[0][1]}"
-    return reason if fail_study(url, state.id, reason) else None
+    return reason if fail_study(store, state.id, reason) else None
 
 
 def _clip(reason: str) -> str:
     return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
 
 
-def _transition(url: str, study_id: int, before: str, after: str) -> None:
-    with session_scope(url) as session:
-        session.execute(
-            update(StudyRecord)
-            .where(StudyRecord.id == study_id, StudyRecord.state == before)
-            .values(state=after)
-        )
+def _transition(store: Store, study_id: int, before: str, after: str) -> None:
+    with store.session() as session:
+        records.move_study(session, study_id, before, after)
 
 
 def resume_study(
-    url: str, study: str | int, *, free_running: bool = False
+    store: Store, study: str | int, *, free_running: bool = False
 ) -> tuple[StudyState, Recovery]:
     """Set the study running and free its lost trials now rather than after the grace
     period (`hpsearch.service.recovery.recover`): a trial whose worker is certainly dead or whose
     heartbeat missed two beats. Each is retried with the same params and resumes from its
     checkpoint. `free_running`: the user knows the workers are dead; wait up to two
     heartbeats for each running trial to prove its worker alive, and free the others."""
-    state = change_state(url, study, "resume")
-    optuna_study = optuna.load_study(study_name=state.name, storage=optuna_storage(url))
-    return state, recover(url, optuna_study, state.id, wait_for_silence=free_running)
+    state = change_state(store, study, "resume")
+    optuna_study = optuna.load_study(study_name=state.name, storage=store.optuna())
+    return state, recover(store, optuna_study, state.id, wait_for_silence=free_running)
 
 
-def delete_study(url: str, study: str | int) -> str:
+def delete_study(store: Store, study: str | int) -> str:
     """Remove the study, its trials (Optuna's rows), checkpoints and kept weights, in one
     transaction of bulk deletes: fast for thousands of trials, and all or nothing when the
     process dies. Returns its name.
@@ -384,8 +346,7 @@ def delete_study(url: str, study: str | int) -> str:
     deletion by an older version that stopped half-way, or a study made with Optuna alone)
     is deleted by name, so its name can be used again.
     """
-    upgrade(url)
-    with session_scope(url, immediate=True) as session:
+    with store.session(immediate=True) as session:
         try:
             record = find_study(session, study)
         except StudyNotFound:
@@ -398,7 +359,7 @@ def delete_study(url: str, study: str | int) -> str:
             raise StudyConflict(
                 f"study {record.name!r} is {record.state}: pause or cancel it before deleting it"
             )
-        session.delete(record)  # checkpoints and models go with it (ON DELETE CASCADE)
+        records.delete_study_record(session, record)  # checkpoints and models go with it
         if record.optuna_study_id is not None:
             delete_optuna_study(session, record.optuna_study_id)
         return record.name

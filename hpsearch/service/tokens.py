@@ -13,11 +13,10 @@ import os
 import secrets
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
-
 from hpsearch.errors import Conflict, NotFound
 from hpsearch.service.views import TokenView
-from hpsearch.storage import ApiTokenRecord, session_scope, upgrade
+from hpsearch.storage import records
+from hpsearch.storage.store import Store
 
 TOKEN_PREFIX = "hps_"
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # at most one write per token and minute
@@ -38,49 +37,35 @@ def env_token_hashes() -> list[str]:
     return [hash_token(token.strip()) for token in raw.split(",") if token.strip()]
 
 
-def create_token(url: str, name: str) -> tuple[TokenView, str]:
+def create_token(store: Store, name: str) -> tuple[TokenView, str]:
     """A new token; the plain text is returned here and never again."""
-    upgrade(url)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    with session_scope(url, immediate=True) as session:
-        if session.scalar(select(ApiTokenRecord.id).where(ApiTokenRecord.name == name)):
+    with store.session(immediate=True) as session:
+        if records.token_id(session, name):
             raise Conflict(f"a token named {name!r} exists already; revoke it or pick another")
-        record = ApiTokenRecord(name=name, token_hash=hash_token(token))
-        session.add(record)
-        session.flush()
-        session.refresh(record)
+        record = records.add_token(session, name, hash_token(token))
         return TokenView.model_validate(record), token
 
 
-def list_tokens(url: str) -> list[TokenView]:
-    upgrade(url)
-    with session_scope(url) as session:
-        records = session.scalars(select(ApiTokenRecord).order_by(ApiTokenRecord.id))
-        return [TokenView.model_validate(r) for r in records]
+def list_tokens(store: Store) -> list[TokenView]:
+    with store.session() as session:
+        return [TokenView.model_validate(r) for r in records.all_tokens(session)]
 
 
-def revoke_token(url: str, name: str) -> TokenView:
-    upgrade(url)
-    with session_scope(url, immediate=True) as session:
-        record = session.scalar(
-            select(ApiTokenRecord).where(
-                ApiTokenRecord.name == name, ApiTokenRecord.revoked_at.is_(None)
-            )
-        )
+def revoke_token(store: Store, name: str) -> TokenView:
+    with store.session(immediate=True) as session:
+        record = records.active_token(session, name)
         if record is None:
             raise TokenNotFound(f"no active token named {name!r}")
-        record.revoked_at = func.now()
-        session.flush()
-        session.refresh(record)
+        records.mark_revoked(session, record)
         return TokenView.model_validate(record)
 
 
-def stored_token_hashes(url: str) -> tuple[list[str], bool]:
+def stored_token_hashes(store: Store) -> tuple[list[str], bool]:
     """The active tokens' hashes, and whether any token was ever created: once one was, the
     API stays closed even after every token is revoked."""
-    upgrade(url)
-    with session_scope(url) as session:
-        rows = session.execute(select(ApiTokenRecord.token_hash, ApiTokenRecord.revoked_at)).all()
+    with store.session() as session:
+        rows = records.token_hashes(session)
     return [token_hash for token_hash, revoked in rows if revoked is None], bool(rows)
 
 
@@ -94,18 +79,8 @@ def matches(presented: str, hashes: list[str]) -> str | None:
     return found
 
 
-def mark_used(url: str, token_hash: str) -> None:
+def mark_used(store: Store, token_hash: str) -> None:
     """Record when a stored token was last used, at most once a minute per token."""
     now = datetime.now(UTC)
-    with session_scope(url) as session:
-        session.execute(
-            update(ApiTokenRecord)
-            .where(
-                ApiTokenRecord.token_hash == token_hash,
-                or_(
-                    ApiTokenRecord.last_used_at.is_(None),
-                    ApiTokenRecord.last_used_at < now - LAST_USED_RESOLUTION,
-                ),
-            )
-            .values(last_used_at=now)
-        )
+    with store.session() as session:
+        records.mark_token_used(session, token_hash, now, now - LAST_USED_RESOLUTION)

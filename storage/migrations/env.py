@@ -9,6 +9,7 @@ database.
 from __future__ import annotations
 
 from alembic import context
+
 from hpsearch.storage.db import VERSION_TABLE, own_tables_only
 from hpsearch.storage.models import Base
 
