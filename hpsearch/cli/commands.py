@@ -131,8 +131,9 @@ def run(
     from hpsearch.storage import Store, default_url
 
     LogSettings("warning").apply()  # the progress bar tells the rest
+    spec = load_spec(spec_path)  # a spec that does not parse leaves no database behind
     store = Store.open(db or default_url())
-    state = submit_study(store, load_spec(spec_path))  # refused at once if it cannot run
+    state = submit_study(store, spec)  # refused at once if it cannot run
     spec = state.spec
     if state.state not in RUNNABLE_STATES:
         console.print(render.leaderboard(results.leaderboard(store, spec.name, top), spec))
@@ -203,7 +204,8 @@ def submit(
     """Queue a study for `hpsearch worker` processes to run."""
     from hpsearch.spec import load_spec
 
-    answer = _backend(api, db).submit(load_spec(spec_path))
+    spec = load_spec(spec_path)  # checked before the database is opened (or created)
+    answer = _backend(api, db).submit(spec)
     _show(answer, as_json, render.study_line)
 
 
