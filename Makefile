@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test test-fast lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(BIN)/hpsearch run examples/digits.yaml --jobs 2
 
+# Every tier: unit, integration (PostgreSQL, processes) and system (the CLI as a user runs it).
 test: install
 	$(BIN)/pytest
+
+# The unit tier alone (unmarked tests, in process; tests/conftest.py), under 2 minutes.
+test-fast: install
+	$(BIN)/pytest -m "not integration and not system"
 
 lint: install
 	$(BIN)/ruff check .

@@ -24,7 +24,7 @@ from hpsearch.spec import parse_spec
 from hpsearch.training.model import build_mlp
 from tests.conftest import REPO, hpsearch_command
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.system]
 
 TOKEN = "hps_end-to-end-token"
 SPEC: dict[str, Any] = {

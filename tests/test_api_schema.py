@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
@@ -21,6 +22,9 @@ from hpsearch.service.studies import submit_study
 from hpsearch.service.tokens import hash_token
 from hpsearch.spec import parse_spec
 from hpsearch.storage import Store
+
+# Generated requests to every route, through the service to a real database: slow.
+pytestmark = pytest.mark.integration
 
 DATABASE = Path(tempfile.mkdtemp(prefix="hpsearch-schema-")) / "schema.db"
 URL = f"sqlite:///{DATABASE}"

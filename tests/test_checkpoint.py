@@ -28,6 +28,8 @@ from hpsearch.training.train import (
     train,
 )
 
+pytestmark = pytest.mark.integration  # real trainings, stopped and resumed, single and packed: slow
+
 NEVER = 1e9  # checkpoint_every_s that no test run reaches
 
 

@@ -9,10 +9,12 @@ from typing import Any
 
 import optuna
 import pytest
-from hpsearch.storage import optuna_storage
 from optuna.trial import TrialState
 
+from hpsearch.storage import optuna_storage
 from tests.conftest import REPO, hpsearch_command, run_cli, write_spec
+
+pytestmark = pytest.mark.system  # `hpsearch run` in its own process
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

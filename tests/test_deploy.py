@@ -183,6 +183,7 @@ def docker_compose_config(tmp_path: Path, **variables: str) -> subprocess.Comple
     )
 
 
+@pytest.mark.system
 def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     result = docker_compose_config(
         tmp_path, HPSEARCH_API_TOKENS="token-1,token-2", POSTGRES_PASSWORD="s3cret"
@@ -205,6 +206,7 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
     assert url.database == postgres["POSTGRES_DB"]
 
 
+@pytest.mark.system
 def test_docker_compose_config_requires_the_api_tokens(tmp_path: Path) -> None:
     result = docker_compose_config(tmp_path)
     assert result.returncode != 0, "the API must not start without HPSEARCH_API_TOKENS"
@@ -337,6 +339,7 @@ def test_dockerignore_keeps_the_app_and_leaves_out_secrets_and_the_venv() -> Non
     assert not kept & {".env", ".venv", ".git", "tests", "hpsearch.db"}
 
 
+@pytest.mark.system
 def test_the_image_installs_every_package_and_the_migrations(tmp_path: Path) -> None:
     """Build the wheel that the builder's `pip install .` builds, from the files it copies."""
     context = tmp_path / "context"
@@ -492,6 +495,7 @@ def migrate(env: dict[str, str]) -> None:
     assert result.returncode == 0, f"migrate failed:\n{result.stdout}\n{result.stderr}"
 
 
+@pytest.mark.system
 def test_commands_migrate_creates_the_schema_and_is_idempotent(
     deployment: dict[str, str],
 ) -> None:
@@ -506,6 +510,7 @@ def test_commands_migrate_creates_the_schema_and_is_idempotent(
     migrate(deployment)  # every `docker compose up` runs it again
 
 
+@pytest.mark.system
 def test_commands_worker_exits_0_when_idle(deployment: dict[str, str]) -> None:
     import torch
 
@@ -569,6 +574,7 @@ def api_server(deployment: dict[str, str], tmp_path: Path) -> Iterator[int]:
             process.wait()
 
 
+@pytest.mark.system
 def test_commands_api_serves_and_passes_the_image_health_check(
     api_server: int, deployment: dict[str, str]
 ) -> None:
@@ -577,6 +583,7 @@ def test_commands_api_serves_and_passes_the_image_health_check(
     assert result.returncode == 0, f"HEALTHCHECK failed:\n{result.stdout}\n{result.stderr}"
 
 
+@pytest.mark.system
 def test_commands_health_check_fails_without_a_server(deployment: dict[str, str]) -> None:
     check = on_port(healthcheck_command(), free_port())
     result = run_command(check, deployment, timeout=30)

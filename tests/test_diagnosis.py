@@ -36,10 +36,12 @@ def trained(**sections: Any) -> TrainResult:
     return train(TrialConfig.from_spec(spec, {}), load_dataset(spec))
 
 
+@pytest.mark.integration
 def test_learning_rate_10_diverges() -> None:
     assert diagnose(trained(training={"learning_rate": 10, "max_epochs": 5})) == "diverged"
 
 
+@pytest.mark.integration
 def test_a_ten_layer_sigmoid_network_has_vanishing_gradients() -> None:
     result = trained(
         model={"hidden": [32] * 10, "activation": "sigmoid"}, training={"max_epochs": 5}
@@ -49,6 +51,7 @@ def test_a_ten_layer_sigmoid_network_has_vanishing_gradients() -> None:
     assert diagnose(result) == "vanishing_gradients"
 
 
+@pytest.mark.integration
 def test_a_wide_network_on_a_tiny_data_set_overfits() -> None:
     result = trained(
         dataset={"source": "synthetic", "n_samples": 300, "n_features": 20, "n_classes": 3},
@@ -58,6 +61,7 @@ def test_a_wide_network_on_a_tiny_data_set_overfits() -> None:
     assert diagnose(result) == "overfitting"
 
 
+@pytest.mark.integration
 def test_a_healthy_digits_run_is_ok_or_early_stopped() -> None:
     result = trained(training={"max_epochs": 15})
     assert result.value > 0.9
@@ -158,6 +162,7 @@ def finished_study(tmp_path: Path, space: dict[str, Any], n_trials: int, sampler
     return url
 
 
+@pytest.mark.integration
 def test_a_study_searching_learning_rates_up_to_10_is_told_which_range_diverged(
     tmp_path: Path,
 ) -> None:
@@ -189,6 +194,7 @@ def test_a_study_searching_learning_rates_up_to_10_is_told_which_range_diverged(
     assert "grad norm per layer" in shown.output and "ok" in shown.output.splitlines()[0]
 
 
+@pytest.mark.integration
 def test_a_study_whose_best_trials_sit_at_the_upper_learning_rate_bound_is_told_to_widen_it(
     tmp_path: Path,
 ) -> None:

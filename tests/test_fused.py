@@ -19,6 +19,8 @@ from hpsearch.training.checkpoint import Checkpoint
 from hpsearch.training.fused import train_pack
 from hpsearch.training.train import TrainResult, TrialConfig, train
 
+pytestmark = pytest.mark.integration  # packs of real trainings against the same trained alone: slow
+
 MEMBERS: list[dict[str, Any]] = [
     {"learning_rate": 3e-3, "batch_size": 32, "dropout": 0.0},
     {"learning_rate": 1e-3, "batch_size": 50, "dropout": 0.1},

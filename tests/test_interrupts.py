@@ -101,6 +101,7 @@ def digits_spec(path: Path, name: str, budget: int, epochs: int) -> Path:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.system
 def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> None:
     name, budget = "digits-resume", 6
     spec = digits_spec(tmp_path / "digits.yaml", name, budget, epochs=25)
@@ -147,6 +148,7 @@ def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> Non
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sigint", [signal.SIG_IGN, signal.SIG_DFL], ids=["ignored", "default"])
+@pytest.mark.system
 def test_ctrl_c_while_the_workers_start_ends_without_a_traceback(
     tmp_path: Path, sigint: signal.Handlers
 ) -> None:
@@ -177,6 +179,7 @@ def busy_cores() -> Iterator[None]:
 
 
 @pytest.mark.timeout(300 + 120 * ROUNDS)
+@pytest.mark.system
 def test_interrupts_at_random_moments_end_cleanly_and_lose_nothing(
     tmp_path: Path, busy_cores: None
 ) -> None:

@@ -14,6 +14,7 @@ from tests.fleet import Workers, crash_spec, load_trials, submit
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.system
 def test_a_worker_logs_its_trials_as_json_lines(tmp_path: Path, workers: Workers) -> None:
     url = f"sqlite:///{tmp_path / 'logs.db'}"
     submit(url, tmp_path, crash_spec("logged", 2, max_epochs=3))
@@ -34,6 +35,7 @@ def test_a_worker_logs_its_trials_as_json_lines(tmp_path: Path, workers: Workers
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.system
 def test_log_level_warning_leaves_only_what_went_wrong(tmp_path: Path, workers: Workers) -> None:
     url = f"sqlite:///{tmp_path / 'quiet.db'}"
     submit(url, tmp_path, crash_spec("quiet", 1, max_epochs=2))

@@ -233,6 +233,7 @@ def test_a_workers_halving_view_reads_rungs_of_others_and_records_its_own(tmp_pa
     assert as_asked(second.trial).system_attrs == {"completed_rung_0": 0.7, "completed_rung_1": 0.8}
 
 
+@pytest.mark.integration
 def test_a_worker_prunes_with_hyperband_and_records_the_rungs(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/hyperband.db"
     spec = parse_spec(

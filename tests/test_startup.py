@@ -14,6 +14,8 @@ import pytest
 
 from tests.conftest import run_cli, write_spec
 
+pytestmark = pytest.mark.system  # fresh interpreters, as a user starts them
+
 HEAVY = ("torch", "sklearn")
 # Runs the command line in this interpreter, then says which heavy modules it loaded.
 PROBE = f"""

@@ -19,6 +19,9 @@ import sqlalchemy
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError
+
 from hpsearch.storage.db import (
     MIGRATIONS,
     SCHEMA_HEAD,
@@ -42,8 +45,6 @@ from hpsearch.storage.models import (
     StudyRecord,
     WorkerRecord,
 )
-from sqlalchemy import event, func, select
-from sqlalchemy.exc import IntegrityError
 
 TABLES = {
     "hps_studies",
@@ -163,6 +164,7 @@ def upgrade_together(barrier: Any, url: str) -> None:
     upgrade(url)
 
 
+@pytest.mark.integration
 def test_concurrent_upgrades_on_a_fresh_database(url: str) -> None:
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(4)
@@ -417,6 +419,7 @@ def test_with_retries_raises_other_errors_at_once(migrated: str) -> None:
     assert attempts == 1
 
 
+@pytest.mark.integration
 def test_with_retries_gives_up_on_a_refused_port_naming_the_url() -> None:
     url = "postgresql://postgres:secret@127.0.0.1:9/test"
     attempts = 0

@@ -15,6 +15,8 @@ from hpsearch.spec import StudySpec, parse_spec
 from hpsearch.training.model import build_mlp
 from hpsearch.training.train import TrialConfig, train
 
+pytestmark = pytest.mark.integration  # real trainings on real data: slow for the unit tier
+
 
 def make_spec(dataset: str = "digits", **training: Any) -> StudySpec:
     return parse_spec(
