@@ -45,15 +45,6 @@ import numpy as np
 import optuna
 import sqlalchemy
 from optuna.distributions import distribution_to_json
-from optuna.storages._rdb.models import (
-    StudyModel,
-    TrialIntermediateValueModel,
-    TrialModel,
-    TrialParamModel,
-    TrialSystemAttributeModel,
-    TrialUserAttributeModel,
-    TrialValueModel,
-)
 from optuna.trial import TrialState
 from report import environment, markdown_table, write_section
 from samplers import PROBLEMS, ask_seconds
@@ -68,7 +59,16 @@ from hpsearch.search.pruning import REFRESH_S, Halving, rung_key
 from hpsearch.search.space import distributions, make_pruner, make_sampler, suggest_params
 from hpsearch.service.studies import StudyState, submit_study
 from hpsearch.spec import StudySpec, parse_spec
-from hpsearch.storage import Store, make_engine, optuna_storage, upgrade, with_retries
+from hpsearch.storage import Store, make_engine, optuna_storage, upgrade
+from hpsearch.storage.optuna_internals import (
+    StudyModel,
+    TrialIntermediateValueModel,
+    TrialModel,
+    TrialParamModel,
+    TrialSystemAttributeModel,
+    TrialUserAttributeModel,
+    TrialValueModel,
+)
 from hpsearch.storage.queries import trial_counts
 from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, train
 
@@ -803,7 +803,7 @@ def claimant(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = Store.open(url)
     study = open_study(state, store)
-    claim = functools.partial(claim_trial, study, state, url)
+    claim = functools.partial(claim_trial, study, state, store)
     rng = np.random.default_rng(stream)
     told = errors = 0
     first_error = ""
@@ -812,7 +812,7 @@ def claimant(
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            claimed = with_retries(claim, url=url)
+            claimed = store.retrying(claim)
             if claimed is None:
                 break
             trial = claimed.trial
