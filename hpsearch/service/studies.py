@@ -1,4 +1,4 @@
-"""The service layer: studies and their states, as plain functions over a database URL.
+"""The service layer: studies and their states, as plain functions over a `Store`.
 
 The CLI's `--db` mode and the REST API both call these, so every rule about a study (what
 a name may be reused for, which state changes are legal, what "resume" frees) lives here
