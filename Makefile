@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast test-optuna lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ test: install
 # The unit tier alone (unmarked tests, in process; tests/conftest.py), under 2 minutes.
 test-fast: install
 	$(BIN)/pytest -m "not integration and not system"
+
+# The Optuna-facing tests at the oldest and newest Optuna that pyproject.toml admits, each in a
+# virtualenv of its own (about 20 minutes; not part of `make test`).
+test-optuna:
+	bash .ci/optuna-bounds
 
 lint: install
 	$(BIN)/ruff check .
