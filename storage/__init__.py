@@ -1,22 +1,21 @@
 """The SQL store: database URLs, Optuna's trial storage, the service's own tables (migrated
 with Alembic), sessions, retries, and the locks that keep budgets exact."""
 
+from hpsearch.storage.bulk import Ending, LeaseLost, TrialWrite, write_trials
 from hpsearch.storage.db import (
     DATABASE_ERRORS,
-    LeaseLost,
     StudyClaim,
-    TrialWrite,
+    Weights,
     claim_study,
     delete_checkpoints,
     delete_optuna_study,
-    keep_best_model,
+    keep_best_models,
     lock_study,
     make_engine,
     newest_checkpoint,
     session_scope,
     upgrade,
     with_retries,
-    write_trial,
 )
 from hpsearch.storage.engine import (
     StorageError,
@@ -43,6 +42,7 @@ __all__ = [
     "Base",
     "CheckpointRecord",
     "DatasetRecord",
+    "Ending",
     "LeaseLost",
     "ModelRecord",
     "StorageError",
@@ -50,6 +50,7 @@ __all__ = [
     "StudyClaim",
     "StudyRecord",
     "TrialWrite",
+    "Weights",
     "WorkerRecord",
     "claim_study",
     "default_url",
@@ -57,7 +58,7 @@ __all__ = [
     "delete_optuna_study",
     "grace_period_s",
     "heartbeat_interval_s",
-    "keep_best_model",
+    "keep_best_models",
     "lock_study",
     "make_engine",
     "newest_checkpoint",
@@ -66,5 +67,5 @@ __all__ = [
     "session_scope",
     "upgrade",
     "with_retries",
-    "write_trial",
+    "write_trials",
 ]

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import random
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,6 +34,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import Session
 
+from hpsearch.storage.bulk import PendingTrials, StartedTrial, start_trials, write_params
 from hpsearch.storage.engine import (
     OPTUNA_VERSION_TABLE,
     SQLITE_BUSY_TIMEOUT_S,
@@ -51,10 +51,7 @@ from hpsearch.storage.models import CheckpointRecord, ModelRecord, StudyRecord
 from hpsearch.storage.optuna_internals import BaseModel as OptunaModel
 from hpsearch.storage.optuna_internals import (
     TrialHeartbeatModel,
-    TrialIntermediateValueModel,
     TrialModel,
-    TrialSystemAttributeModel,
-    TrialUserAttributeModel,
 )
 from hpsearch.storage.queries import RunningTrial, running_trials, trial_counts
 
@@ -66,7 +63,7 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).resolve().with_name("migrations")
 # The newest revision in `migrations` (a test checks it): whether a database is at head is
 # then one query, without loading Alembic, which only migrating needs.
-SCHEMA_HEAD = "0002"
+SCHEMA_HEAD = "0003"
 # Optuna keeps its own schema version in `alembic_version`, in the same database.
 VERSION_TABLE = "hps_alembic_version"
 # The key of the PostgreSQL advisory lock held while migrating.
@@ -369,7 +366,8 @@ class StudyClaim:
     counted under the same lock whenever the holder asks (after failing stale trials, say)."""
 
     record: StudyRecord
-    _session: Callable[[], contextlib.AbstractContextManager[Session]]
+    # A session within the claim (`immediate`: one that writes, on SQLite).
+    _session: Callable[[bool], contextlib.AbstractContextManager[Session]]
 
     def trial_counts(self) -> dict[str, int]:
         """The study's Optuna trials by state name ("complete", "running", ...), counted by
@@ -378,7 +376,7 @@ class StudyClaim:
         study_id = self.record.optuna_study_id
         if study_id is None:
             return {}
-        with self._session() as session:
+        with self._session(False) as session:
             return dict(trial_counts(session, [study_id]).get(study_id, {}))
 
     def running_trials(self, holder_key: str) -> list[RunningTrial]:
@@ -386,7 +384,7 @@ class StudyClaim:
         study_id = self.record.optuna_study_id
         if study_id is None:
             return []
-        with self._session() as session:
+        with self._session(False) as session:
             return running_trials(session, study_id, holder_key)
 
     def beat_for_orphans(self) -> None:
@@ -404,8 +402,24 @@ class StudyClaim:
             trials.c.state == TrialState.RUNNING,
             ~exists().where(beats.c.trial_id == trials.c.trial_id),
         )
-        with self._session() as session:
+        with self._session(True) as session:
             session.execute(insert(beats).from_select(["trial_id", "heartbeat"], orphans))
+
+    def start_trials(
+        self, *, retries: int, new: int, system_attrs: Mapping[str, Any]
+    ) -> list[StartedTrial]:
+        """Start waiting retries and new trials in one transaction (`bulk.start_trials`)."""
+        study_id = self.record.optuna_study_id
+        assert study_id is not None, "a study being claimed has its Optuna study"
+        with self._session(True) as session:
+            return start_trials(
+                session, study_id, retries=retries, new=new, system_attrs=system_attrs
+            )
+
+    def write_params(self, pending: PendingTrials) -> None:
+        """The params drawn for started trials, within the claim (`bulk.write_params`)."""
+        with self._session(True) as session:
+            write_params(session, pending.params, pending.system_attrs)
 
 
 @contextmanager
@@ -423,7 +437,7 @@ def claim_study(url: str, study_id: int) -> Iterator[StudyClaim]:
     if parsed.get_backend_name() == "postgresql":
         with session_scope(url) as session:
             record = lock_study(session, study_id)
-            yield StudyClaim(record, lambda: contextlib.nullcontext(session))
+            yield StudyClaim(record, lambda _immediate: contextlib.nullcontext(session))
         return
     path = sqlite_path(parsed)
     with file_lock(path) if path else contextlib.nullcontext():
@@ -431,98 +445,7 @@ def claim_study(url: str, study_id: int) -> Iterator[StudyClaim]:
             record = session.get(StudyRecord, study_id, populate_existing=True)
         if record is None:
             raise NoResultFound(f"no study with id {study_id}")
-        yield StudyClaim(record, lambda: session_scope(url))
-
-
-class LeaseLost(Exception):
-    """The trial is no longer running (failed as stale and retried elsewhere, or finished):
-    its old worker must drop it, not write to it."""
-
-
-@dataclass(frozen=True)
-class TrialWrite:
-    """What a worker writes to its running trial in one transaction: the epochs reported
-    since its last write ({epoch: value}), user and system attributes (the rungs a pruner
-    recorded), and its newest checkpoint."""
-
-    reports: dict[int, float] = field(default_factory=dict)
-    attrs: dict[str, Any] = field(default_factory=dict)
-    system_attrs: dict[str, Any] = field(default_factory=dict)
-    checkpoint: tuple[int, bytes] | None = None  # (epoch, payload)
-
-
-def write_trial(
-    session: Session, *, study_id: int, trial_id: int, trial_number: int, write: TrialWrite
-) -> None:
-    """Write to a running trial in one transaction that first checks the lease (LeaseLost
-    otherwise): the rows Optuna's `report`, `set_user_attr` and `set_system_attr` write,
-    without their commit per value, which costs a disk flush each on PostgreSQL; and the
-    checkpoint, whole or not at all (a trial keeps only its newest)."""
-    from sqlalchemy.dialects import postgresql, sqlite  # loaded by workers only
-
-    check_lease(session, trial_id, trial_number)
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    if write.reports:
-        rows = [_report_row(trial_id, step, value) for step, value in write.reports.items()]
-        # A step stored before keeps its first value, as with Optuna's `report`.
-        session.execute(
-            insert(TrialIntermediateValueModel.__table__).values(rows).on_conflict_do_nothing()
-        )
-    for table, attrs in (
-        (TrialUserAttributeModel.__table__, write.attrs),
-        (TrialSystemAttributeModel.__table__, write.system_attrs),
-    ):
-        if attrs:
-            rows = [
-                {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
-                for k, v in attrs.items()
-            ]
-            statement = insert(table).values(rows)
-            session.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[table.c.trial_id, table.c.key],
-                    set_={"value_json": statement.excluded.value_json},
-                )
-            )
-    if write.checkpoint is not None:
-        epoch, payload = write.checkpoint
-        statement = insert(CheckpointRecord).values(
-            study_id=study_id,
-            trial_id=trial_id,
-            trial_number=trial_number,
-            epoch=epoch,
-            payload=payload,
-            size_bytes=len(payload),
-        )
-        replaced = ("trial_number", "epoch", "payload", "size_bytes")
-        session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[CheckpointRecord.trial_id],
-                set_={**{c: statement.excluded[c] for c in replaced}, "updated_at": func.now()},
-            )
-        )
-
-
-def _report_row(trial_id: int, step: int, value: float) -> dict[str, Any]:
-    """The row of Optuna's intermediate values table for one report (inf and NaN typed)."""
-    stored, kind = TrialIntermediateValueModel.intermediate_value_to_stored_repr(value)
-    return {
-        "trial_id": trial_id,
-        "step": step,
-        "intermediate_value": stored,
-        "intermediate_value_type": kind,
-    }
-
-
-def check_lease(session: Session, trial_id: int, trial_number: int) -> None:
-    """Raise LeaseLost unless the trial is still running; on PostgreSQL its row stays locked
-    until the transaction ends, so it cannot be failed as stale while this one writes."""
-    state_query = text("SELECT state FROM trials WHERE trial_id = :trial_id")
-    if session.get_bind().dialect.name == "postgresql":
-        state_query = text("SELECT state FROM trials WHERE trial_id = :trial_id FOR UPDATE")
-    state = session.execute(state_query, {"trial_id": trial_id}).scalar()
-    if state != "RUNNING":
-        raise LeaseLost(f"trial {trial_number} is {str(state).lower()}, no longer this worker's")
+        yield StudyClaim(record, lambda immediate: session_scope(url, immediate=immediate))
 
 
 def newest_checkpoint(session: Session, trial_ids: list[int]) -> CheckpointRecord | None:
@@ -540,48 +463,58 @@ def delete_checkpoints(session: Session, trial_ids: list[int]) -> None:
     session.execute(delete(CheckpointRecord).where(CheckpointRecord.trial_id.in_(trial_ids)))
 
 
-def keep_best_model(
-    session: Session,
-    *,
-    study_id: int,
-    trial_id: int,
-    trial_number: int,
-    value: float,
-    payload: Callable[[], bytes],
-    maximize: bool,
-    keep: int,
-) -> bool:
-    """Store a finished trial's weights if they are among the study's best `keep`, then
-    delete every model that falls out of them: only the top trials' weights are worth their
-    space. `payload` serializes them, called only for weights that are stored: most trials'
-    are not, and a network's weights can be megabytes. Returns whether they were stored.
+@dataclass(frozen=True)
+class Weights:
+    """A finished trial's trained weights, offered to `keep_best_models`; `payload`
+    serializes them, called only for weights that are stored: most trials' are not, and a
+    network's weights can be megabytes."""
+
+    trial_id: int
+    trial_number: int
+    value: float
+    payload: Callable[[], bytes]
+
+
+def keep_best_models(
+    session: Session, study_id: int, offered: list[Weights], *, maximize: bool, keep: int
+) -> list[int]:
+    """Store the offered weights that rank among the study's best `keep` with those stored
+    already, then delete every model that falls out of them: only the top trials' weights
+    are worth their space. A tie goes to the older trial. Returns the numbers of the trials
+    whose weights were stored.
 
     Under the study's lock (`lock_study`, so on SQLite in an immediate session): two workers
     finishing at once would otherwise each rank the models without the other's and keep one
     too many."""
+    if not offered:
+        return []
     lock_study(session, study_id)
     order = ModelRecord.value.desc() if maximize else ModelRecord.value.asc()
     ranked = (
-        select(ModelRecord.value)
+        select(ModelRecord.value, ModelRecord.trial_number)
         .where(ModelRecord.study_id == study_id)
         .order_by(order, ModelRecord.trial_number)
     )
-    cutoff = session.scalar(ranked.offset(keep - 1).limit(1))
-    if cutoff is not None and not (value > cutoff if maximize else value < cutoff):
-        return False  # a tie goes to the older trial, as the ordering below has it
-    session.add(
+    pool: list[tuple[float, int, Weights | None]] = [
+        (value, number, None) for value, number in session.execute(ranked.limit(keep))
+    ]
+    pool += [(w.value, w.trial_number, w) for w in offered]
+    pool.sort(key=lambda entry: (-entry[0] if maximize else entry[0], entry[1]))
+    stored = [w for _, _, w in pool[:keep] if w is not None]
+    session.add_all(
         ModelRecord(
             study_id=study_id,
-            trial_id=trial_id,
-            trial_number=trial_number,
-            value=value,
-            payload=payload(),
+            trial_id=w.trial_id,
+            trial_number=w.trial_number,
+            value=w.value,
+            payload=w.payload(),
         )
+        for w in stored
     )
     session.flush()
     surplus = ranked.with_only_columns(ModelRecord.id).offset(keep)
     session.execute(delete(ModelRecord).where(ModelRecord.id.in_(surplus.scalar_subquery())))
-    return True
+    return [w.trial_number for w in stored]
 
 
 def delete_optuna_study(session: Session, study_id: int) -> None:

@@ -14,7 +14,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 import hpsearch.runtime.trials
-from hpsearch.runtime.trials import TrialContext, TrialWriter, as_asked
+from hpsearch.runtime.trials import TrialContext, TrialWriter, as_asked, write_waiting
 from hpsearch.runtime.worker import Worker, WorkerOptions
 from hpsearch.search.pruning import (
     CompletedCurves,
@@ -220,7 +220,7 @@ def test_a_workers_halving_view_reads_rungs_of_others_and_records_its_own(tmp_pa
     assert mine.should_prune() is True  # rung 0: only the best 1 of 3 goes on, 0.6
     assert context.pruning.rungs.values(0, 0) == [0.5, 0.55, 0.6]
     assert storage.get_trial_system_attrs(mine.trial._trial_id) == {}  # with the next write
-    mine.write()
+    write_waiting(context, [mine])
     assert storage.get_trial_system_attrs(mine.trial._trial_id) == {"completed_rung_0": 0.55}
 
     elsewhere.report(0.9, 3)  # a trial seen running reaches rung 1
@@ -267,9 +267,7 @@ def intermediate_rows(url: str) -> list[tuple[int, int, float]]:
     return [tuple(row) for row in rows]
 
 
-def test_reports_wait_for_the_next_write_or_the_interval(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_reports_wait_for_the_next_write(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/writes.db"
     upgrade(url)
     study = optuna.create_study(storage=optuna_storage(url), direction="maximize")
@@ -284,11 +282,11 @@ def test_reports_wait_for_the_next_write_or_the_interval(
     assert intermediate_rows(url) == []
     assert writer.curve == {1: 0.1, 2: 0.2, 3: pytest.approx(0.3)}  # what the pruner reads
     writer.set_attrs({"worker": "w"})
-    writer.write()
+    assert write_waiting(context, [writer]) == set()
     assert [row[1] for row in intermediate_rows(url)] == [1, 2, 3]
     assert study._storage.get_trial_user_attrs(trial._trial_id) == {"worker": "w"}
-    monkeypatch.setattr(hpsearch.runtime.trials, "WRITE_EVERY_S", 0.0)
-    writer.report(0.4, 4)  # the interval has passed: written at once
+    writer.report(0.4, 4)
+    assert write_waiting(context, [writer]) == set()  # only what waited since
     assert [row[1] for row in intermediate_rows(url)] == [1, 2, 3, 4]
 
 

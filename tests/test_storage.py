@@ -22,20 +22,19 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event, func, select
 from sqlalchemy.exc import IntegrityError
 
+from hpsearch.storage.bulk import TrialWrite, write_trials
 from hpsearch.storage.db import (
     MIGRATIONS,
     SCHEMA_HEAD,
     VERSION_TABLE,
-    LeaseLost,
-    TrialWrite,
-    keep_best_model,
+    Weights,
+    keep_best_models,
     lock_study,
     make_engine,
     own_tables_only,
     session_scope,
     upgrade,
     with_retries,
-    write_trial,
 )
 from hpsearch.storage.engine import StorageError, optuna_head_revision, optuna_storage
 from hpsearch.storage.models import (
@@ -97,7 +96,7 @@ def test_upgrade_creates_tables_and_indexes(migrated: str) -> None:
     for table, indexes in INDEXES.items():
         found = inspector.get_indexes(table)
         assert {i["name"] for i in found if not i.get("duplicates_constraint")} == indexes
-    assert version_rows(migrated) == [("0002",)]
+    assert version_rows(migrated) == [("0003",)]
 
 
 def test_schema_head_is_the_newest_migration() -> None:
@@ -146,7 +145,7 @@ def test_upgrade_at_head_runs_one_query(migrated: str) -> None:
     assert [s for s in statements if not s.startswith("BEGIN")] == [
         f"SELECT version_num FROM {VERSION_TABLE}"
     ]
-    assert version_rows(migrated) == [("0002",)]
+    assert version_rows(migrated) == [("0003",)]
 
 
 def test_upgrade_refuses_a_schema_from_a_newer_version(tmp_path: Path) -> None:
@@ -174,7 +173,7 @@ def test_concurrent_upgrades_on_a_fresh_database(url: str) -> None:
     for process in processes:
         process.join(timeout=60)
     assert [process.exitcode for process in processes] == [0, 0, 0, 0]
-    assert version_rows(url) == [("0002",)]
+    assert version_rows(url) == [("0003",)]
     assert set(sqlalchemy.inspect(make_engine(url)).get_table_names()) >= TABLES
 
 
@@ -187,13 +186,7 @@ def test_deleting_a_study_deletes_its_rows(migrated: str) -> None:
     study_id = add_study(migrated)
     trial = running_trial(migrated)
     with session_scope(migrated) as session:
-        write_trial(
-            session,
-            study_id=study_id,
-            trial_id=trial._trial_id,
-            trial_number=0,
-            write=TrialWrite(checkpoint=(3, b"w")),
-        )
+        write_trials(session, study_id, [TrialWrite(trial._trial_id, 0, checkpoint=(3, b"w"))])
         session.add(
             ModelRecord(study_id=study_id, trial_id=1, trial_number=0, value=0.9, payload=b"m")
         )
@@ -211,13 +204,8 @@ def test_a_trial_keeps_only_its_newest_checkpoint(migrated: str) -> None:
     trial_id = running_trial(migrated)._trial_id
     for epoch, payload in [(1, b"first"), (2, b"second!")]:
         with session_scope(migrated) as session:
-            write_trial(
-                session,
-                study_id=study_id,
-                trial_id=trial_id,
-                trial_number=3,
-                write=TrialWrite(checkpoint=(epoch, payload)),
-            )
+            write = TrialWrite(trial_id, 3, checkpoint=(epoch, payload))
+            assert write_trials(session, study_id, [write]) == {}
     with session_scope(migrated) as session:
         (checkpoint,) = session.scalars(select(CheckpointRecord)).all()
         assert (checkpoint.epoch, checkpoint.payload, checkpoint.size_bytes) == (2, b"second!", 7)
@@ -235,20 +223,22 @@ def test_a_trial_keeps_only_its_newest_checkpoint(migrated: str) -> None:
         )
 
 
-def test_a_finished_trial_refuses_a_late_checkpoint(migrated: str) -> None:
+def test_a_finished_trial_refuses_a_late_checkpoint_and_the_others_are_written(
+    migrated: str,
+) -> None:
     study_id = add_study(migrated)
     trial = running_trial(migrated)
     trial.study.tell(trial, state=optuna.trial.TrialState.FAIL)  # failed as stale, say
-    with pytest.raises(LeaseLost, match="trial 0 is fail"), session_scope(migrated) as session:
-        write_trial(
-            session,
-            study_id=study_id,
-            trial_id=trial._trial_id,
-            trial_number=0,
-            write=TrialWrite(checkpoint=(4, b"x")),
-        )
+    live = running_trial(migrated)
+    writes = [
+        TrialWrite(trial._trial_id, 0, checkpoint=(4, b"x")),
+        TrialWrite(live._trial_id, 0, checkpoint=(4, b"y")),
+    ]
     with session_scope(migrated) as session:
-        assert session.scalar(select(func.count()).select_from(CheckpointRecord)) == 0
+        assert write_trials(session, study_id, writes) == {trial._trial_id: "FAIL"}
+    with session_scope(migrated) as session:
+        (kept,) = session.scalars(select(CheckpointRecord.trial_id)).all()
+        assert kept == live._trial_id  # the live trial of the same write is written
 
 
 @pytest.mark.parametrize("maximize", [True, False])
@@ -262,23 +252,38 @@ def test_only_the_best_models_are_kept(migrated: str, maximize: bool) -> None:
             return b"w"
 
         with session_scope(migrated, immediate=True) as session:
-            stored = keep_best_model(
+            stored = keep_best_models(
                 session,
-                study_id=study_id,
-                trial_id=100 + number,
-                trial_number=number,
-                value=value,
-                payload=payload,
+                study_id,
+                [Weights(100 + number, number, value, payload)],
                 maximize=maximize,
                 keep=2,
             )
-        assert stored == (number in serialized)
+        assert stored == ([number] if number in serialized else [])
     with session_scope(migrated) as session:
         kept = sorted(session.scalars(select(ModelRecord.trial_number)).all())
     assert kept == ([1, 2] if maximize else [0, 3])
     # Weights that cannot make the best two are never serialized; maximising, the last 0.7
     # ties with a kept model and loses to the older trial.
     assert serialized == ([0, 1, 2] if maximize else [0, 1, 2, 3])
+
+
+def test_weights_offered_together_are_ranked_with_those_kept(migrated: str) -> None:
+    study_id = add_study(migrated)
+    serialized: list[int] = []
+
+    def offer(number: int, value: float) -> Weights:
+        return Weights(100 + number, number, value, lambda: serialized.append(number) or b"w")
+
+    with session_scope(migrated, immediate=True) as session:
+        keep_best_models(session, study_id, [offer(0, 0.8)], maximize=True, keep=2)
+    with session_scope(migrated, immediate=True) as session:
+        offered = [offer(1, 0.5), offer(2, 0.9), offer(3, 0.8), offer(4, 0.85)]
+        stored = keep_best_models(session, study_id, offered, maximize=True, keep=2)
+    assert stored == [2, 4]  # 0.8 of trial 3 ties with trial 0's and loses to the older
+    assert serialized == [0, 2, 4]
+    with session_scope(migrated) as session:
+        assert sorted(session.scalars(select(ModelRecord.trial_number)).all()) == [2, 4]
 
 
 def test_two_workers_keeping_models_at_once_keep_only_the_best(migrated: str) -> None:
@@ -288,13 +293,10 @@ def test_two_workers_keeping_models_at_once_keep_only_the_best(migrated: str) ->
 
     def keep(number: int, value: float, hold: bool = False) -> None:
         with session_scope(migrated, immediate=True) as session:
-            keep_best_model(
+            keep_best_models(
                 session,
-                study_id=study_id,
-                trial_id=100 + number,
-                trial_number=number,
-                value=value,
-                payload=lambda: b"w",
+                study_id,
+                [Weights(100 + number, number, value, lambda: b"w")],
                 maximize=True,
                 keep=1,
             )
@@ -442,3 +444,17 @@ def test_optuna_trials_are_indexed_by_study_and_state(url: str) -> None:
     assert {"name": "ix_hps_trials_study_id_state", "columns": ["study_id", "state"]} in [
         {"name": index["name"], "columns": index["column_names"]} for index in indexes
     ]
+
+
+@pytest.mark.postgres
+def test_weights_are_stored_uncompressed_on_postgresql(postgres_url: str) -> None:
+    """Float tensors do not compress: PostgreSQL's compression only costs time."""
+    upgrade(postgres_url)
+    query = (
+        "SELECT attrelid::regclass::text, attstorage FROM pg_attribute "
+        "WHERE attname = 'payload' AND attrelid IN "
+        "('hps_checkpoints'::regclass, 'hps_models'::regclass) ORDER BY 1"
+    )
+    with make_engine(postgres_url).connect() as connection:
+        rows = connection.exec_driver_sql(query).all()
+    assert [tuple(row) for row in rows] == [("hps_checkpoints", "e"), ("hps_models", "e")]

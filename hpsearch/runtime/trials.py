@@ -1,24 +1,28 @@
-"""Trials on a database: claim one within the budget, train it with heartbeats and
-checkpoints, and tell how it ended (or hand it back). The embedded run
-and the workers share these functions."""
+"""Trials on a database: claim them within the budget, train them with heartbeats and
+checkpoints, and tell how they ended (or hand them back). A pack of trials is claimed,
+written and told in a few transactions, whatever its size. The embedded run and the
+workers share these functions."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
+import math
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.orm import Session
 
 from hpsearch.data.tensors import TensorData
 from hpsearch.search.pruning import StudyPruning
@@ -36,18 +40,22 @@ from hpsearch.service.studies import (
 from hpsearch.spec import StudySpec
 from hpsearch.storage import (
     DATABASE_ERRORS,
+    Ending,
     LeaseLost,
     StudyClaim,
     TrialWrite,
+    Weights,
     delete_checkpoints,
     grace_period_s,
     heartbeat_interval_s,
-    keep_best_model,
+    keep_best_models,
     newest_checkpoint,
     optuna_internals,
-    write_trial,
+    write_trials,
 )
+from hpsearch.storage.bulk import PendingTrials, StartedTrial, record_heartbeats, write_params
 from hpsearch.storage.engine import MAX_RETRIES
+from hpsearch.storage.history import trial_history
 from hpsearch.storage.optuna_internals import as_asked
 from hpsearch.storage.queries import STATE_NAMES
 from hpsearch.storage.store import Store
@@ -58,7 +66,7 @@ log = logging.getLogger(__name__)
 KEEP_BEST_MODELS = 5  # the trained weights of this many best trials per study are kept
 WRITE_EVERY_S = 2.0  # a running trial's reports reach the database at least this often
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
-# (storage, trial id) of the trials whose heartbeats a `_heartbeat` block records now.
+# (storage, trial id) of the trials whose heartbeats a `keep_alive` block records now.
 _BEATING: set[tuple[int, int]] = set()
 _BEATING_LOCK = threading.Lock()
 
@@ -88,52 +96,126 @@ class Claim:
 
 
 def claim_trial(study: optuna.Study, state: StudyState, store: Store) -> Claim | None:
-    """A new trial with its params chosen, or None when the study is not runnable (paused,
-    cancelled, ...) or its budget is spent.
+    """One trial of `claim_trials`, or None."""
+    claims = claim_trials(study, state, store, 1)
+    return claims[0] if claims else None
 
-    Counting and creating happen under the study's claim lock, and the params are stored
-    before the lock is released, so a parallel sampler sees them (constant liar). The budget
-    is counted by the database, so a claim costs the same in a study of 10 or 10,000 trials.
+
+def claim_trials(study: optuna.Study, state: StudyState, store: Store, n: int) -> list[Claim]:
+    """Up to `n` trials with their params chosen; none when the study is not runnable
+    (paused, cancelled, ...) or its budget is spent.
+
+    One transaction under the study's claim lock counts the budget once (by the database,
+    so a claim costs the same in a study of 10 or 10,000 trials) and starts the trials:
+    waiting retries first (they hold budget already), then new ones, each with a first
+    heartbeat and this process named as its holder. Their params are drawn after the lock
+    is released, in one more transaction: the sampler sees the started trials as running,
+    so the points of one pack differ, and other workers claim meanwhile. A grid's points
+    are drawn under the lock, where no two workers can take the same one.
+
     A grid study's budget is at most its grid's size (`effective_budget`). One whose grid is
     spent while its n_trials is larger is completed here once its trials have ended: its
     budget may have been raised after the last of them ended, and no trial would end again
     to complete it.
     """
+    claims: list[Claim] = []
     with store.claim(state.id) as claim:
         if claim.record.state not in RUNNABLE_STATES:
-            return None
+            return []
         n_trials = claim.record.n_trials
         budget = effective_budget(state.spec, n_trials)
-        claimed = _claim_within_budget(study, state, claim, budget)
+        started = _start_within_budget(study, claim, budget, n)
         first = claim.record.state == "queued"
+        if started and state.spec.sampler.name == "grid":
+            claims = _draw(study, state.spec, started, store, claim.write_params)
     # Outside the lock: on PostgreSQL it is a lock on the study's row, which these update.
-    if claimed is None:
+    if not started:
         if budget < n_trials:
             mark_completed_if_done(store, state)
-        return None
+        return []
     if first:
         mark_running(store, state.id)
-    return claimed
+    write = functools.partial(_write_params, store)
+    return claims or _draw(study, state.spec, started, store, write)
 
 
-def _claim_within_budget(
-    study: optuna.Study, state: StudyState, claim: StudyClaim, budget: int
-) -> Claim | None:
-    """Under the claim lock: a new trial, or a waiting retry (which holds budget already),
-    unless the trials that count against the budget fill it."""
+def _start_within_budget(
+    study: optuna.Study, claim: StudyClaim, budget: int, n: int
+) -> list[StartedTrial]:
+    """Under the claim lock: up to `n` waiting retries and new trials, the new ones only
+    while the trials that count against the budget leave room."""
     claim.beat_for_orphans()
     recovery.reap_lost_trials(study, claim, grace_period_s())  # their retries wait in the queue
     counts = claim.trial_counts()
     used = sum(counts.get(STATE_NAMES[s], 0) for s in BUDGET_STATES)
-    retry_waiting = counts.get(STATE_NAMES[TrialState.WAITING], 0) > 0
-    if not retry_waiting and used >= budget:
-        return None
-    trial = study.ask()  # a waiting retry first, with its params (and grid point)
-    # A first heartbeat at once: a trial orphaned by a crash right after this point still
-    # goes stale and is retried, instead of holding budget for ever.
-    optuna_internals.study_storage(study).record_heartbeat(optuna_internals.trial_id(trial))
-    recovery.record_holder(study, trial)
-    return Claim.of(trial, state.spec)
+    retries = min(n, counts.get(STATE_NAMES[TrialState.WAITING], 0))
+    new = max(0, min(n - retries, budget - used))
+    if retries + new == 0:
+        return []
+    return claim.start_trials(retries=retries, new=new, system_attrs=recovery.holder_attrs())
+
+
+def _draw(
+    study: optuna.Study,
+    spec: StudySpec,
+    started: list[StartedTrial],
+    store: Store,
+    write: Callable[[PendingTrials], None],
+) -> list[Claim]:
+    """The started trials' params, drawn one trial after another by the study's sampler
+    (a retry keeps those it inherited), then written together by `write`."""
+    storage = optuna_internals.study_storage(study)
+    history = trial_history(store.url, optuna_internals.study_id(study))
+    try:
+        pending = PendingTrials(storage, [_as_started(storage, t) for t in started], history)
+        drawing = optuna.Study(
+            study.study_name, pending, sampler=study.sampler, pruner=study.pruner
+        )
+        claims = [Claim.of(optuna.Trial(drawing, t.trial_id), spec) for t in started]
+        write(pending)
+    except Exception:
+        # Started but never drawn: failed, so that they hold no budget (no retry: their
+        # params would be drawn again, and fail the same way). Trials started in the
+        # claim's own transaction (a grid on PostgreSQL) are rolled back with it instead.
+        for t in started:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, KeyError):
+                storage.set_trial_state_values(t.trial_id, TrialState.FAIL)
+        raise
+    pending.release()
+    return claims
+
+
+def _as_started(storage: optuna.storages.BaseStorage, started: StartedTrial) -> FrozenTrial:
+    """A started trial as Optuna would read it back: a new one is known without a query;
+    a retry is read for what it inherited."""
+    if started.retry:
+        trial = storage.get_trial(started.trial_id)
+        trial.state = TrialState.RUNNING
+        trial.datetime_start = started.datetime_start
+    else:
+        trial = FrozenTrial(
+            number=started.number,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=started.datetime_start,
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=started.trial_id,
+        )
+    trial.system_attrs.update(recovery.holder_attrs())
+    return trial
+
+
+def _write_params(store: Store, pending: PendingTrials) -> None:
+    def write() -> None:
+        with store.session(immediate=True) as session:
+            write_params(session, pending.params, pending.system_attrs)
+
+    store.retrying(write)
 
 
 @dataclass(frozen=True)
@@ -153,13 +235,12 @@ class TrialHandedBack(Exception):
 
 
 class TrialWriter:
-    """What is written to one running trial: its reported epochs, user attributes and
-    checkpoints.
+    """What waits to be written to one running trial: its reported epochs, user and system
+    attributes and newest checkpoint.
 
-    For a worker, reports and attributes wait in memory and go with the trial's next
-    checkpoint, its results, or the first report `WRITE_EVERY_S` after the last write: one
-    lease-checked transaction each (`storage.write_trial`), where Optuna commits every value
-    on its own. The pruner reads the trial's own values from memory, so it decides on every
+    For a worker, these wait in memory until the trial's next write (`write_down`): one
+    lease-checked transaction for any number of trials, where Optuna commits every value on
+    its own. The pruner reads the trial's own values from memory, so it decides on every
     epoch all the same. A crash loses only writes that a retry makes again: it resumes from
     the newest checkpoint and re-reports that checkpoint's epochs. Without a worker's
     context (a plain `study.optimize`), everything goes through Optuna at once.
@@ -168,10 +249,11 @@ class TrialWriter:
     def __init__(self, trial: optuna.Trial, context: TrialContext | None) -> None:
         self.trial = trial
         self.context = context
+        self.trial_id = optuna_internals.trial_id(trial)
         self._reports: dict[int, float] = {}
         self._attrs: dict[str, Any] = {}
         self._system_attrs: dict[str, Any] = {}
-        self._written_at = time.monotonic()
+        self._checkpoint: tuple[int, bytes] | None = None
 
     @property
     def curve(self) -> dict[int, float]:
@@ -186,8 +268,6 @@ class TrialWriter:
         if epoch in self.curve:
             return  # as with Optuna, the first value reported at an epoch stays
         self.curve[epoch] = self._reports[epoch] = float(value)
-        if time.monotonic() - self._written_at >= WRITE_EVERY_S:
-            self.write()
 
     def should_prune(self) -> bool:
         if self.context is None:
@@ -205,76 +285,164 @@ class TrialWriter:
             return
         self._attrs |= attrs
 
-    def write(self, checkpoint: tuple[int, bytes] | None = None) -> None:
-        """Write what waits, with `checkpoint` (epoch, payload), in one transaction; raise
-        LeaseLost once the trial was taken away. Immediate on SQLite, whose deferred
-        transactions cannot turn from reading to writing under load."""
-        context = self.context
-        if context is None:
-            return
-        change = TrialWrite(
-            dict(self._reports), dict(self._attrs), dict(self._system_attrs), checkpoint
+    def save(self, payload: bytes, epoch: int) -> None:
+        """Keep the trial's newest checkpoint for its next write (an older one is moot)."""
+        self._checkpoint = (epoch, payload)
+
+    @property
+    def saved(self) -> bool:
+        """Whether a checkpoint waits to be written."""
+        return self._checkpoint is not None
+
+    def waiting(self, ending: Ending | None = None) -> TrialWrite:
+        """Everything that waits, as one write (with the trial's `ending`, if it ended)."""
+        return TrialWrite(
+            self.trial_id,
+            self.trial.number,
+            dict(self._reports),
+            dict(self._attrs),
+            dict(self._system_attrs),
+            self._checkpoint,
+            ending,
         )
 
-        def write() -> None:
-            with context.store.session(immediate=True) as session:
-                write_trial(
-                    session,
-                    study_id=context.study_id,
-                    trial_id=optuna_internals.trial_id(self.trial),
-                    trial_number=self.trial.number,
-                    write=change,
-                )
-
-        context.store.retrying(write)
+    def written(self) -> None:
+        """What waited is in the database."""
         self._reports.clear()
         self._attrs.clear()
         self._system_attrs.clear()
+        self._checkpoint = None
+
+
+class WriteClock:
+    """When reports are due: a running trial's reach the database at least every
+    WRITE_EVERY_S."""
+
+    def __init__(self) -> None:
         self._written_at = time.monotonic()
 
-    def write_before_failing(self) -> None:
-        """Write what waits when training raised: the failed trial keeps the epochs it
-        reported before the error, for whoever looks into it. A trial taken away meanwhile
-        is left alone."""
-        with contextlib.suppress(LeaseLost):
-            self.write()
+    @property
+    def due(self) -> bool:
+        return time.monotonic() - self._written_at >= WRITE_EVERY_S
+
+    def reset(self) -> None:
+        self._written_at = time.monotonic()
 
 
-def objective(
-    trial: optuna.Trial, spec: StudySpec, data: TensorData, context: TrialContext | None = None
-) -> float:
+def write_down(
+    study: optuna.Study,
+    context: TrialContext,
+    writers: list[TrialWriter],
+    ended: dict[int, TrainResult] | None = None,
+) -> tuple[dict[int, TrialState], set[int]]:
+    """Write what waits for these trials and tell those that `ended` (trial id -> result),
+    in one lease-checked transaction: reports, attributes, checkpoints, results, states
+    and values, the best weights kept and the ended trials' checkpoints dropped.
+
+    Returns the states told (trial id -> state) and the ids of the trials taken away
+    (failed as stale while this worker was slow), to which nothing was written.
+    """
+    ended = ended or {}
+    by_id = {w.trial_id: w for w in writers}
+    endings = {tid: _ending(by_id[tid], result) for tid, result in ended.items()}
+    for tid, result in ended.items():
+        _record(by_id[tid], result)
+        ending = endings[tid]
+        values = None if ending.value is None else [ending.value]
+        study.sampler.after_trial(study, as_asked(by_id[tid].trial), ending.state, values)
+    # Looked up through Optuna first: on SQLite its connection would wait for the
+    # immediate transaction below.
+    retried = {tid: _retried_trial_ids(by_id[tid].trial) for tid in ended}
+
+    def keep_and_forget(session: Session, lost: set[int]) -> None:
+        told = [tid for tid in ended if tid not in lost]
+        complete = [tid for tid in told if endings[tid].state == TrialState.COMPLETE]
+        _keep_best(session, study, context, [(by_id[tid].trial, ended[tid]) for tid in complete])
+        delete_checkpoints(session, [i for tid in told for i in (tid, *retried[tid])])
+
+    lost = write_waiting(context, writers, endings, then=keep_and_forget)
+    told = {tid: endings[tid].state for tid in ended if tid not in lost}
+    for tid in told:
+        _after_tell(study, by_id[tid].trial, ended[tid], endings[tid], context)
+    return told, lost
+
+
+def _ending(writer: TrialWriter, result: TrainResult) -> Ending:
+    """How Optuna's `tell` would store the result: a pruned trial's value is its last
+    report; a NaN fails the trial."""
+    if result.pruned:
+        curve = writer.curve
+        last = curve[max(curve)] if curve else None
+        return Ending(TrialState.PRUNED, None if last is None or math.isnan(last) else last)
+    if math.isnan(result.value):
+        return Ending(TrialState.FAIL, None)
+    return Ending(TrialState.COMPLETE, result.value)
+
+
+def _after_tell(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    result: TrainResult,
+    ending: Ending,
+    context: TrialContext,
+) -> None:
+    if ending.state == TrialState.FAIL:
+        log.warning(
+            "study %s: trial %d failed: its value is NaN",
+            study.study_name,
+            trial.number,
+            extra={"study": study.study_name, "trial": trial.number, "state": "failed"},
+        )
+        return
+    _log_end(study, trial, result)
+    if ending.state == TrialState.COMPLETE:
+        curve = {r.epoch: r.value for r in result.history}
+        context.pruning.completed_here(optuna_internals.trial_id(trial), curve)
+
+
+def objective(trial: optuna.Trial, spec: StudySpec, data: TensorData) -> float:
     """Train the trial's network and return its objective; usable with `study.optimize`.
 
     Raises `optuna.TrialPruned` when the pruner says so; the results are recorded as user
     attributes either way.
     """
-    result = train_trial(Claim.of(trial, spec), spec, data, context)
+    writer = TrialWriter(trial, None)
+    result = _train(writer, Claim.of(trial, spec), spec, data)
+    _record(writer, result)
     if result.pruned:
         raise optuna.TrialPruned(f"pruned at epoch {result.epochs_run}")
     return result.value
 
 
-def train_trial(
-    claim: Claim, spec: StudySpec, data: TensorData, context: TrialContext | None = None
-) -> TrainResult:
-    """Train the trial's network, reporting every epoch, and record the results.
+def _train(writer: TrialWriter, claim: Claim, spec: StudySpec, data: TensorData) -> TrainResult:
+    """Train the trial's network, reporting every epoch.
 
-    With a worker's `context`, a retried trial resumes from the newest checkpoint of the
-    trial it retries (re-reporting that history so pruners see it), checkpoints are written
-    as it trains, and a set `context.stop` checkpoints and raises TrialHandedBack.
+    With a worker's context, a retried trial resumes from the newest checkpoint of the
+    trial it retries (re-reporting that history so pruners see it), reports and checkpoints
+    are written as it trains, and a set `context.stop` checkpoints and raises
+    TrialHandedBack.
     """
-    trial = claim.trial
-    writer = TrialWriter(trial, context)
-    resume_from = _checkpoint_to_resume(trial, context) if context else None
+    context = writer.context
+    clock = WriteClock()
+    resume_from = _checkpoint_to_resume(claim.trial, context) if context else None
     if context is not None:
         _begin(writer, data, resume_from)
 
+    def write() -> None:
+        assert context is not None
+        if write_waiting(context, [writer]):
+            raise LeaseLost(f"trial {claim.trial.number} is no longer this worker's")
+        clock.reset()
+
     def report(record: EpochRecord) -> bool:
         writer.report(record.value, record.epoch)
+        if context is not None and clock.due:
+            write()
         return writer.should_prune()
 
     def save(payload: bytes, epoch: int) -> None:
-        writer.write(checkpoint=(epoch, payload))
+        writer.save(payload, epoch)
+        write()
 
     try:
         result = train(
@@ -290,12 +458,38 @@ def train_trial(
     except (LeaseLost, *DATABASE_ERRORS):
         raise  # writing the waiting reports would fail too
     except Exception:
-        writer.write_before_failing()
+        if context is not None:
+            write_waiting(context, [writer])  # the failed trial keeps its epochs
         raise
     if result.interrupted:
         raise TrialHandedBack
-    _record(writer, result)
     return result
+
+
+def write_waiting(
+    context: TrialContext,
+    writers: list[TrialWriter],
+    endings: dict[int, Ending] | None = None,
+    then: Callable[[Session, set[int]], None] | None = None,
+) -> set[int]:
+    """Write what waits for these running trials, with their `endings` (trial id ->
+    ending), in one lease-checked transaction that `then` may add to; returns the ids of
+    the trials taken away meanwhile, to which nothing was written."""
+    endings = endings or {}
+    writes = [w.waiting(endings.get(w.trial_id)) for w in writers]
+
+    def write() -> set[int]:
+        with context.store.session(immediate=True) as session:
+            lost = set(write_trials(session, context.study_id, writes))
+            if then is not None:
+                then(session, lost)
+            return lost
+
+    lost = context.store.retrying(write)
+    for writer in writers:
+        if writer.trial_id not in lost:
+            writer.written()
+    return lost
 
 
 def _checkpoint_to_resume(trial: optuna.Trial, context: TrialContext) -> bytes | None:
@@ -334,11 +528,18 @@ def run_trial(
     An error fails the trial with the message recorded (failed trials use no budget).
     """
     trial = claim.trial
+    writer = TrialWriter(trial, context)
     try:
-        with _heartbeat(study, trial):
-            result = train_trial(claim, spec, data, context)
-        return _tell(study, trial, result, context)
+        with keep_alive(study, [trial], context.store if context else None):
+            result = _train(writer, claim, spec, data)
+        if context is None:
+            return _tell(study, writer, result)
+        told, _lost = write_down(study, context, [writer], {writer.trial_id: result})
+        if not told:
+            _log_taken_away(study, trial)
+        return told.get(writer.trial_id)
     except TrialHandedBack:
+        assert context is not None
         hand_back(study, trial, context)
         return None
     except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
@@ -358,14 +559,15 @@ def run_pack(
     context: TrialContext,
 ) -> list[TrialState | None]:
     """Run claimed trials of one architecture as a fused pack (`training.fused`), each
-    reported, pruned, checkpointed, resumed and told as `run_trial` does it alone; a
-    member is told the moment it leaves the pack."""
+    reported, pruned, checkpointed, resumed and told as `run_trial` does it alone. What the
+    members report, save and how they end is written down together at the end of an epoch:
+    one transaction for the whole pack."""
     pack = _PackRun(study, claims, context)
     resume_from = [_checkpoint_to_resume(c.trial, context) for c in claims]
     for writer, payload in zip(pack.writers, resume_from, strict=True):
         _begin(writer, data, payload)
     try:
-        with keep_alive(study, pack.trials):
+        with keep_alive(study, [c.trial for c in claims], context.store):
             train_pack(
                 [c.config for c in claims],
                 data,
@@ -376,6 +578,7 @@ def run_pack(
                 checkpoint_now=context.stop,
                 stop_after_checkpoint=True,
                 resume_from=resume_from,
+                on_epoch_end=pack.write_down,
             )
     except DATABASE_ERRORS:
         raise
@@ -385,54 +588,78 @@ def run_pack(
 
 
 class _PackRun:
-    """The members of a pack as they train: each one's writer and outcome, and the members
-    failed as stale elsewhere (`lost`), which are never written to again."""
+    """The members of a pack as they train: each one's writer and outcome, those that ended
+    this epoch (`ended`) or were interrupted to be handed back, and the members failed as
+    stale elsewhere (`lost`), which are never written to again."""
 
     def __init__(self, study: optuna.Study, claims: list[Claim], context: TrialContext) -> None:
         self.study = study
         self.context = context
-        self.trials = [c.trial for c in claims]
-        self.writers = [TrialWriter(t, context) for t in self.trials]
+        self.writers = [TrialWriter(c.trial, context) for c in claims]
         self.outcomes: list[TrialState | None] = [None] * len(claims)
         self.lost: set[int] = set()
+        self.ended: dict[int, TrainResult] = {}
+        self.interrupted: list[int] = []
+        self.clock = WriteClock()
 
     def report(self, i: int, record: EpochRecord) -> bool:
-        if i not in self.lost:
-            try:
-                self.writers[i].report(record.value, record.epoch)
-                return self.writers[i].should_prune()
-            except LeaseLost:
-                self._lose(i)
-        return False
+        if i in self.lost:
+            return False
+        self.writers[i].report(record.value, record.epoch)
+        return self.writers[i].should_prune()
 
     def save(self, i: int, payload: bytes, epoch: int) -> None:
-        if i not in self.lost:
-            try:
-                self.writers[i].write(checkpoint=(epoch, payload))
-            except LeaseLost:
-                self._lose(i)
+        self.writers[i].save(payload, epoch)
 
     def done(self, i: int, result: TrainResult) -> None:
         if i in self.lost:
             return
         if result.interrupted:
-            hand_back(self.study, self.trials[i], self.context)
+            self.interrupted.append(i)
+        else:
+            self.ended[i] = result
+
+    def write_down(self) -> None:
+        """At the end of an epoch: write the members' waiting reports, attributes and
+        checkpoints and tell those that ended, all in one transaction, when any ended or
+        saved or reports are due; then hand back the interrupted ones."""
+        live = [i for i in range(len(self.writers)) if i not in self.lost]
+        saved = any(self.writers[i].saved for i in live)
+        if not (self.ended or saved or self.clock.due):
             return
-        try:
-            _record(self.writers[i], result)
-            self.outcomes[i] = _tell(self.study, self.trials[i], result, self.context)
-        except (LeaseLost, optuna.exceptions.UpdateFinishedTrialError):
-            self._lose(i)
+        ended = {self.writers[i].trial_id: r for i, r in self.ended.items()}
+        told, lost = write_down(self.study, self.context, [self.writers[i] for i in live], ended)
+        for i in live:
+            trial_id = self.writers[i].trial_id
+            if trial_id in lost:
+                self._lose(i)
+            elif trial_id in told:
+                self.outcomes[i] = told[trial_id]
+        self.ended.clear()
+        self.clock.reset()
+        for i in self.interrupted:
+            if i not in self.lost:
+                hand_back(self.study, self.writers[i].trial, self.context)
+        self.interrupted.clear()
 
     def fail_the_rest(self, exc: Exception) -> None:
-        for i, trial in enumerate(self.trials):
-            if self.outcomes[i] is None and i not in self.lost:
-                self.writers[i].write_before_failing()
-                self.outcomes[i] = _fail(self.study, trial, exc)
+        """Fail the members still training with the error, after writing what they
+        reported; a member taken away meanwhile is left alone."""
+        going = [i for i in range(len(self.writers)) if self.outcomes[i] is None]
+        going = [i for i in going if i not in self.lost]
+        lost: set[int] = set()
+        with contextlib.suppress(*DATABASE_ERRORS):
+            lost = write_waiting(self.context, [self.writers[i] for i in going])
+        for i in going:
+            if self.writers[i].trial_id in lost:
+                self._lose(i)
+                continue
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                self.outcomes[i] = _fail(self.study, self.writers[i].trial, exc)
 
     def _lose(self, i: int) -> None:
         self.lost.add(i)
-        _log_taken_away(self.study, self.trials[i])
+        _log_taken_away(self.study, self.writers[i].trial)
 
 
 def packs(claims: list[Claim], largest: int | None = None) -> list[list[Claim]]:
@@ -446,16 +673,6 @@ def packs(claims: list[Claim], largest: int | None = None) -> list[list[Claim]]:
         groups.setdefault(key, []).append(claim)
     size = largest or len(claims)
     return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
-
-
-@contextmanager
-def keep_alive(study: optuna.Study, trials: list[optuna.Trial]) -> Iterator[None]:
-    """Heartbeats for every trial until the block ends: claimed trials waiting for their
-    turn must not look abandoned."""
-    with contextlib.ExitStack() as beats:
-        for trial in trials:
-            beats.enter_context(_heartbeat(study, trial))
-        yield
 
 
 def _begin(writer: TrialWriter, data: TensorData, resume_from: bytes | None) -> None:
@@ -476,22 +693,14 @@ def _signature(data: TensorData) -> dict[str, Any]:
     }
 
 
-def _tell(
-    study: optuna.Study, trial: optuna.Trial, result: TrainResult, context: TrialContext | None
-) -> TrialState:
-    """Tell how a training ended; then, in one transaction, keep the weights if the trial is
-    among the best and drop its checkpoints."""
+def _tell(study: optuna.Study, writer: TrialWriter, result: TrainResult) -> TrialState:
+    """Record and tell how a training ended through Optuna alone (no worker's context)."""
+    _record(writer, result)
     if result.pruned:
-        study.tell(trial, state=TrialState.PRUNED)
+        study.tell(writer.trial, state=TrialState.PRUNED)
     else:
-        study.tell(trial, result.value)
-    _log_end(study, trial, result)
-    if context is not None:
-        if not result.pruned:
-            curve = {r.epoch: r.value for r in result.history}
-            context.pruning.completed_here(optuna_internals.trial_id(trial), curve)
-        keep = not result.pruned and result.model is not None
-        _keep_and_forget(study, trial, result if keep else None, context)
+        study.tell(writer.trial, result.value)
+    _log_end(study, writer.trial, result)
     return TrialState.PRUNED if result.pruned else TrialState.COMPLETE
 
 
@@ -553,26 +762,31 @@ def fail_trials(
     return outcomes
 
 
-def _keep_and_forget(
-    study: optuna.Study, trial: optuna.Trial, kept: TrainResult | None, context: TrialContext
+def _keep_best(
+    session: Session,
+    study: optuna.Study,
+    context: TrialContext,
+    finished: list[tuple[optuna.Trial, TrainResult]],
 ) -> None:
-    """Store the weights of `kept` (the best KEEP_BEST_MODELS of the study stay) and delete
-    the checkpoints of the trial and of those it retried, in one transaction. Optuna is
-    asked first: on SQLite its connection would wait for this immediate transaction."""
-    trial_ids = [optuna_internals.trial_id(trial), *_retried_trial_ids(trial)]
-    with context.store.session(immediate=True) as session:
-        if kept is not None and (model := kept.model) is not None:
-            keep_best_model(
-                session,
-                study_id=context.study_id,
-                trial_id=optuna_internals.trial_id(trial),
-                trial_number=trial.number,
-                value=kept.value,
-                payload=lambda: _weights(model),
-                maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE,
-                keep=KEEP_BEST_MODELS,
-            )
-        delete_checkpoints(session, trial_ids)
+    """Offer the weights of complete trials to the study's best KEEP_BEST_MODELS, in the
+    caller's transaction."""
+    offered = [
+        Weights(
+            optuna_internals.trial_id(trial),
+            trial.number,
+            result.value,
+            functools.partial(_weights, model),
+        )
+        for trial, result in finished
+        if (model := result.model) is not None
+    ]
+    keep_best_models(
+        session,
+        context.study_id,
+        offered,
+        maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE,
+        keep=KEEP_BEST_MODELS,
+    )
 
 
 def _weights(model: torch.nn.Module) -> bytes:
@@ -598,41 +812,50 @@ def hand_back(study: optuna.Study, trial: optuna.Trial, context: TrialContext) -
 
 
 @contextmanager
-def _heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """Record the trial's heartbeat every interval until the block ends, so a trial whose
-    worker died is recognised as stale and retried; its claim (`claim_trial`) recorded the
-    first. Inside an enclosing block for the same trial (a worker's `keep_alive`), the
-    enclosing one's beats suffice."""
+def keep_alive(
+    study: optuna.Study, trials: list[optuna.Trial], store: Store | None = None
+) -> Iterator[None]:
+    """Record the trials' heartbeats every interval until the block ends, so a trial whose
+    worker died is recognised as stale and retried; their claim recorded the first. One
+    transaction beats for all of them through `store` (through Optuna's storage, trial by
+    trial, without one). Trials that an enclosing block keeps alive (a worker's, around
+    all it claimed) are left to it."""
     storage = optuna_internals.study_storage(study)
-    key = (id(storage), optuna_internals.trial_id(trial))
+    keys = {(id(storage), optuna_internals.trial_id(t)) for t in trials}
     with _BEATING_LOCK:
-        nested = key in _BEATING
-        _BEATING.add(key)
-    if nested:
-        yield
-        return
+        mine = keys - _BEATING
+        _BEATING.update(mine)
+    trial_ids = sorted(trial_id for _, trial_id in mine)
     stopped = threading.Event()
 
     def beat() -> None:
+        if store is None:
+            for trial_id in trial_ids:
+                storage.record_heartbeat(trial_id)
+            return
+        with store.session(immediate=True) as session:
+            record_heartbeats(session, trial_ids)
+
+    def keep_beating() -> None:
         while not stopped.wait(heartbeat_interval_s()):
             with contextlib.suppress(Exception):  # a missed beat is retried at the next one
-                storage.record_heartbeat(optuna_internals.trial_id(trial))
+                beat()
 
+    thread = threading.Thread(target=keep_beating, name="heartbeats", daemon=True)
     try:
-        thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stopped.set()
-            thread.join()
+        if trial_ids:
+            thread.start()
+        yield
     finally:
+        stopped.set()
+        if thread.is_alive():
+            thread.join()
         with _BEATING_LOCK:
-            _BEATING.discard(key)
+            _BEATING.difference_update(mine)
 
 
 def _record(writer: TrialWriter, result: TrainResult) -> None:
-    """Write the results of a finished training with the reports still waiting."""
+    """The results of a finished training, as user attributes that wait with the rest."""
     attrs: dict[str, Any] = {}
     if as_asked(writer.trial).user_attrs.get(
         "error"
@@ -648,4 +871,3 @@ def _record(writer: TrialWriter, result: TrainResult) -> None:
     # Compact: one row [epoch, train_loss, val_loss, value, lr, [grad norms]] per epoch.
     attrs["history"] = [list(row.values()) for row in result.history_rows()]
     writer.set_attrs(attrs)
-    writer.write()

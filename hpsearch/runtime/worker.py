@@ -33,7 +33,7 @@ from hpsearch.runtime.trials import (
     Claim,
     TrialContext,
     as_asked,
-    claim_trial,
+    claim_trials,
     fail_trials,
     keep_alive,
     open_study,
@@ -223,13 +223,10 @@ class Worker:
             state = candidates[(self._turn + offset) % len(candidates)]
             with self._guarded(state):
                 study = self._study(state)
-                claim = functools.partial(claim_trial, study, state, self.store)
-                claims: list[Claim] = []
-                while len(claims) < self._pack_limit():
-                    claimed = self.store.retrying(claim)
-                    if claimed is None:
-                        break
-                    claims.append(claimed)
+                claim = functools.partial(
+                    claim_trials, study, state, self.store, self._pack_limit()
+                )
+                claims: list[Claim] = self.store.retrying(claim)
                 if claims:
                     self._turn = (self._turn + offset + 1) % len(candidates)
                     _log_claim(state, [c.trial for c in claims])
@@ -327,7 +324,7 @@ class Worker:
         largest = memory.largest_pack(memory.estimate(state.spec, data.facts), limit)
         outcomes: list[optuna.trial.TrialState | None] = []
         try:
-            with keep_alive(study, [c.trial for c in claims]):
+            with keep_alive(study, [c.trial for c in claims], self.store):
                 for group in packs(claims, largest):
                     if len(group) == 1:
                         outcomes.append(run_trial(study, group[0], state.spec, data, context))

@@ -27,6 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -231,15 +232,15 @@ class StudyPruning:
         self._brackets: dict[int, int] = {}  # trial id: bracket, of trials seen
         self._after_id = -1  # every trial up to this id was seen, finished or in _unfinished
         self._unfinished: set[int] = set()
-        self._fresh_for: int | None = None  # the trial of the last catch-up ...
-        self._caught_up_at = -math.inf  # ... and when it was
+        self._caught_up_at = -math.inf  # when the last catch-up began (monotonic) ...
+        self._caught_up_since = datetime.min  # ... and on the clock trials start by
 
     def decide(self, trial: FrozenTrial) -> Decision:
         """Whether to prune `trial`, a running trial's in-memory copy: its reports so far
         (`intermediate_values`) and the rungs it passed (`system_attrs`)."""
         curve = trial.intermediate_values
         if self.pruner.name in PERCENTILE_PRUNERS:
-            self._catch_up_for(optuna_internals.trial_id(trial))
+            self._catch_up_for(trial)
             return Decision(percentile_prunes(self.pruner, self.maximize, self.completed, curve))
         if self.halving is None:
             return Decision(False)  # no pruner, or hyperband without a bracket
@@ -247,7 +248,7 @@ class StudyPruning:
         rung = current_rung(trial.system_attrs)
         if not curve or max(curve) < self.halving.promotion_step(bracket, rung):
             return Decision(False)  # no rung to judge at: the view is not needed
-        self._catch_up_for(optuna_internals.trial_id(trial))
+        self._catch_up_for(trial)
         prune, reached = halving_prunes(
             self.halving, bracket, rung, self.maximize, self.rungs, curve
         )
@@ -270,13 +271,16 @@ class StudyPruning:
             self._brackets[trial_id] = self.halving.bracket(self.study.study_name, number)
         return self._brackets[trial_id]
 
-    def _catch_up_for(self, trial_id: int) -> None:
-        """Catch up at the first decision of each trial, then every REFRESH_S."""
-        if trial_id != self._fresh_for or time.monotonic() - self._caught_up_at > REFRESH_S:
+    def _catch_up_for(self, trial: FrozenTrial) -> None:
+        """Catch up at the first decision of a trial that started after the last catch-up,
+        then every REFRESH_S: the members of a pack, started together, share one."""
+        started = trial.datetime_start or datetime.max
+        if started > self._caught_up_since or time.monotonic() - self._caught_up_at > REFRESH_S:
             self.store.retrying(self._catch_up)
-            self._fresh_for = trial_id
 
     def _catch_up(self) -> None:
+        # Before reading: a trial started meanwhile may have been missed by it.
+        caught_up_at, caught_up_since = time.monotonic(), datetime.now()
         with self.store.session() as session:
             seen = trials_since(
                 session, optuna_internals.study_id(self.study), self._after_id, self._unfinished
@@ -288,7 +292,7 @@ class StudyPruning:
                 self._unfinished.add(trial_id)
             else:
                 self._unfinished.discard(trial_id)
-        self._caught_up_at = time.monotonic()
+        self._caught_up_at, self._caught_up_since = caught_up_at, caught_up_since
 
     def _read_views(self, session: Session, seen: dict[int, SeenTrial]) -> None:
         """Add what the `seen` trials bring to the view: the curves of the newly complete,

@@ -31,14 +31,13 @@ log = logging.getLogger(__name__)
 WATCH_S = 0.5  # how often `recover` looks at the heartbeats it waits for
 
 
-def record_holder(study: optuna.Study, trial: optuna.Trial) -> None:
-    """Name this process as the trial's holder, so that a process on the same machine can
-    tell for sure when it died. One that cannot name itself (no /proc) clears the holder: a
-    retry inherits the attributes of the trial it retries, and that trial's dead holder
-    must not speak for this live process."""
+def holder_attrs() -> dict[str, str | None]:
+    """The system attribute that names this process as a trial's holder, so that a process
+    on the same machine can tell for sure when it died. One that cannot name itself (no
+    /proc) clears the holder: a retry inherits the attributes of the trial it retries, and
+    that trial's dead holder must not speak for this live process."""
     me = holders.this_process()
-    value = None if me is None else me.as_attr()
-    optuna_internals.set_system_attr(study, trial, holders.HOLDER_ATTR, value)
+    return {holders.HOLDER_ATTR: None if me is None else me.as_attr()}
 
 
 def reap_lost_trials(study: optuna.Study, claim: StudyClaim, grace_s: float) -> int:

@@ -97,9 +97,13 @@ def train_pack(
     checkpoint_now: threading.Event | None = None,
     stop_after_checkpoint: bool = False,
     resume_from: list[bytes | None] | None = None,
+    on_epoch_end: Callable[[], None] | None = None,
 ) -> list[TrainResult]:
     """Train the trials together; results in the order of `configs`, each as `train` would
     return it (best weights restored, scored on val and test).
+
+    `on_epoch_end` is called once each epoch's reports, departures and checkpoints have all
+    been handed out: where a caller writes them down together.
 
     Checkpoints and resuming work as in `train`, per member: every member hands out a
     checkpoint in `train`'s format when one is due, so a member's retry resumes alone or
@@ -120,7 +124,7 @@ def train_pack(
 
     pack = _Pack(configs, data, resume_from or [None] * len(configs))
     schedule = CheckpointSchedule(checkpoint_every_s, checkpoint_now, stop_after_checkpoint)
-    pack.fit(on_epoch, done, on_checkpoint, schedule)
+    pack.fit(on_epoch, done, on_checkpoint, schedule, on_epoch_end or (lambda: None))
     return [results[i] for i in range(len(configs))]
 
 
@@ -229,13 +233,18 @@ class _Pack:
         on_done: MemberDone,
         on_checkpoint: MemberCheckpoint | None,
         schedule: CheckpointSchedule,
+        on_epoch_end: Callable[[], None],
     ) -> None:
         """Train until every member has left the pack, each told to `on_done` as it leaves."""
         while self.members:
             self._epoch(on_epoch, on_done)
-            if self.members and schedule.hand_out_if_due(lambda: self._hand_out(on_checkpoint)):
-                for member in self.members:
-                    on_done(member.index, self._result(member, "interrupted"))
+            interrupted = bool(self.members) and schedule.hand_out_if_due(
+                lambda: self._hand_out(on_checkpoint)
+            )
+            for member in self.members if interrupted else []:
+                on_done(member.index, self._result(member, "interrupted"))
+            on_epoch_end()
+            if interrupted:
                 return
 
     def _start(self, fresh: list[int]) -> None:
