@@ -15,7 +15,7 @@ import copy
 import json
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from optuna.distributions import BaseDistribution, distribution_to_json
@@ -48,12 +48,23 @@ class LeaseLost(Exception):
 @dataclass(frozen=True)
 class StartedTrial:
     """A trial a claim started: a new one, or a waiting retry (`retry`) whose params and
-    attributes it inherited."""
+    attributes it inherited. `datetime_start` is naive local time, as in Optuna's trials."""
 
     trial_id: int
     number: int
     datetime_start: datetime
     retry: bool
+
+
+def stored_time(local: datetime) -> datetime:
+    """A trial's time as Optuna's `RDBStorage` stores it: naive UTC (its trials in memory
+    hold naive local time, which its models convert on the way in and out)."""
+    return local.astimezone(UTC).replace(tzinfo=None)
+
+
+def local_time(stored: datetime | None) -> datetime | None:
+    """A stored trial time as Optuna's trials hold it: naive local time."""
+    return None if stored is None else stored.replace(tzinfo=UTC).astimezone().replace(tzinfo=None)
 
 
 def start_trials(
@@ -71,11 +82,11 @@ def start_trials(
     _lock_optuna_study(session, study_id)
     started = _pop_waiting(session, study_id, retries) if retries else []
     if new:
-        now = datetime.now()  # Optuna's datetime_start: the worker's local time, naive
+        now = datetime.now()
         base = session.scalar(select(func.count()).where(trials.c.study_id == study_id)) or 0
         rows = [
             {"number": base + i, "study_id": study_id, "state": TrialState.RUNNING}
-            | {"datetime_start": now}
+            | {"datetime_start": stored_time(now)}
             for i in range(new)
         ]
         inserted = session.execute(
@@ -126,7 +137,7 @@ def _pop_waiting(session: Session, study_id: int, n: int) -> list[StartedTrial]:
     popped = session.execute(
         update(trials)
         .where(trials.c.trial_id.in_(waiting.scalar_subquery()))
-        .values(state=TrialState.RUNNING, datetime_start=now)
+        .values(state=TrialState.RUNNING, datetime_start=stored_time(now))
         .returning(trials.c.trial_id, trials.c.number)
     ).all()
     return [StartedTrial(tid, number, now, True) for tid, number in popped]
@@ -227,7 +238,7 @@ def _end(session: Session, endings: Mapping[int, Ending]) -> None:
     if not endings:
         return
     trials, values = TrialModel.__table__, TrialValueModel.__table__
-    now = datetime.now()  # Optuna's datetime_complete: local time, naive
+    now = stored_time(datetime.now())
     for state in {e.state for e in endings.values()}:
         ids = [tid for tid, e in endings.items() if e.state == state]
         session.execute(

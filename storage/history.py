@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import Select, and_, false, func, or_, select
 from sqlalchemy.orm import Session
 
+from hpsearch.storage.bulk import local_time
 from hpsearch.storage.db import session_scope
 from hpsearch.storage.optuna_internals import (
     TrialIntermediateValueModel,
@@ -110,8 +111,8 @@ def _read(session: Session, ids: Select[tuple[int]]) -> list[FrozenTrial]:
             state=state,
             value=None,
             values=values.get(tid),
-            datetime_start=start,
-            datetime_complete=complete,
+            datetime_start=local_time(start),
+            datetime_complete=local_time(complete),
             params={name: p[0] for name, p in params.get(tid, {}).items()},
             distributions={name: p[1] for name, p in params.get(tid, {}).items()},
             user_attrs={},

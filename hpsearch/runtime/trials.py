@@ -598,6 +598,7 @@ class _PackRun:
         self.writers = [TrialWriter(c.trial, context) for c in claims]
         self.outcomes: list[TrialState | None] = [None] * len(claims)
         self.lost: set[int] = set()
+        self.left: set[int] = set()  # told or handed back: nothing more to write
         self.ended: dict[int, TrainResult] = {}
         self.interrupted: list[int] = []
         self.clock = WriteClock()
@@ -623,7 +624,7 @@ class _PackRun:
         """At the end of an epoch: write the members' waiting reports, attributes and
         checkpoints and tell those that ended, all in one transaction, when any ended or
         saved or reports are due; then hand back the interrupted ones."""
-        live = [i for i in range(len(self.writers)) if i not in self.lost]
+        live = [i for i in range(len(self.writers)) if i not in self.lost | self.left]
         saved = any(self.writers[i].saved for i in live)
         if not (self.ended or saved or self.clock.due):
             return
@@ -635,18 +636,19 @@ class _PackRun:
                 self._lose(i)
             elif trial_id in told:
                 self.outcomes[i] = told[trial_id]
+                self.left.add(i)
         self.ended.clear()
         self.clock.reset()
         for i in self.interrupted:
             if i not in self.lost:
                 hand_back(self.study, self.writers[i].trial, self.context)
+                self.left.add(i)
         self.interrupted.clear()
 
     def fail_the_rest(self, exc: Exception) -> None:
         """Fail the members still training with the error, after writing what they
         reported; a member taken away meanwhile is left alone."""
-        going = [i for i in range(len(self.writers)) if self.outcomes[i] is None]
-        going = [i for i in going if i not in self.lost]
+        going = [i for i in range(len(self.writers)) if i not in self.lost | self.left]
         lost: set[int] = set()
         with contextlib.suppress(*DATABASE_ERRORS):
             lost = write_waiting(self.context, [self.writers[i] for i in going])
