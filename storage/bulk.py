@@ -344,12 +344,20 @@ class PendingTrials:
     def __init__(self, storage: Any, trials: Iterable[FrozenTrial], history: TrialHistory) -> None:
         self._storage = storage
         self._history = history
+        self._study_ids: dict[str, int] = {}
         self._pending = {optuna_internals.trial_id(t): t for t in trials}
         self.params: list[tuple[int, str, float, BaseDistribution]] = []
         self.system_attrs: list[tuple[int, str, Any]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._storage, name)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        """Looked up once per drawing: a hyperband pruner's view of a trial's bracket is a
+        study of its own, made (and looked up by name) at every param drawn."""
+        if study_name not in self._study_ids:
+            self._study_ids[study_name] = self._storage.get_study_id_from_name(study_name)
+        return self._study_ids[study_name]
 
     def release(self) -> None:
         """From now on, every call goes to the storage: the pending trials are written."""
