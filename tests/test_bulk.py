@@ -626,6 +626,7 @@ def test_infinite_and_nan_reports_and_values_are_stored_as_optuna_stores_them(
     bulk = load(url, "odd").trials
     assert [t.state for t in bulk] == expected
     assert [t.value for t in bulk] == [math.inf, None, None, -math.inf]
+    assert bulk[2].user_attrs["error"] == "ValueError: the objective is NaN"  # not "lost"
 
     storage = optuna.storages.RDBStorage(url, heartbeat_interval=60)
     optuna.create_study(study_name="reference", storage=storage, direction=spec.objective.direction)

@@ -65,6 +65,7 @@ from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, check
 log = logging.getLogger(__name__)
 KEEP_BEST_MODELS = 5  # the trained weights of this many best trials per study are kept
 WRITE_EVERY_S = 2.0  # a running trial's reports reach the database at least this often
+NAN_ERROR = "ValueError: the objective is NaN"  # Optuna's tell fails such a trial
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # (storage, trial id) of the trials whose heartbeats a `keep_alive` block records now.
 _BEATING: set[tuple[int, int]] = set()
@@ -348,6 +349,8 @@ def write_down(
     for tid, result in ended.items():
         _record(by_id[tid], result)
         ending = endings[tid]
+        if ending.state == TrialState.FAIL:  # shown as failed with its reason, not as lost
+            by_id[tid].set_attrs({"error": NAN_ERROR})
         values = None if ending.value is None else [ending.value]
         study.sampler.after_trial(study, as_asked(by_id[tid].trial), ending.state, values)
     # Looked up through Optuna first: on SQLite its connection would wait for the
@@ -388,9 +391,10 @@ def _after_tell(
 ) -> None:
     if ending.state == TrialState.FAIL:
         log.warning(
-            "study %s: trial %d failed: its value is NaN",
+            "study %s: trial %d failed: %s",
             study.study_name,
             trial.number,
+            NAN_ERROR,
             extra={"study": study.study_name, "trial": trial.number, "state": "failed"},
         )
         return
