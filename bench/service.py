@@ -1,17 +1,23 @@
 """The service's own cost, each figure beside a baseline measured in the same run.
 
-1. Overhead per trial: the worker's loop (`Worker._claim` + `Worker._run`: claim under the
-   study's lock with the budget counted, 20 reported epochs with `should_prune`, one
+1. Overhead per trial: the worker's loop (`Worker._claim` + `Worker._run`: the claim under
+   the study's lock with the budget counted, 20 reported epochs with pruning decisions, one
    checkpoint write, the results recorded, the tell, the best weights kept, the completion
    check) with training replaced by a replay of one recorded 20-epoch training of a
-   64-128-10 network; against plain Optuna on `RDBStorage` (`ask`, 20 x `report` +
-   `should_prune`, `tell`) on the same database, both with the random sampler and the median
-   pruner, in studies already holding 100, 1,000 and 10,000 finished trials.
-2. Leaderboard and listing latency of the REST API on a study of 10,000 trials, against
+   64-128-10 network, one trial at a time and in packs of 32; against plain Optuna on
+   `RDBStorage` (`ask`, 20 x `report` + `should_prune`, `tell`) and Optuna's `ask` + `tell`
+   alone on the same database, with the random sampler and the median pruner, in studies
+   already holding 100, 1,000 and 10,000 finished trials. PostgreSQL's CPU time per trial
+   (every server process, from /proc) gives the ceiling of one server.
+2. A worker's first claim in a study of 10,000 trials (random and TPE), against Optuna's
+   first ask through a fresh `RDBStorage`.
+3. Leaderboard and listing latency of the REST API on a study of 10,000 trials, against
    the same answers computed by loading every trial with `optuna.load_study(...).get_trials()`.
-3. Sampler latency: time per ask at 100 and 1,000 finished trials (`bench/samplers.py`'s
+4. Sampler latency: time per ask at 100 and 1,000 finished trials (`bench/samplers.py`'s
    `ask_seconds`), against the random sampler.
-4. Load: 32 claimant processes on PostgreSQL for 60 s, then 32 against a budget of 500.
+5. Load: 32 claimant processes on PostgreSQL, claiming one trial at a time as workers did
+   before packs were claimed at once, then packs of 8, for 60 s each and against a budget
+   of 500, with the random sampler and with TPE.
 
 Everything runs on SQLite (a temporary file) and on PostgreSQL (a database created for the
 run on $HPSEARCH_BENCH_POSTGRES_URL's server, default postgresql://postgres@127.0.0.1:5432/test,
@@ -26,8 +32,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
+import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -39,6 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,15 +59,36 @@ from samplers import PROBLEMS, ask_seconds
 
 import hpsearch.runtime.trials
 from hpsearch.data.tensors import load_dataset
-from hpsearch.runtime.trials import claim_trial, open_study
+from hpsearch.runtime.trials import claim_trials, open_study
 from hpsearch.runtime.worker import Worker, WorkerOptions
 from hpsearch.search.bayes import _MAX_BEST as BAYES_BEST
 from hpsearch.search.bayes import _MAX_RECENT as BAYES_RECENT
-from hpsearch.search.pruning import REFRESH_S, Halving, rung_key
-from hpsearch.search.space import distributions, make_pruner, make_sampler, suggest_params
-from hpsearch.service.studies import StudyState, submit_study
+from hpsearch.search.pruning import Halving, rung_key
+from hpsearch.search.space import (
+    BUDGET_STATES,
+    distributions,
+    make_pruner,
+    make_sampler,
+    suggest_params,
+)
+from hpsearch.service.recovery import holder_attrs, reap_lost_trials
+from hpsearch.service.studies import (
+    RUNNABLE_STATES,
+    StudyState,
+    effective_budget,
+    submit_study,
+)
 from hpsearch.spec import StudySpec, parse_spec
-from hpsearch.storage import Store, make_engine, optuna_storage, upgrade
+from hpsearch.storage import (
+    StorageError,
+    Store,
+    grace_period_s,
+    make_engine,
+    optuna_internals,
+    optuna_storage,
+    upgrade,
+)
+from hpsearch.storage.db import is_transient
 from hpsearch.storage.optuna_internals import (
     StudyModel,
     TrialIntermediateValueModel,
@@ -69,7 +98,7 @@ from hpsearch.storage.optuna_internals import (
     TrialUserAttributeModel,
     TrialValueModel,
 )
-from hpsearch.storage.queries import trial_counts
+from hpsearch.storage.queries import STATE_NAMES, trial_counts
 from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, train
 
 SECTION = "## Service overhead"
@@ -90,6 +119,10 @@ PRUNED_EVERY = 3  # every third pre-filled trial was pruned, at a random epoch
 INSERT_BATCH = 2_000
 FINITE_STEP = TrialIntermediateValueModel.TrialIntermediateValueType.FINITE
 LOAD_CLAIMANTS = 32
+PACK = 32  # trials a worker claims, trains and tells together in the overhead's pack runs
+LOAD_PACK = 8  # trials each claimant claims at once in the load's pack runs
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+TRANSIENT_WAIT_S = 0.5  # a claimant refused by the database waits this long, as a worker does
 LOAD_REPORTS = 3
 LOAD_BUDGET = 500
 PYTHON_WAY_REPEATS = 3  # loading 10,000 trials takes seconds: fewer repeats of the baseline
@@ -147,9 +180,12 @@ def database(kind: str) -> Iterator[str]:
         admin.dispose()
 
 
-def bench_spec(name: str, n_trials: int, pruner: str = "median") -> StudySpec:
-    """The measured studies: three searched params, the random sampler (so that the sampler's
-    own cost does not hide the storage's), the median pruner unless told, 20 epochs."""
+def bench_spec(
+    name: str, n_trials: int, pruner: str = "median", sampler: str = "random"
+) -> StudySpec:
+    """The measured studies: three searched params, the random sampler unless told (so that
+    the sampler's own cost does not hide the storage's), the median pruner unless told, 20
+    epochs."""
     return parse_spec(
         {
             "name": name,
@@ -161,7 +197,7 @@ def bench_spec(name: str, n_trials: int, pruner: str = "median") -> StudySpec:
                 "early_stopping_patience": None,
                 "checkpoint_every_s": 0,
             },
-            "sampler": {"name": "random", "seed": 0},
+            "sampler": {"name": sampler, "seed": 0},
             "pruner": {"name": pruner},
             "budget": {"n_trials": n_trials},
         }
@@ -356,46 +392,92 @@ class ReplayTrainer:
         on_checkpoint: Callable[[bytes, int], None] | None = None,
         **_options: Any,
     ) -> TrainResult:
-        curve = next(self.curves)
-        history = [
-            dataclasses.replace(record, value=value)
-            for record, value in zip(self.replay.result.history, curve, strict=True)
-        ]
+        history, result = self.run(config)
         for record in history:
             if on_epoch is not None:
                 on_epoch(record)
             if on_checkpoint is not None and record.epoch == CHECKPOINT_EPOCH:
                 on_checkpoint(self.replay.checkpoint, record.epoch)
-        return dataclasses.replace(self.replay.result, value=max(curve), history=history)
+        return result
+
+    def run(self, _config: TrialConfig) -> tuple[list[EpochRecord], TrainResult]:
+        """The next curve's epochs and the result that ends them."""
+        curve = next(self.curves)
+        history = [
+            dataclasses.replace(record, value=value)
+            for record, value in zip(self.replay.result.history, curve, strict=False)
+        ]
+        return history, dataclasses.replace(self.replay.result, value=max(curve), history=history)
+
+
+class ReplayPack:
+    """Stands in for fused training (`hpsearch.training.fused.train_pack`): every member
+    reports the next curve's epochs, hands out the recorded checkpoint once and ends with
+    the recorded result, each epoch closed by `on_epoch_end` as the fused pack does."""
+
+    def __init__(self, single: ReplayTrainer) -> None:
+        self.single = single
+
+    def __call__(
+        self,
+        configs: list[TrialConfig],
+        data: Any,
+        on_epoch: Callable[[int, EpochRecord], bool],
+        on_done: Callable[[int, TrainResult], None],
+        *,
+        on_checkpoint: Callable[[int, bytes, int], None],
+        on_epoch_end: Callable[[], None],
+        **_options: Any,
+    ) -> list[TrainResult]:
+        runs = [self.single.run(config) for config in configs]
+        epochs = max(len(history) for history, _ in runs)
+        for epoch in range(1, epochs + 1):
+            for i, (history, result) in enumerate(runs):
+                if epoch <= len(history):
+                    on_epoch(i, history[epoch - 1])
+                if epoch == len(history):
+                    on_done(i, result)
+                elif epoch == CHECKPOINT_EPOCH:
+                    on_checkpoint(i, self.single.replay.checkpoint, epoch)
+            on_epoch_end()
+        return [result for _, result in runs]
 
 
 @contextmanager
 def replayed_training(replay: Replay, curves: list[list[float]]) -> Iterator[None]:
-    original = hpsearch.runtime.trials.train
-    hpsearch.runtime.trials.train = ReplayTrainer(replay, curves)
+    """Training replaced by the replay in this process, single trials and packs alike,
+    each trial taking the next of `curves`."""
+    trials = hpsearch.runtime.trials
+    original = trials.train, trials.train_pack
+    single = ReplayTrainer(replay, curves)
+    trials.train, trials.train_pack = single, ReplayPack(single)
     try:
         yield
     finally:
-        hpsearch.runtime.trials.train = original
+        trials.train, trials.train_pack = original
 
 
 class OursLoop:
-    """A worker serving one study, driven one trial at a time through its own loop steps."""
+    """A worker serving one study, driven one claim at a time through its own loop steps:
+    one trial, or a pack of `pack` trials trained together."""
 
-    def __init__(self, url: str, state: StudyState) -> None:
+    def __init__(self, url: str, state: StudyState, pack: int = 1) -> None:
         store = Store.open(url)
-        self.worker = Worker(WorkerOptions(store, "cpu", studies=(state.name,)))
+        self.worker = Worker(WorkerOptions(store, "cpu", studies=(state.name,), pack=pack))
         self.worker._register()
+        self.size = pack
 
     def trial(self) -> None:
         claimed = self.worker._claim()
-        assert claimed is not None, "the budget ran out"
+        assert claimed is not None and len(claimed[2]) == self.size, "the budget ran out"
         self.worker._run(*claimed)
 
 
 class PlainLoop:
     """What a user writes with Optuna alone on the same database: ask, report and ask the
     pruner each epoch, tell."""
+
+    size = 1
 
     def __init__(self, url: str, spec: StudySpec, name: str) -> None:
         self.spec = spec
@@ -453,19 +535,66 @@ class SqlCounter:
 
 @dataclass
 class Side:
-    """One way of running trials: seconds per timed trial, and its SQL per trial."""
+    """One way of running trials: seconds per timed trial (a pack's time shared among its
+    `size` trials), its SQL per trial, and the database server's CPU time per trial."""
 
+    size: int = 1
     seconds: list[float] = dataclasses.field(default_factory=list)
-    first: float = 0.0  # the first trial of a fresh process: Optuna's cache loads the study
+    first: float = 0.0  # the first claim of a fresh process, in seconds
     counter: SqlCounter = dataclasses.field(default_factory=SqlCounter)
+    server_cpu_s: float | None = 0.0  # summed over the timed trials; None: not readable
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
 
+    @property
+    def statements(self) -> float:
+        return self.counter.statements / len(self.seconds)
+
+    @property
+    def commits(self) -> float:
+        return self.counter.commits / len(self.seconds)
+
+    @property
+    def server_ms(self) -> float | None:
+        """PostgreSQL's CPU time per trial, in ms."""
+        if self.server_cpu_s is None:
+            return None
+        return 1000 * self.server_cpu_s / len(self.seconds)
+
     def per_trial(self) -> str:
-        n = len(self.seconds)
-        return f"{self.counter.statements / n:.0f} / {self.counter.commits / n:.0f}"
+        return f"{self.statements:.1f} / {self.commits:.2f}"
+
+    def timed(self, call: Callable[[], Any], n: int, url: str) -> None:
+        """`n` calls, each timed, with their SQL and the server's CPU time counted."""
+        before = server_cpu_seconds(url)
+        with self.counter:
+            for seconds in timed_calls(call, n):
+                self.seconds += [seconds / self.size] * self.size
+        after = server_cpu_seconds(url)
+        if before is None or after is None or self.server_cpu_s is None:
+            self.server_cpu_s = None
+        else:
+            self.server_cpu_s += after - before
+
+
+def server_cpu_seconds(url: str) -> float | None:
+    """CPU seconds used so far by every PostgreSQL server process of this machine (from
+    /proc: the server's own time, whatever its statistics collector has flushed); None
+    for SQLite, or a server that is not local."""
+    if not url.startswith("postgresql") or ("127.0.0.1" not in url and "localhost" not in url):
+        return None
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue  # gone meanwhile
+        if fields[0].endswith("(postgres"):
+            utime, stime = fields[1].split()[11:13]
+            ticks += int(utime) + int(stime)
+    return ticks / os.sysconf("SC_CLK_TCK") if ticks else None
 
 
 @dataclass
@@ -474,6 +603,7 @@ class OverheadResult:
     prefilled: int
     pruner: str
     ours: Side
+    pack: Side  # the worker claiming, training and telling PACK trials at a time
     plain: Side
     ask_tell: Side
     commit_s: float  # one committed one-row write on this database
@@ -485,24 +615,27 @@ def measure_overhead(
     """The three loops on three studies of `n` pre-filled trials in one database,
     alternating in rounds so that all meet the same load on the machine."""
     n_timed = sizes.rounds * sizes.per_round + sizes.warmup
-    spec = bench_spec(f"ours-{n}", n + n_timed + 10, pruner)
     store = Store.open(url)
-    state = submit_study(store, spec)
-    prefill(url, optuna_storage(url).get_study_id_from_name(spec.name), n, spec, seed=1)
+    states = {}
+    for label, size in (("ours", 1), ("pack", PACK)):
+        spec = bench_spec(f"{label}-{n}", n + (n_timed + 10) * size, pruner)
+        states[label] = submit_study(store, spec)
+        prefill(url, optuna_storage(url).get_study_id_from_name(spec.name), n, spec, seed=1)
     plain_storage = optuna.storages.RDBStorage(url)
     for name in (f"plain-{n}", f"ask-tell-{n}"):
         study_id = plain_storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], name)
         prefill(url, study_id, n, spec, seed=1)
 
     loops = {
-        "ours": OursLoop(url, state),
+        "ours": OursLoop(url, states["ours"]),
+        "pack": OursLoop(url, states["pack"], PACK),
         "plain": PlainLoop(url, spec, f"plain-{n}"),
         "ask_tell": AskTellLoop(url, spec, f"ask-tell-{n}"),
     }
     loops["plain"].curves = iter(replay.curves(n_timed, seed=2))
     loops["ask_tell"].curves = iter(replay.curves(n_timed, seed=2))
-    sides = {label: Side() for label in loops}
-    with replayed_training(replay, replay.curves(n_timed, seed=2)):
+    sides = {label: Side(loop.size) for label, loop in loops.items()}
+    with replayed_training(replay, replay.curves(n_timed * (PACK + 1), seed=2)):
         for label, loop in loops.items():
             sides[label].first = timed_calls(loop.trial, 1)[0]
         for _ in range(sizes.warmup - 1):
@@ -510,10 +643,9 @@ def measure_overhead(
                 loop.trial()
         for _ in range(sizes.rounds):
             for label, loop in loops.items():
-                with sides[label].counter:
-                    sides[label].seconds += timed_calls(loop.trial, sizes.per_round)
+                sides[label].timed(loop.trial, sizes.per_round, url)
     result = OverheadResult(kind, n, pruner, **sides, commit_s=commit_seconds(url))
-    return result, state
+    return result, states["ours"]
 
 
 def commit_seconds(url: str, n: int = 50) -> float:
@@ -540,12 +672,13 @@ def overhead_table(results: list[OverheadResult]) -> str:
         "pruner",
         "hpsearch median (ms)",
         "hpsearch p90 (ms)",
+        f"pack of {PACK}, per trial median (ms)",
         "plain median (ms)",
-        "plain p90 (ms)",
-        "hpsearch / plain",
         "ask + tell alone median (ms)",
-        "statements / commits per trial, hpsearch; plain; ask + tell",
-        "first trial, hpsearch; plain (s)",
+        "hpsearch / ask + tell",
+        f"pack of {PACK} / ask + tell",
+        "statements / commits per trial: hpsearch; pack; plain; ask + tell",
+        "first turn, hpsearch; pack; plain (s)",
         "one commit (ms)",
     ]
     rows = [
@@ -555,16 +688,37 @@ def overhead_table(results: list[OverheadResult]) -> str:
             r.pruner,
             ms(r.ours.median),
             ms(percentile(r.ours.seconds, 90)),
+            ms(r.pack.median),
             ms(r.plain.median),
-            ms(percentile(r.plain.seconds, 90)),
-            f"{r.ours.median / r.plain.median:.2f}",
             ms(r.ask_tell.median),
-            f"{r.ours.per_trial()}; {r.plain.per_trial()}; {r.ask_tell.per_trial()}",
-            f"{r.ours.first:.2f}; {r.plain.first:.2f}",
+            f"{r.ours.median / r.ask_tell.median:.2f}",
+            f"{r.pack.median / r.ask_tell.median:.3f}",
+            "; ".join(side.per_trial() for side in (r.ours, r.pack, r.plain, r.ask_tell)),
+            f"{r.ours.first:.2f}; {r.pack.first:.2f}; {r.plain.first:.2f}",
             ms(r.commit_s),
         ]
         for r in results
     ]
+    return markdown_table(header, rows)
+
+
+def server_table(results: list[OverheadResult]) -> str:
+    """PostgreSQL's own CPU time per trial, and the trials per second one server core
+    could serve at that cost."""
+    header = ["way", "server CPU per trial (ms)", "trials / s per server core", "commits / trial"]
+    rows = []
+    for r in results:
+        for label, side in (
+            ("hpsearch, one trial at a time", r.ours),
+            (f"hpsearch, pack of {PACK}", r.pack),
+            ("plain Optuna", r.plain),
+            ("Optuna ask + tell alone", r.ask_tell),
+        ):
+            if side.server_ms is not None:
+                ceiling = 1000 / side.server_ms if side.server_ms > 0 else float("inf")
+                rows.append(
+                    [label, f"{side.server_ms:.2f}", f"{ceiling:,.0f}", f"{side.commits:.2f}"]
+                )
     return markdown_table(header, rows)
 
 
@@ -789,76 +943,204 @@ class LoadResult:
     claimants: int
     seconds: float
     told: int  # trials the claimants finished
+    waits: int  # database refusals waited out (`Tally`)
     errors: int
     first_error: str
     counts: dict[str, int]  # the study's trials by state at the end, read from the database
     budget: int
+    server_s: float | None  # PostgreSQL's CPU seconds over the run (`server_cpu_seconds`)
+
+    @property
+    def server_ms(self) -> str:
+        """PostgreSQL's CPU time per trial told."""
+        return "n/a" if self.server_s is None else f"{1000 * self.server_s / self.told:.2f}"
+
+    @property
+    def rate(self) -> float:
+        return self.told / self.seconds
+
+    @property
+    def used(self) -> int:
+        """The trials that count against the budget."""
+        return sum(self.counts.get(s, 0) for s in ("complete", "pruned", "running", "waiting"))
 
 
-def claimant(
-    url: str, state: StudyState, stream: int, seconds: float, ready: Any, go: Any, out: Any
-) -> None:
-    """One claimant process: claim (through the worker's retrying claim), report three
-    epochs asking the pruner each time, tell; until `seconds` pass or the budget is spent."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    store = Store.open(url)
+def one_trial_claim(study: optuna.Study, state: StudyState, store: Store) -> optuna.Trial | None:
+    """The claim as it was before packs were claimed at once, kept as the load's baseline:
+    under the study's lock, the budget counted, then Optuna's `ask`, the first heartbeat,
+    the holder and each param in a transaction of its own, the sampler run under the lock."""
+    with store.claim(state.id) as claim:
+        if claim.record.state not in RUNNABLE_STATES:
+            return None
+        claim.beat_for_orphans()
+        reap_lost_trials(study, claim, grace_period_s())
+        counts = claim.trial_counts()
+        used = sum(counts.get(STATE_NAMES[s], 0) for s in BUDGET_STATES)
+        waiting = counts.get(STATE_NAMES[TrialState.WAITING], 0) > 0
+        if not waiting and used >= effective_budget(state.spec, claim.record.n_trials):
+            return None
+        trial = study.ask()
+        optuna_internals.study_storage(study).record_heartbeat(optuna_internals.trial_id(trial))
+        for key, value in holder_attrs().items():
+            optuna_internals.set_system_attr(study, trial, key, value)
+        suggest_params(trial, state.spec)
+        return trial
+
+
+@dataclass
+class Tally:
+    """What one claimant did: trials told, database refusals waited out as a worker waits
+    them out (`is_transient`: every connection slot taken, say), and other errors."""
+
+    told: int = 0
+    waits: int = 0
+    errors: int = 0
+    first_error: str = ""
+
+    def failed(self, exc: Exception) -> None:
+        if is_transient(exc):
+            self.waits += 1
+            time.sleep(TRANSIENT_WAIT_S)
+            return
+        self.errors += 1
+        self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"[:300]
+
+
+def open_store(url: str, tally: Tally) -> Store:
+    """The store, once the database accepts a connection (waiting out refusals)."""
+    while True:
+        try:
+            return Store.open(url)
+        except StorageError as exc:
+            if not is_transient(exc):
+                raise
+            tally.failed(exc)
+
+
+def one_trial_at_a_time(
+    url: str, state: StudyState, seconds: float, stream: int, _replay: Replay
+) -> Tally:
+    """Claim one trial (`one_trial_claim`), report LOAD_REPORTS epochs asking the pruner
+    each time, tell; until `seconds` pass or the budget is spent."""
+    tally = Tally()
+    store = open_store(url, tally)
     study = open_study(state, store)
-    claim = functools.partial(claim_trial, study, state, store)
     rng = np.random.default_rng(stream)
-    told = errors = 0
-    first_error = ""
-    ready.put(stream)
-    go.wait()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            claimed = store.retrying(claim)
-            if claimed is None:
+            trial = one_trial_claim(study, state, store)
+            if trial is None:
                 break
-            trial = claimed.trial
             for epoch in range(1, LOAD_REPORTS + 1):
                 trial.report(float(rng.uniform()), epoch)
                 trial.should_prune()
             study.tell(trial, float(rng.uniform()))
-            told += 1
+            tally.told += 1
         except Exception as exc:  # counted, and the claimant goes on
-            errors += 1
-            first_error = first_error or f"{type(exc).__name__}: {exc}"[:300]
-    out.put((told, errors, first_error))
+            tally.failed(exc)
+    return tally
 
 
-def run_load(url: str, label: str, n_trials: int, seconds: float, claimants: int) -> LoadResult:
+def packs_at_a_time(
+    url: str, state: StudyState, seconds: float, stream: int, replay: Replay
+) -> Tally:
+    """A worker claiming LOAD_PACK trials at once and running each pack with its training
+    replayed (LOAD_REPORTS epochs of random values per trial): reports, pruning decisions,
+    checkpoints and tells written together."""
+    rng = np.random.default_rng(stream)
+    curves = ([float(v) for v in rng.uniform(size=LOAD_REPORTS)] for _ in itertools.count())
+    tally = Tally()
+    store = open_store(url, tally)
+    worker = Worker(WorkerOptions(store, "cpu", studies=(state.name,), pack=LOAD_PACK))
+    worker._register()
+    deadline = time.monotonic() + seconds
+    with replayed_training(replay, curves):
+        while time.monotonic() < deadline:
+            try:
+                claimed = worker._claim()
+                if claimed is None:
+                    break
+                outcomes = worker._run(*claimed)
+                tally.told += sum(o in FINISHED for o in outcomes)
+            except Exception as exc:  # counted, and the claimant goes on
+                tally.failed(exc)
+    return tally
+
+
+FLAVOURS = {"one": one_trial_at_a_time, "pack": packs_at_a_time}
+
+
+def claimant(
+    url: str,
+    state: StudyState,
+    flavour: str,
+    replay: Replay,
+    stream: int,
+    seconds: float,
+    ready: Any,
+    go: Any,
+    out: Any,
+) -> None:
+    """One claimant process, started with the others, counting what it told and met."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.disable(logging.WARNING)
+    ready.put(stream)
+    go.wait()
+    try:
+        out.put(FLAVOURS[flavour](url, state, seconds, stream, replay))
+    except Exception as exc:  # a claimant that could not even start
+        out.put(Tally(errors=1, first_error=f"{type(exc).__name__}: {exc}"[:300]))
+
+
+def run_load(
+    url: str,
+    label: str,
+    flavour: str,
+    sampler: str,
+    n_trials: int,
+    seconds: float,
+    claimants: int,
+    replay: Replay,
+) -> LoadResult:
     """`claimants` processes (spawned, as real workers are) on one study, started together."""
     store = Store.open(url)
-    state = submit_study(store, bench_spec(f"load-{label}", n_trials))
+    state = submit_study(store, bench_spec(f"load-{label}", n_trials, sampler=sampler))
     context = multiprocessing.get_context("spawn")
     ready, out, go = context.Queue(), context.Queue(), context.Event()
     processes = [
-        context.Process(target=claimant, args=(url, state, i, seconds, ready, go, out))
+        context.Process(
+            target=claimant, args=(url, state, flavour, replay, i, seconds, ready, go, out)
+        )
         for i in range(claimants)
     ]
     for process in processes:
         process.start()
     for _ in processes:
         ready.get(timeout=600)
+    cpu_before = server_cpu_seconds(url)
     start = time.perf_counter()
     go.set()
-    outcomes = [out.get(timeout=seconds + 600) for _ in processes]
+    tallies: list[Tally] = [out.get(timeout=seconds + 600) for _ in processes]
     elapsed = time.perf_counter() - start
+    cpu_after = server_cpu_seconds(url)
     for process in processes:
         process.join()
     with sqlalchemy.orm.Session(make_engine(url)) as session:
         study_id = optuna_storage(url).get_study_id_from_name(state.name)
         counts = dict(trial_counts(session, [study_id]).get(study_id, {}))
+    server_s = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     return LoadResult(
         label,
         claimants,
         elapsed,
-        told=sum(o[0] for o in outcomes),
-        errors=sum(o[1] for o in outcomes),
-        first_error=next((o[2] for o in outcomes if o[2]), ""),
+        told=sum(t.told for t in tallies),
+        waits=sum(t.waits for t in tallies),
+        errors=sum(t.errors for t in tallies),
+        first_error=next((t.first_error for t in tallies if t.first_error), ""),
         counts=counts,
         budget=n_trials,
+        server_s=server_s,
     )
 
 
@@ -869,31 +1151,76 @@ def load_table(results: list[LoadResult]) -> str:
         "seconds",
         "trials told",
         "trials / s",
+        "server CPU / trial (ms)",
+        "refusals waited out",
         "errors",
         "complete + pruned + running + waiting",
         "budget",
         "failed",
     ]
-    rows = []
-    for r in results:
-        used = sum(r.counts.get(s, 0) for s in ("complete", "pruned", "running", "waiting"))
-        rows.append(
-            [
-                r.label,
-                str(r.claimants),
-                f"{r.seconds:.1f}",
-                f"{r.told:,}",
-                f"{r.told / r.seconds:.1f}",
-                str(r.errors),
-                f"{used:,}",
-                f"{r.budget:,}",
-                str(r.counts.get("failed", 0)),
-            ]
-        )
+    rows = [
+        [
+            r.label,
+            str(r.claimants),
+            f"{r.seconds:.1f}",
+            f"{r.told:,}",
+            f"{r.rate:.1f}",
+            r.server_ms,
+            str(r.waits),
+            str(r.errors),
+            f"{r.used:,}",
+            f"{r.budget:,}",
+            str(r.counts.get("failed", 0)),
+        ]
+        for r in results
+    ]
     return markdown_table(header, rows)
 
 
 # --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FirstClaim:
+    """A joining worker's first claim in a study of `prefilled` finished trials."""
+
+    sampler: str
+    prefilled: int
+    ours_s: float  # hpsearch's `claim_trials` of a process that has not read the study
+    optuna_s: float  # `optuna.load_study` + `ask` + the params, through a fresh RDBStorage
+
+
+def measure_first_claims(url: str, n: int, samplers: tuple[str, ...]) -> list[FirstClaim]:
+    """The first claim of a process in a study of `n` finished trials, per sampler, against
+    what a process joining with Optuna alone pays for its first trial."""
+    store = Store.open(url)
+    results = []
+    for sampler in samplers:
+        spec = bench_spec(f"first-{sampler}", n + 10, sampler=sampler)
+        state = submit_study(store, spec)
+        prefill(url, optuna_storage(url).get_study_id_from_name(spec.name), n, spec, seed=3)
+        plain = f"first-plain-{sampler}"
+        storage = optuna.storages.RDBStorage(url)
+        study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], plain)
+        prefill(url, study_id, n, spec, seed=3)
+        start = time.perf_counter()
+        assert claim_trials(open_study(state, store), state, store, 1)
+        ours = time.perf_counter() - start
+        start = time.perf_counter()
+        study = optuna.load_study(
+            study_name=plain, storage=optuna.storages.RDBStorage(url), sampler=make_sampler(spec)
+        )
+        suggest_params(study.ask(), spec)
+        results.append(FirstClaim(sampler, n, ours, time.perf_counter() - start))
+    return results
+
+
+def first_claim_table(results: list[FirstClaim]) -> str:
+    header = ["sampler", "finished trials", "hpsearch first claim (s)", "Optuna first ask (s)"]
+    rows = [
+        [r.sampler, f"{r.prefilled:,}", f"{r.ours_s:.2f}", f"{r.optuna_s:.2f}"] for r in results
+    ]
+    return markdown_table(header, rows)
 
 
 @dataclass
@@ -902,13 +1229,14 @@ class Results:
     latency: list[LatencyResult]
     upgrade_s: dict[str, float]
     asks: dict[tuple[str, int], float]
+    first_claims: list[FirstClaim]
     load: list[LoadResult]
     checkpoint_bytes: int
 
 
 def run(sizes: Sizes) -> Results:
     replay = Replay.record()
-    overhead, latency, upgrade_s = [], [], {}
+    overhead, latency, upgrade_s, first_claims = [], [], {}, []
     for kind in KINDS:
         for n in sizes.prefilled:
             with database(kind) as url:
@@ -919,6 +1247,10 @@ def run(sizes: Sizes) -> Results:
                     latency += measure_latency(url, kind, state.name, sizes)
                     upgrade_s[kind] = upgrade_cost(url)
                     print(latency_table(latency[-3:]), flush=True)
+                if n == max(sizes.prefilled) and kind == "postgresql":
+                    print(server_table(overhead[-1:]), flush=True)
+                    first_claims = measure_first_claims(url, n, ("random", "tpe"))
+                    print(first_claim_table(first_claims), flush=True)
     for pruner in sizes.pruners:
         with database("postgresql") as url:
             n = max(sizes.prefilled)
@@ -926,13 +1258,30 @@ def run(sizes: Sizes) -> Results:
             print(overhead_table(overhead[-1:]), flush=True)
     asks = sampler_latency(sizes)
     print(sampler_table(asks, sizes), flush=True)
-    with database("postgresql") as url:
-        load = [
-            run_load(url, "steady", 1_000_000, sizes.load_seconds, sizes.claimants),
-            run_load(url, "budget", sizes.load_budget, sizes.load_seconds, sizes.claimants),
-        ]
-    print(load_table(load), flush=True)
-    return Results(overhead, latency, upgrade_s, asks, load, len(replay.checkpoint))
+    load = []
+    for sampler in ("random", "tpe"):
+        with database("postgresql") as url:
+            runs = [
+                ("one", 1_000_000, "steady"),
+                ("pack", 1_000_000, "steady"),
+                ("pack", sizes.load_budget, "budget"),
+            ]
+            for flavour, budget, kind in runs:
+                label = f"{flavour}-{sampler}-{kind}"
+                load.append(
+                    run_load(
+                        url,
+                        label,
+                        flavour,
+                        sampler,
+                        budget,
+                        sizes.load_seconds,
+                        sizes.claimants,
+                        replay,
+                    )
+                )
+                print(load_table(load[-1:]), flush=True)
+    return Results(overhead, latency, upgrade_s, asks, first_claims, load, len(replay.checkpoint))
 
 
 def main() -> None:
@@ -957,6 +1306,8 @@ def section(results: Results, sizes: Sizes, run_seconds: float, load: float) -> 
             environment(COMMAND, ("optuna", "sqlalchemy", "psycopg", "fastapi", "torch"))
             + f"\n- Run time: {run_seconds:.0f} s; load average {load:.1f} when it started",
             overhead_text(results.overhead, sizes, results.checkpoint_bytes),
+            server_text(results.overhead, sizes),
+            first_claim_text(results.first_claims),
             latency_text(results.latency, results.upgrade_s, sizes),
             sampler_text(results.asks, sizes),
             load_text(results.load, sizes),
@@ -967,80 +1318,66 @@ def section(results: Results, sizes: Sizes, run_seconds: float, load: float) -> 
 def overhead_text(results: list[OverheadResult], sizes: Sizes, checkpoint_bytes: int) -> str:
     median = [r for r in results if r.pruner == "median"]
     pg = max((r for r in median if r.kind == "postgresql"), key=lambda r: r.prefilled)
+    pack_ratio = pg.pack.median / pg.ask_tell.median
+    holds = pack_ratio <= 0.25 and pg.pack.commits <= 1
     halving = "; ".join(
-        f"{r.pruner} {ms(r.ours.median)} ms against {ms(r.plain.median)} ms "
-        f"(x{r.ours.median / r.plain.median:.2f})"
+        f"{r.pruner}: one at a time {ms(r.ours.median)} ms, in a pack {ms(r.pack.median)} ms, "
+        f"plain Optuna {ms(r.plain.median)} ms"
         for r in results
         if r.pruner != "median"
     )
-    holds = pg.ours.median <= 0.020 and pg.ours.median <= pg.plain.median
-    n_ours, n_plain = len(pg.ours.seconds), len(pg.plain.seconds)
-    commits = pg.ours.counter.commits / n_ours, pg.plain.counter.commits / n_plain
-    by_size = ", ".join(
-        f"{ms(r.ours.median)} / {ms(r.plain.median)} ms at {r.prefilled:,}"
-        for r in median
-        if r.kind == "postgresql"
-    )
     return f"""### Overhead per trial
 
-A trial with no training, three ways, on the same database and study size, with the random
+A trial with no training, four ways, on the same database and study size, with the random
 sampler (so the sampler's own cost does not dominate) and the median pruner; on PostgreSQL
 at the largest size also with {" and ".join(sizes.pruners)}:
 
-- hpsearch: one turn of the worker's loop (`Worker._claim` + `Worker._run`): the claim under
-  the study's lock (budget counted, stale trials failed, `ask`, first heartbeat), the
-  worker's status row, heartbeats, {EPOCHS} reported epochs each with a pruning decision,
-  one checkpoint of a 64-128-10 network with its Adam state
+- hpsearch, one trial at a time: one turn of the worker's loop (`Worker._claim` +
+  `Worker._run`, `--pack 1`): the claim (under the study's lock the budget counted, stale
+  trials failed, the trial started with its first heartbeat and holder; then its params
+  drawn and written), the worker's status row, {EPOCHS} reported epochs each with a pruning
+  decision, one checkpoint of a 64-128-10 network with its Adam state
   ({checkpoint_bytes / 1000:.0f} kB), the results recorded, the tell, the weights kept among
   the best five, the checkpoints dropped and the completion check.
-  `hpsearch.training.train.train` is replaced by a replay of one recorded training of that network
-  on digits (its reports, checkpoint and result).
+- hpsearch, a pack of {PACK}: the same turn with `--pack {PACK}`: {PACK} trials claimed in
+  one transaction, drawn and written in one more, and every epoch's reports, the
+  checkpoints, results, tells, kept weights and dropped checkpoints of all members written
+  together; its time is shared among its {PACK} trials.
 - plain Optuna (`RDBStorage`, what a user writes around it): `ask`, {EPOCHS} x `report` +
   `should_prune`, `tell`.
-- `ask` + `tell` alone, nothing reported: the floor under anything that keeps its trials in
-  Optuna's storage.
+- `ask` + `tell` alone, nothing reported: the floor under anything that keeps its trials
+  one by one in Optuna's storage.
 
-Both hpsearch and plain Optuna report every epoch whatever the pruner answers, so every trial
-does the same work. The studies were pre-filled with that many finished trials (one in three
-pruned) in Optuna's tables, with params, values, an intermediate value per epoch and the user
-attributes a worker records (under sha and hyperband also the rungs each reached, Optuna's
-`completed_rung_N` system attributes), then analysed (as autovacuum would have).
-{sizes.rounds} rounds of {sizes.per_round} trials per way, alternating, after
-{sizes.warmup} untimed ones; "first trial" is the first one of the process, which loads
-the whole study into Optuna's trial cache (each worker process pays it once).
-"statements / commits" are counted on every engine of the process; "one commit" is a
-committed one-row insert on the same database.
+Training is replaced by a replay of one recorded training of that network on digits (its
+reports, checkpoint and result; `train` and `train_pack`), and every way reports every epoch
+whatever the pruner answers, so every trial does the same work. The studies were pre-filled
+with that many finished trials (one in three pruned) in Optuna's tables, with params,
+values, an intermediate value per epoch and the user attributes a worker records (under sha
+and hyperband also the rungs each reached), then analysed (as autovacuum would have).
+{sizes.rounds} rounds of {sizes.per_round} claims per way, alternating, after
+{sizes.warmup} untimed ones; "first turn" is the first claim and trial (or pack) of the
+process: its pruning view reads the study's completed curves then, and plain Optuna's
+cache loads every trial.
+"statements / commits" are counted on every engine of the process, per trial (a read-only
+transaction counts as a commit); "one commit" is a committed one-row insert on the same
+database.
 
 {overhead_table(results)}
 
-Reading: on PostgreSQL with {pg.prefilled:,} finished trials a trial costs
-{ms(pg.ours.median)} ms through the worker against {ms(pg.plain.median)} ms in plain Optuna
-(x{pg.ours.median / pg.plain.median:.2f}, {commits[0]:.0f} commits against {commits[1]:.0f});
-the target (median at most 20 ms and no more than plain Optuna's)
-{"holds" if holds else "does not hold"}. hpsearch against plain Optuna, median, on
-PostgreSQL: {by_size}.
+Reading: on PostgreSQL with {pg.prefilled:,} finished trials, a trial in a pack of {PACK}
+costs {ms(pg.pack.median)} ms of bookkeeping and {pg.pack.commits:.2f} commits, against
+{ms(pg.ask_tell.median)} ms for Optuna's own `ask` + `tell` (x{pack_ratio:.3f}); the target
+(at most a quarter of `ask` + `tell`, at most one commit per trial) {
+        "holds" if holds else "does not hold"
+    }. One trial at a time costs {ms(pg.ours.median)} ms
+(x{pg.ours.median / pg.ask_tell.median:.2f} `ask` + `tell`); the run before packs were
+claimed at once measured 75.9 ms here (x2.1). Plain Optuna, reporting every epoch through
+`RDBStorage` and its median pruner reading every trial, costs {ms(pg.plain.median)} ms.
 
-Where plain Optuna's time goes: each `report` is a committed transaction, and the median
-pruner reads every trial of the study at each `should_prune` (`study.get_trials`, then the
-percentile over the completed ones), so its cost grows with the study. A worker keeps its
-reports in memory, where the pruner reads the trial's own values, and writes them with the
-trial's checkpoint and results (or every {hpsearch.runtime.trials.WRITE_EVERY_S:.0f} s), each write
-one lease-checked transaction; its median and percentile decisions come from the completed
-trials' values per epoch kept sorted in memory and caught up from the database at each
-trial's first decision and every {REFRESH_S:.0f} s after it, reading only trials it has not
-seen finish (`hpsearch.search.pruning`). What remains is mostly Optuna's `ask` and `tell`
-({ms(pg.ask_tell.median)} ms alone here: each reads the whole trial back, six statements,
-and `ask` sets each param in a transaction of its own), then the checkpoint, the results,
-the kept weights and the claim's lock and counts.
-
-Successive halving and hyperband at {max(sizes.prefilled):,} trials on PostgreSQL, hpsearch
-against plain Optuna:
-{halving}.
-Optuna's pruners read every trial of the study at each rung a trial reaches, and hyperband
-also reads the trial itself and looks its study up by name at every epoch; a worker judges
-from the values recorded at each rung, per bracket, kept sorted in memory and caught up
-like the median's view (`hpsearch.search.pruning.RungValues`), and writes the rungs a trial
-reaches with its next write."""
+Where a pack's time goes: its checkpoints ({PACK} x {checkpoint_bytes / 1000:.0f} kB in one
+statement, stored uncompressed), the {PACK} x {EPOCHS} reports and the recorded results (one
+multi-row statement per table), and the claim. With {" and ".join(sizes.pruners)} at
+{max(sizes.prefilled):,} trials on PostgreSQL: {halving}."""
 
 
 def latency_text(results: list[LatencyResult], upgrade_s: dict[str, float], sizes: Sizes) -> str:
@@ -1093,26 +1430,92 @@ observations, which reads every trial at each ask."""
 
 
 def load_text(results: list[LoadResult], sizes: Sizes) -> str:
-    steady, budget = results
-    used = sum(budget.counts.get(s, 0) for s in ("complete", "pruned", "running", "waiting"))
-    verdict = "exact" if used == budget.budget else "NOT exact"
-    errors = sum(r.errors for r in results)
+    by_label = {r.label: r for r in results}
+    ratios = {
+        sampler: (by_label[f"pack-{sampler}-steady"].rate / by_label[f"one-{sampler}-steady"].rate)
+        for sampler in ("random", "tpe")
+    }
+    budgets = [r for r in results if r.label.endswith("budget")]
+    exact = all(r.used == r.budget for r in budgets)
+    errors = sum(r.errors + r.counts.get("failed", 0) for r in results)
+    waits = sum(r.waits for r in results)
     first = next((f" (first: `{r.first_error}`)" for r in results if r.first_error), "")
+    one, pack = by_label["one-random-steady"], by_label["pack-random-steady"]
     return f"""### Load
 
-{sizes.claimants} claimant processes (spawned, as workers are) on one PostgreSQL study, each
-looping: the worker's claim (`claim_trial` through `with_retries`), {LOAD_REPORTS} x
-`report` + `should_prune`, `tell`. "steady": {sizes.load_seconds:.0f} s on a budget that
-cannot run out; "budget": the same on a budget of {sizes.load_budget:,}, run until every
-claimant is refused. Any exception a claimant sees counts as an error. The last columns are
-the study's trials by state in the database afterwards.
+{sizes.claimants} claimant processes (spawned, as workers are) on one PostgreSQL study per
+run, two ways side by side, with the random sampler and then with TPE:
+
+- "one": one trial at a time, as workers claimed before packs were claimed at once
+  (`one_trial_claim`, kept here as the baseline: under the study's lock the budget counted,
+  Optuna's `ask`, the first heartbeat, the holder and each param in a transaction of its own,
+  the sampler run under the lock), then {LOAD_REPORTS} x `report` + `should_prune` and `tell`
+  through Optuna;
+- "pack": a worker (`Worker._claim` + `Worker._run`, `--pack {LOAD_PACK}`) whose training is
+  replayed ({LOAD_REPORTS} epochs of random values per trial): {LOAD_PACK} trials claimed in one
+  transaction, their params drawn outside the lock and written in one more, each epoch's
+  reports and pruning decisions, the members' checkpoints, results and tells written together.
+
+"steady": {sizes.load_seconds:.0f} s on a budget that cannot run out; "budget": the same on a
+budget of {sizes.load_budget:,}, run until every claimant is refused. "Server CPU / trial" is
+PostgreSQL's CPU time over the run (every server process, from /proc) per trial told.
+{sizes.claimants} processes hold more connections than PostgreSQL's default 100: a claimant
+refused one ("too many clients") waits {TRANSIENT_WAIT_S} s and goes on, as a worker waits out a
+transient database error ("refusals waited out"); any other exception counts as an error.
+The last columns are the study's trials by state in the database afterwards.
 
 {load_table(results)}
 
-Reading: {steady.told / steady.seconds:.0f} trials per second under {steady.claimants}
-claimants (claims are serialised by the study's row lock); {errors} errors{first}; the
-budget run ends with {used:,} trials counted against a budget of {budget.budget:,}:
-{verdict}."""
+Reading: packs of {LOAD_PACK} serve {ratios["random"]:.1f}x the trials per second of one-trial
+claims with the random sampler and {ratios["tpe"]:.1f}x with TPE, where the sampler's own time
+dominates (it runs outside the lock for packs, under it one at a time); PostgreSQL's CPU per
+trial falls from {one.server_ms} ms to {pack.server_ms} ms. {errors} errors or failed
+trials{first}, {waits} refusals waited out; the budget runs end with
+{", ".join(f"{r.used:,} trials against {r.budget:,}" for r in budgets)}:
+{"exact" if exact else "NOT exact"}."""
+
+
+def server_text(results: list[OverheadResult], sizes: Sizes) -> str:
+    pg = [r for r in results if r.kind == "postgresql" and r.pruner == "median"]
+    largest = max(pg, key=lambda r: r.prefilled)
+    cores = os.cpu_count() or 1
+    ours, pack = largest.ours.server_ms or 0.0, largest.pack.server_ms or 0.0
+    return f"""### The ceiling of one database
+
+PostgreSQL's own CPU time per trial in the overhead runs above at {largest.prefilled:,}
+finished trials (the median pruner): the user and system time of every PostgreSQL server
+process of this machine (`/proc/<pid>/stat`: backends, WAL writer, checkpointer), read
+before and after each round of each way and shared among its trials. "Trials / s per
+server core" is what one core of such a server could serve at that cost; this machine's
+server has {cores}.
+
+{server_table([largest])}
+
+Reading: one trial at a time costs the server {ours:.2f} ms of CPU, a trial in a pack of
+{PACK} {pack:.2f} ms; one server core would serve about
+{1000 / ours if ours else float("inf"):,.0f} and {1000 / pack if pack else float("inf"):,.0f}
+trials per second. Commits are the other cost: each is a flush of the write-ahead log, which
+PostgreSQL groups across concurrent sessions."""
+
+
+def first_claim_text(results: list[FirstClaim]) -> str:
+    if not results:
+        return ""
+    largest = max(r.prefilled for r in results)
+    return f"""### A worker joining a large study
+
+The first claim of a process in a PostgreSQL study of {largest:,} finished trials (as
+pre-filled above), per sampler: hpsearch's `claim_trials` in a process that has not read the
+study, against `optuna.load_study` + `ask` + the params through a fresh `RDBStorage`, the
+first trial of a process that joins with Optuna alone.
+
+{first_claim_table(results)}
+
+Optuna's cache builds every trial whole through its ORM at the first request for the
+study's trials (every epoch's value and user attribute included), which TPE makes at its
+first ask. hpsearch's samplers read the study through `storage.history`: states, params,
+values, system attributes and each trial's last report, one query per table, then only what
+changed."""
 
 
 if __name__ == "__main__":
