@@ -47,7 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import optuna
@@ -101,6 +101,7 @@ from hpsearch.storage.optuna_internals import (
 from hpsearch.storage.queries import STATE_NAMES, trial_counts
 from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, train
 
+T = TypeVar("T")
 SECTION = "## Service overhead"
 COMMAND = ".venv/bin/python bench/service.py"
 ADMIN_URL = os.environ.get(
@@ -1006,11 +1007,12 @@ class Tally:
         self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"[:300]
 
 
-def open_store(url: str, tally: Tally) -> Store:
-    """The store, once the database accepts a connection (waiting out refusals)."""
+def waiting_out(tally: Tally, fn: Callable[[], T]) -> T:
+    """`fn()` once the database accepts it, refusals waited out (opening a store or a
+    study, as a worker waits at its start)."""
     while True:
         try:
-            return Store.open(url)
+            return fn()
         except StorageError as exc:
             if not is_transient(exc):
                 raise
@@ -1023,8 +1025,8 @@ def one_trial_at_a_time(
     """Claim one trial (`one_trial_claim`), report LOAD_REPORTS epochs asking the pruner
     each time, tell; until `seconds` pass or the budget is spent."""
     tally = Tally()
-    store = open_store(url, tally)
-    study = open_study(state, store)
+    store = waiting_out(tally, lambda: Store.open(url))
+    study = waiting_out(tally, lambda: open_study(state, store))
     rng = np.random.default_rng(stream)
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -1051,7 +1053,7 @@ def packs_at_a_time(
     rng = np.random.default_rng(stream)
     curves = ([float(v) for v in rng.uniform(size=LOAD_REPORTS)] for _ in itertools.count())
     tally = Tally()
-    store = open_store(url, tally)
+    store = waiting_out(tally, lambda: Store.open(url))
     worker = Worker(WorkerOptions(store, "cpu", studies=(state.name,), pack=LOAD_PACK))
     worker._register()
     deadline = time.monotonic() + seconds

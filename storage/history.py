@@ -35,8 +35,6 @@ from hpsearch.storage.optuna_internals import (
     trial_id,
 )
 
-HISTORIES_KEPT = 16  # studies whose trials a process keeps in memory for its samplers
-
 
 @dataclass
 class TrialHistory:
@@ -79,13 +77,6 @@ class TrialHistory:
             trials.c.study_id == self.study_id,
             or_(trials.c.trial_id > self._last_finished_id, unfinished),
         )
-
-
-@functools.lru_cache(maxsize=HISTORIES_KEPT)
-def trial_history(url: str, study_id: int) -> TrialHistory:
-    """The process's history of one study, kept between claims so that each claim reads
-    only what changed."""
-    return TrialHistory(url, study_id)
 
 
 def _read(session: Session, ids: Select[tuple[int]]) -> list[FrozenTrial]:

@@ -54,6 +54,7 @@ from hpsearch.search.space import distributions, suggest_params
 from hpsearch.service.studies import StudyState, submit_study
 from hpsearch.spec import StudySpec, parse_spec
 from hpsearch.storage import Store, optuna_internals
+from hpsearch.storage.history import TrialHistory
 from hpsearch.training.progress import EpochRecord
 from hpsearch.training.train import TrainResult
 from tests.test_pruning import spec_dict
@@ -725,3 +726,37 @@ def test_a_pack_does_not_call_its_finished_members_lost(
     assert states[TrialState.PRUNED] > 0  # members left their packs at different epochs
     assert set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert "failed as stale" not in caplog.text
+
+
+def test_the_samplers_history_reads_what_changed_since_its_last_read(tmp_path: Path) -> None:
+    """`TrialHistory` holds what samplers read (params, values, system attributes, the last
+    report), and a trial that was running at one read is read again once it finished."""
+    url = f"sqlite:///{tmp_path / 'history.db'}"
+    study = optuna.create_study(study_name="seen", storage=optuna.storages.RDBStorage(url))
+    done = study.ask()
+    done.suggest_float("x", 0.0, 1.0)
+    done.report(0.7, 1)
+    done.report(0.4, 2)
+    study._storage.set_trial_system_attr(done._trial_id, "grid_id", 3)
+    done.set_user_attr("history", [[1, 0.7], [2, 0.4]])
+    study.tell(done, 0.4)
+    running = study.ask()
+    running.suggest_float("x", 0.0, 1.0)
+    history = TrialHistory(url, optuna_internals.study_id(study))
+
+    first = history.trials()
+    assert [t.state for t in first] == [TrialState.COMPLETE, TrialState.RUNNING]
+    assert first[0].params == done.params and first[0].value == 0.4
+    assert first[0].intermediate_values == {2: 0.4}  # the last report: what samplers read
+    assert first[0].system_attrs == {"grid_id": 3} and first[0].user_attrs == {}
+    assert first[0].datetime_start == load(url, "seen").trials[0].datetime_start
+
+    study.tell(running, 0.9)
+    added = study.ask()
+    then = history.trials(states=(TrialState.COMPLETE, TrialState.RUNNING))
+    assert [(t.number, t.state) for t in then] == [
+        (0, TrialState.COMPLETE),
+        (1, TrialState.COMPLETE),
+        (2, TrialState.RUNNING),
+    ]
+    assert then[1].value == 0.9 and then[2]._trial_id == added._trial_id

@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ from hpsearch.storage import (
 )
 from hpsearch.storage.bulk import PendingTrials, StartedTrial, record_heartbeats, write_params
 from hpsearch.storage.engine import MAX_RETRIES
-from hpsearch.storage.history import trial_history
+from hpsearch.storage.history import TrialHistory
 from hpsearch.storage.optuna_internals import as_asked
 from hpsearch.storage.queries import STATE_NAMES
 from hpsearch.storage.store import Store
@@ -70,6 +71,7 @@ FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # (storage, trial id) of the trials whose heartbeats a `keep_alive` block records now.
 _BEATING: set[tuple[int, int]] = set()
 _BEATING_LOCK = threading.Lock()
+_HISTORIES: weakref.WeakKeyDictionary[optuna.Study, TrialHistory] = weakref.WeakKeyDictionary()
 
 
 def open_study(state: StudyState, store: Store) -> optuna.Study:
@@ -166,7 +168,7 @@ def _draw(
     """The started trials' params, drawn one trial after another by the study's sampler
     (a retry keeps those it inherited), then written together by `write`."""
     storage = optuna_internals.study_storage(study)
-    history = trial_history(store.url, optuna_internals.study_id(study))
+    history = _history(study, store)
     try:
         pending = PendingTrials(storage, [_as_started(storage, t) for t in started], history)
         drawing = optuna.Study(
@@ -184,6 +186,15 @@ def _draw(
         raise
     pending.release()
     return claims
+
+
+def _history(study: optuna.Study, store: Store) -> TrialHistory:
+    """The study's trials as its samplers read them, kept with the study object between
+    claims (so that each claim reads only what changed) and dropped with it: a study
+    deleted and made again under the same id is a new study object, with a new history."""
+    if study not in _HISTORIES:
+        _HISTORIES[study] = TrialHistory(store.url, optuna_internals.study_id(study))
+    return _HISTORIES[study]
 
 
 def _as_started(storage: optuna.storages.BaseStorage, started: StartedTrial) -> FrozenTrial:
