@@ -1407,9 +1407,9 @@ that a sequential scan reads in the database's own plan (`EXPLAIN`) of those sta
 Reading: the leaderboard's top 10 takes
 {", ".join(f"{ms(statistics.median(r.api))} ms on {r.kind}" for r in top)}; the target
 (under 50 ms) {"holds" if holds else "does not hold"}. Every request is a fixed number of
-statements whatever the study's size. Each request checks the schema version {calls} times
-(`upgrade`, once for the token check and once in the service function): {upgrade_lines},
-at most {share:.0%} of a request, so it was left as it is."""
+statements whatever the study's size. A request checks the schema version {calls} times
+(the server migrates once, as it starts: `Store.open`); one check (`upgrade`) costs
+{upgrade_lines}, {share:.0%} of a request."""
 
 
 def sampler_text(asks: dict[tuple[str, int], float], sizes: Sizes) -> str:
