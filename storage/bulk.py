@@ -96,13 +96,10 @@ def start_trials(
         started += [StartedTrial(tid, number, now, False) for tid, number in inserted]
     ids = [t.trial_id for t in started]
     record_heartbeats(session, ids)
-    attrs = [
-        {"trial_id": i, "key": k, "value_json": json.dumps(v)}
-        for i in ids
-        for k, v in system_attrs.items()
-    ]
-    _upsert(
-        session, TrialSystemAttributeModel.__table__, attrs, ("trial_id", "key"), ("value_json",)
+    _set_attrs(
+        session,
+        TrialSystemAttributeModel.__table__,
+        [(i, k, v) for i in ids for k, v in system_attrs.items()],
     )
     return sorted(started, key=lambda t: t.number)
 
@@ -186,12 +183,9 @@ def write_trials(session: Session, study_id: int, writes: list[TrialWrite]) -> d
         (TrialUserAttributeModel.__table__, lambda w: w.attrs),
         (TrialSystemAttributeModel.__table__, lambda w: w.system_attrs),
     ):
-        rows = [
-            {"trial_id": w.trial_id, "key": k, "value_json": json.dumps(v)}
-            for w in writes
-            for k, v in attrs_of(w).items()
-        ]
-        _upsert(session, table, rows, key=("trial_id", "key"), updated=("value_json",))
+        _set_attrs(
+            session, table, [(w.trial_id, k, v) for w in writes for k, v in attrs_of(w).items()]
+        )
     checkpoints = [
         {
             "study_id": study_id,
@@ -274,10 +268,14 @@ def write_params(
     ]
     if param_rows:
         _insert_many(session, TrialParamModel.__table__.insert(), param_rows)
-    attrs = [{"trial_id": tid, "key": k, "value_json": json.dumps(v)} for tid, k, v in system_attrs]
-    _upsert(
-        session, TrialSystemAttributeModel.__table__, attrs, ("trial_id", "key"), ("value_json",)
-    )
+    _set_attrs(session, TrialSystemAttributeModel.__table__, system_attrs)
+
+
+def _set_attrs(session: Session, table: Any, attrs: Iterable[tuple[int, str, Any]]) -> None:
+    """Trials' user or system attributes (trial id, key, value), each replacing the one of
+    its key, as Optuna's `set_trial_user_attr` and `set_trial_system_attr` store them."""
+    rows = [{"trial_id": tid, "key": k, "value_json": json.dumps(v)} for tid, k, v in attrs]
+    _upsert(session, table, rows, key=("trial_id", "key"), updated=("value_json",))
 
 
 def _report_row(trial_id: int, step: int, value: float) -> dict[str, Any]:
