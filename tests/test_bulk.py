@@ -76,6 +76,7 @@ GRID_SPACE = {
 # A POSIX zone 5 h 30 east of UTC (no tzdata needed): naive UTC would be told from naive
 # local time at once.
 FAR_FROM_UTC = "XST-5:30"
+Window = tuple[datetime, datetime]  # local times between which something was written
 
 
 def bulk_spec(name: str, **sections: Any) -> StudySpec:
@@ -147,6 +148,19 @@ def replay(
         study.tell(trial, state=bulk.state)  # a pruned trial's value is Optuna's to derive
     else:
         assert bulk.state == TrialState.RUNNING, bulk
+
+
+def reference_of(
+    url: str, spec: StudySpec, bulk: list[FrozenTrial]
+) -> tuple[optuna.storages.RDBStorage, Window]:
+    """A study "reference" beside the bulk-written one, with `bulk`'s trials replayed into
+    it through Optuna (`replay`); its storage, and the local-time window of the replay."""
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=60)
+    optuna.create_study(study_name="reference", storage=storage, direction=spec.objective.direction)
+    began = datetime.now()
+    for trial in bulk:
+        replay(storage, "reference", spec, trial)
+    return storage, (began, datetime.now())
 
 
 def queue_retry(study: optuna.Study, failed: FrozenTrial) -> None:
@@ -268,8 +282,6 @@ def assert_alike(bulk: list[FrozenTrial], ref: list[FrozenTrial]) -> None:
     if found:
         pytest.fail("bulk-written trials differ from Optuna's:\n" + "\n".join(found))
 
-
-Window = tuple[datetime, datetime]
 
 DATETIME_MISMATCH = (
     "Optuna reads these trials' datetimes back other than the local times at which they were "
@@ -475,17 +487,9 @@ def test_trials_written_in_bulk_read_as_trials_written_by_optunas_storage(
     assert any("completed_rung_0" in t.system_attrs for t in bulk)
     assert any(t.state == TrialState.PRUNED and t.intermediate_values for t in bulk)
 
-    storage = optuna.storages.RDBStorage(url, heartbeat_interval=60)
-    direction = spec.objective.direction
-    optuna.create_study(study_name="reference", storage=storage, direction=direction)
-    replayed = datetime.now()
-    for trial in bulk:
-        replay(storage, "reference", spec, trial)
+    storage, replayed = reference_of(url, spec, bulk)
     for number in range(8):
-        windows["reference"][0][number] = windows["reference"][1][number] = (
-            replayed,
-            datetime.now(),
-        )
+        windows["reference"][0][number] = windows["reference"][1][number] = replayed
     assert_alike(bulk, load(url, "reference").trials)
     assert_same_rows(url, "bulk", "reference")
 
@@ -588,15 +592,10 @@ def test_bulk_written_datetimes_read_back_as_the_local_times_they_were_written(
     ended = datetime.now()
     bulk = load(url, "times").trials
 
-    storage = optuna.storages.RDBStorage(url, heartbeat_interval=60)
-    direction = spec.objective.direction
-    optuna.create_study(study_name="reference", storage=storage, direction=direction)
-    replayed = datetime.now()
-    for trial in bulk:
-        replay(storage, "reference", spec, trial)
+    _, replayed = reference_of(url, spec, bulk)
     ref = load(url, "reference").trials
     assert_alike(bulk, ref)
-    everything = dict.fromkeys((0, 1), (replayed, datetime.now()))
+    everything = dict.fromkeys((0, 1), replayed)
     assert_written_times(
         time_problems(ref, everything, everything, "reference")
         + time_problems(
@@ -629,10 +628,7 @@ def test_infinite_and_nan_reports_and_values_are_stored_as_optuna_stores_them(
     assert [t.value for t in bulk] == [math.inf, None, None, -math.inf]
     assert bulk[2].user_attrs["error"] == "ValueError: the objective is NaN"  # not "lost"
 
-    storage = optuna.storages.RDBStorage(url, heartbeat_interval=60)
-    optuna.create_study(study_name="reference", storage=storage, direction=spec.objective.direction)
-    for trial in bulk:
-        replay(storage, "reference", spec, trial)
+    reference_of(url, spec, bulk)
     assert_alike(bulk, load(url, "reference").trials)
     assert_same_rows(url, "odd", "reference")
 
