@@ -31,7 +31,7 @@ Activation = Literal["relu", "leaky_relu", "elu", "gelu", "tanh", "sigmoid"]
 Init = Literal["he", "xavier", "orthogonal", "default"]
 OptimizerName = Literal["adam", "adamw", "sgd", "rmsprop"]
 SchedulerName = Literal["none", "plateau", "cosine", "step", "exponential"]
-Precision = Literal["fp32", "bf16"]
+Precision = Literal["fp32", "bf16", "tf32"]
 Metric = Literal["val_loss", "val_accuracy", "val_f1", "val_rmse", "val_mae", "val_r2"]
 Direction = Literal["minimize", "maximize"]
 BuiltinName = Literal["digits", "breast_cancer", "wine", "iris", "diabetes", "mnist_5k"]
@@ -175,7 +175,8 @@ class TrainingSpec(_Strict):
     early_stopping_patience: int | None = Field(5, ge=1, le=100_000)
     grad_clip_norm: float | None = Field(5.0, gt=0)
     checkpoint_every_s: float = Field(30, ge=0)
-    # bf16: the forward pass under bf16 autocast (weights, moments and losses stay fp32).
+    # bf16: the forward pass under bf16 autocast (weights, moments and losses stay fp32);
+    # tf32: fp32 throughout, with TF32 matmuls on a GPU (fp32 ones on a CPU).
     precision: Precision = "fp32"
     seed: Seed = 0
 

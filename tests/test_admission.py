@@ -166,7 +166,7 @@ def test_a_trial_too_large_for_the_device_is_refused_with_the_estimate(
 
 def test_the_memory_limit_is_configurable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'limit.db'}"
-    wide = parse_spec(changed("model.hidden", [4096, 4096]))  # about 0.3 GiB per trial
+    wide = parse_spec(changed("model.hidden", [4096, 4096]))  # about 0.4 GiB per trial
     store = Store.open(url)
     assert admit(wide, store).task == "classification"
     monkeypatch.setenv("HPSEARCH_MAX_TRIAL_GB", "0.1")
@@ -174,7 +174,7 @@ def test_the_memory_limit_is_configurable(monkeypatch: pytest.MonkeyPatch, tmp_p
         admit(wide, store)
     [(field, reason)] = refused.value.errors
     assert field == "model.hidden"
-    assert reason.startswith("a trial needs about 0.3 GiB of device memory")
+    assert reason.startswith("a trial needs about 0.4 GiB of device memory")
     assert "more than the 0.1 GiB a trial may take" in reason
 
 

@@ -4,6 +4,7 @@ its own learning rate, dropout, batch size, early stopping, pruning and divergen
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -12,7 +13,8 @@ import torch
 
 from hpsearch.data.tensors import load_dataset
 from hpsearch.runtime.trials import Claim, packs
-from hpsearch.runtime.worker import WorkerOptions
+from hpsearch.runtime.worker import Worker, WorkerOptions
+from hpsearch.service.studies import submit_study
 from hpsearch.spec import parse_spec
 from hpsearch.storage import Store
 from hpsearch.training.checkpoint import Checkpoint
@@ -87,6 +89,96 @@ def test_bf16_autocast_keeps_accuracy_alone_and_in_a_pack() -> None:
     # host's kernels (AVX2 here put one member 0.0105 apart, 21 of 2,000 rows): alone and
     # packed differ by noise, not by a bias, so their mean gap stays within a point.
     assert sum(gaps) / len(gaps) <= 0.01
+
+
+COMPILED_MEMBERS: list[dict[str, Any]] = [
+    *MEMBERS[:3],
+    {"learning_rate": 3e-3, "batch_size": 128, "dropout": 0.3, "grad_clip_norm": 0.5},
+]
+
+
+def assert_same_training(eager: list[TrainResult], other: list[TrainResult]) -> None:
+    """Same epochs and, to float rounding, the same losses and values."""
+    for first, second in zip(eager, other, strict=True):
+        assert [r.epoch for r in first.history] == [r.epoch for r in second.history]
+        assert [r.train_loss for r in second.history] == pytest.approx(
+            [r.train_loss for r in first.history], rel=1e-4
+        )
+        assert second.value == pytest.approx(first.value, abs=1e-3)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_a_compiled_step_trains_as_the_eager_one_in_one_graph(optimizer: str) -> None:
+    from torch._dynamo.utils import counters
+
+    spec = make(SYNTHETIC, max_epochs=3, optimizer=optimizer)
+    data = load_dataset(spec)
+    configs = configs_of(spec, COMPILED_MEMBERS)  # dropout, clipping, decay, four batch sizes
+    eager = train_pack(configs, data)
+    counters.clear()
+    compiled = train_pack(configs, data, compiled=True)
+    assert dict(counters["graph_break"]) == {}  # dynamo traced the step whole
+    assert counters["stats"]["unique_graphs"] >= 2  # gradients and descent were compiled
+    assert_same_training(eager, compiled)
+
+
+def test_a_worker_told_to_compile_trains_its_packs_compiled(tmp_path: Path) -> None:
+    from torch._dynamo.utils import counters
+
+    store = Store.open(f"sqlite:///{tmp_path / 'compiled.db'}")
+    spec = make(SYNTHETIC, max_epochs=2).model_copy(update={"name": "compiled"})
+    raw = spec.model_dump()
+    raw["search_space"] = {"learning_rate": {"low": 1e-3, "high": 1e-1, "log": True}}
+    submit_study(store, parse_spec(raw))
+    counters.clear()
+    options = WorkerOptions(store, "cpu", pack=4, max_trials=4, compiled=True)
+    assert Worker(options).run() == 0
+    assert counters["stats"]["calls_captured"] > 0  # the step went through dynamo
+    study = optuna.load_study(study_name="compiled", storage=store.optuna())
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+
+
+@pytest.mark.cuda
+def test_a_pack_step_never_waits_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside an epoch the host only queues work: a step that read a value back from the
+    device would stall the queue at every batch."""
+    from hpsearch.training import fused
+
+    original = fused._Pack._step
+
+    def strict_step(self: Any, *args: Any) -> torch.Tensor:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original(self, *args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(fused._Pack, "_step", strict_step)
+    spec = make(SYNTHETIC, max_epochs=2)
+    results = train_pack(configs_of(spec, COMPILED_MEMBERS), load_dataset(spec, "cuda"))
+    assert all(r.epochs_run == 2 for r in results)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_a_compiled_step_on_a_gpu_trains_as_the_eager_one(precision: str) -> None:
+    spec = make(SYNTHETIC, max_epochs=3, precision=precision)
+    data = load_dataset(spec, "cuda")
+    configs = configs_of(spec, COMPILED_MEMBERS)
+    eager = train_pack(configs, data)
+    assert_same_training(eager, train_pack(configs, data, compiled=True))
+    assert torch.get_float32_matmul_precision() == "highest"  # tf32 was put back
+
+
+def test_tf32_is_fp32_on_a_cpu_and_leaves_the_process_setting_alone() -> None:
+    fp32, tf32 = make(SYNTHETIC, max_epochs=2), make(SYNTHETIC, max_epochs=2, precision="tf32")
+    data = load_dataset(fp32)
+    losses = [
+        [[r.train_loss for r in result.history] for result in train_pack(configs_of(spec), data)]
+        for spec in (fp32, tf32)
+    ]
+    assert losses[0] == losses[1]
+    assert torch.get_float32_matmul_precision() == "highest"
 
 
 def test_the_member_network_holds_the_best_weights_and_scores_its_metrics() -> None:
@@ -249,10 +341,3 @@ def test_claimed_trials_are_grouped_by_network_and_batch_norm_trains_alone() -> 
     )
     alone = [Claim.of(c.trial, with_batch_norm) for c in claims]
     assert [len(g) for g in packs(alone)] == [1] * 8
-
-
-def test_workers_pack_eight_trials_on_a_gpu_and_one_on_a_cpu() -> None:
-    store = Store("sqlite://")  # never opened: the pack size needs no database
-    assert WorkerOptions(store, "cuda:0").pack_size == 8
-    assert WorkerOptions(store, "cpu").pack_size == 1
-    assert WorkerOptions(store, "cpu", pack=4).pack_size == 4

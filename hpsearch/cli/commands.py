@@ -59,7 +59,8 @@ PackOption = Annotated[
     int | None,
     typer.Option(
         min=1,
-        help="Trials trained together as one fused network [default: 8 on a GPU, 1 on a CPU]",
+        help="Trials trained together as one fused network [default: on a GPU as many as "
+        "its free memory holds, at most 64 and a quarter of the budget; 1 on a CPU]",
     ),
 ]
 
@@ -340,6 +341,14 @@ def worker(
         float | None, typer.Option(min=0, help="Stop after this many seconds with nothing to do")
     ] = None,
     pack: PackOption = None,
+    compile_step: Annotated[
+        bool,
+        typer.Option(
+            "--compile/--no-compile",
+            help="Compile a pack's training step with torch.compile (CUDA graphs on a GPU); "
+            "the first pack of each shape waits for the compiler",
+        ),
+    ] = False,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -373,6 +382,7 @@ def worker(
         max_trials=max_trials,
         idle_exit_s=idle_exit,
         pack=pack,
+        compiled=compile_step,
         threads=threads,
         logs=logs,
     )

@@ -3,11 +3,13 @@ anything is allocated.
 
 Admission refuses a study whose largest trial cannot fit (`refusal`), naming the field to
 change, so a spec that would fail every trial on every worker never reaches one; a worker
-trains no more trials at once in a fused pack than fit together (`largest_pack`).
+trains no more trials at once in a fused pack than fit together (`largest_pack`), and on a
+GPU sizes its packs from the memory free there (`gpu_pack`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -21,11 +23,20 @@ EVAL_CHUNK_ROWS = 65536  # rows per forward pass when evaluating, to bound memor
 DEFAULT_MAX_TRIAL_GB = 16.0
 BYTES_PER_VALUE = 4  # float32 data, weights, optimiser state and activations
 # Copies of every parameter a trial holds: the weights, their gradients, two moments of
-# Adam (the most of any optimiser offered), and the best epoch's weights kept for the end.
-COPIES_PER_PARAMETER = 5
+# Adam (the most of any optimiser offered), the update's intermediate, and the best epoch's
+# weights kept for the end.
+COPIES_PER_PARAMETER = 6
 # Values per hidden unit and row that a training step keeps for the backward pass: the
 # linear output, the activation, and the dropout mask or batch norm's normalised input.
 SAVED_PER_UNIT = 3
+# A GPU pack may fill this share of the device memory free when it is claimed: the rest is
+# room for the estimate's error, the allocator's fragmentation and the CUDA context.
+GPU_PACK_SHARE = 0.8
+# At most this many trials in a pack chosen for a GPU: a pack's points are drawn from one
+# history, so a sampler learns nothing between its members.
+MAX_GPU_PACK = 64
+# And at most the study's budget over this many: the sampler sees at least this many rounds.
+MIN_ROUNDS = 4
 
 
 def max_trial_bytes() -> float:
@@ -64,7 +75,9 @@ def estimate(spec: StudySpec, facts: DataFacts) -> MemoryEstimate:
     parameters = sum((n_in + 1) * n_out for n_in, n_out in zip(inputs, widths, strict=True))
     n_train = max(1, split_sizes(facts.n_rows, spec.split)[0])
     batch = min(_largest(spec, "batch_size", spec.training.batch_size), n_train)
-    training = batch * SAVED_PER_UNIT * sum(widths)
+    # The batch's own rows (gathered from the data set, kept for the first layer's gradient)
+    # and what every layer keeps.
+    training = batch * (facts.n_features + SAVED_PER_UNIT * sum(widths))
     evaluation = min(facts.n_rows, EVAL_CHUNK_ROWS) * 2 * max(widths)
     return MemoryEstimate(
         data=facts.n_rows * (facts.n_features + facts.n_outputs) * BYTES_PER_VALUE,
@@ -99,6 +112,18 @@ def largest_pack(memory: MemoryEstimate, limit: float) -> int:
     """How many trials fit in `limit` bytes as one pack (at least 1: a single trial was
     admitted against the same limit)."""
     return max(1, int((limit - memory.data) // max(memory.per_trial, 1)))
+
+
+def gpu_pack(memory: MemoryEstimate, free: float, n_trials: int) -> int:
+    """Trials to train at once on a GPU when the user names no pack size.
+
+    As many of the spec's largest trial as fit in GPU_PACK_SHARE of the `free` device
+    memory (a big GPU trains many small networks at once: one kernel does the work of all),
+    but no more than MAX_GPU_PACK, nor than the budget `n_trials` over MIN_ROUNDS, so the
+    sampler still learns from earlier trials when it draws later ones.
+    """
+    fit = largest_pack(memory, free * GPU_PACK_SHARE)
+    return max(1, min(fit, MAX_GPU_PACK, math.ceil(n_trials / MIN_ROUNDS)))
 
 
 def _largest(spec: StudySpec, key: str, default: int) -> int:

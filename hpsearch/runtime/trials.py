@@ -240,6 +240,7 @@ class TrialContext:
     pruning: StudyPruning
     # Set (by SIGTERM or Ctrl-C) to checkpoint at the end of the epoch and hand the trial back.
     stop: threading.Event = field(default_factory=threading.Event)
+    compiled: bool = False  # packs train with their step compiled (`train_pack`)
 
 
 class TrialHandedBack(Exception):
@@ -594,6 +595,7 @@ def run_pack(
                 stop_after_checkpoint=True,
                 resume_from=resume_from,
                 on_epoch_end=pack.write_down,
+                compiled=context.compiled,
             )
     except DATABASE_ERRORS:
         raise

@@ -26,6 +26,7 @@ import torch
 from sqlalchemy.exc import NoResultFound
 
 from hpsearch.data import memory
+from hpsearch.data.facts import DataFacts, inspect_dataset
 from hpsearch.data.tensors import TensorData, load_dataset
 from hpsearch.errors import HpsearchError
 from hpsearch.logs import LogSettings
@@ -64,7 +65,6 @@ log = logging.getLogger("hpsearch.runtime.worker")
 IDLE_POLL_S = 2.0
 # Imported once by the server that worker processes are forked from (`worker_processes`).
 FORKSERVER_PRELOAD = ("hpsearch.runtime.worker", "torch._dynamo")
-DEFAULT_GPU_PACK = 8
 RECONNECT_S = 1.0  # between attempts to reach a database that is down
 WAITING_MESSAGE_S = 5.0  # how often a worker waiting for its database says so
 
@@ -77,18 +77,18 @@ class WorkerOptions:
     max_trials: int | None = None
     idle_exit_s: float | None = None  # stop after this long with nothing to claim
     deadline: float | None = None  # a time.time() after which no trial is started
-    pack: int | None = None  # trials trained together as one fused network; None = auto
+    # Trials trained together as one fused network; None: on a GPU as many as its free
+    # memory holds (`memory.gpu_pack`), on a CPU one.
+    pack: int | None = None
+    compiled: bool = False  # a pack's step through torch.compile (`train_pack`'s `compiled`)
     # CPU threads for training; None = torch's default, one per core, which several workers
     # on one host would each take, slowing all of them down.
     threads: int | None = None
     logs: LogSettings = field(default_factory=LogSettings)  # for worker processes it starts
 
     @property
-    def pack_size(self) -> int:
-        """`pack`, else 8 on a GPU (one small trial leaves it idle) and 1 on a CPU."""
-        if self.pack is not None:
-            return self.pack
-        return DEFAULT_GPU_PACK if self.device.startswith("cuda") else 1
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
 
 
 class Stopped(Exception):
@@ -110,6 +110,7 @@ class Worker:
     stop: threading.Event = field(default_factory=threading.Event)
     _studies: dict[int, optuna.Study] = field(default_factory=dict)
     _pruning: dict[int, StudyPruning] = field(default_factory=dict)
+    _facts: dict[int, DataFacts] = field(default_factory=dict)  # sizes packs on a GPU
     _turn: int = 0
     _worker_id: int | None = None
     _finished: threading.Event = field(default_factory=threading.Event)
@@ -224,7 +225,7 @@ class Worker:
             with self._guarded(state):
                 study = self._study(state)
                 claim = functools.partial(
-                    claim_trials, study, state, self.store, self._pack_limit()
+                    claim_trials, study, state, self.store, self._pack_size(state)
                 )
                 claims: list[Claim] = self.store.retrying(claim)
                 if claims:
@@ -270,13 +271,37 @@ class Worker:
     def _forget(self, study_id: int) -> None:
         self._studies.pop(study_id, None)
         self._pruning.pop(study_id, None)
+        self._facts.pop(study_id, None)
 
-    def _pack_limit(self) -> int:
-        """Trials to claim at once: the pack size, but never more than --max-trials."""
-        limit = self.options.pack_size
+    def _pack_size(self, state: StudyState) -> int:
+        """Trials to claim at once: --pack; else on a GPU as many as its free memory holds
+        (`memory.gpu_pack`), on a CPU one; never more than --max-trials."""
+        size = self.options.pack or self._gpu_pack(state)
         if self.options.max_trials is not None:
-            limit = min(limit, self.options.max_trials)
-        return limit
+            size = min(size, self.options.max_trials)
+        return size
+
+    def _gpu_pack(self, state: StudyState) -> int:
+        if not self.options.on_gpu:
+            return 1
+        try:
+            if state.id not in self._facts:
+                self._facts[state.id] = inspect_dataset(state.spec, StoredUploads(self.store))
+        except DATABASE_ERRORS:
+            raise
+        except Exception:  # the data's own error fails the trial that loads it
+            return 1
+        estimate = memory.estimate(state.spec, self._facts[state.id])
+        return memory.gpu_pack(estimate, free_device_bytes(self.options.device), state.n_trials)
+
+    def _pack_bytes(self, estimate: memory.MemoryEstimate) -> float:
+        """The device memory one pack may take: on a GPU the share of what is free now that
+        `memory.gpu_pack` sized the claim by, plus the data set, loaded there since; on a
+        CPU the limit of one trial (HPSEARCH_MAX_TRIAL_GB)."""
+        if not self.options.on_gpu:
+            return memory.max_trial_bytes()
+        free = free_device_bytes(self.options.device)
+        return free * memory.GPU_PACK_SHARE + estimate.data
 
     def _runnable(self) -> list[StudyState]:
         find = functools.partial(runnable_studies, self.store, self.options.studies)
@@ -319,9 +344,11 @@ class Worker:
     def _train(
         self, state: StudyState, study: optuna.Study, claims: list[Claim], data: TensorData
     ) -> list[optuna.trial.TrialState | None]:
-        context = TrialContext(self.store, state.id, self._pruning[state.id], self.stop)
-        limit = memory.max_trial_bytes()
-        largest = memory.largest_pack(memory.estimate(state.spec, data.facts), limit)
+        context = TrialContext(
+            self.store, state.id, self._pruning[state.id], self.stop, self.options.compiled
+        )
+        estimate = memory.estimate(state.spec, data.facts)
+        largest = memory.largest_pack(estimate, self._pack_bytes(estimate))
         outcomes: list[optuna.trial.TrialState | None] = []
         try:
             with keep_alive(study, [c.trial for c in claims], self.store):
@@ -416,6 +443,13 @@ def _log_claim(state: StudyState, trials: list[optuna.Trial]) -> None:
                 retried,
                 extra={"study": state.name, "trial": trial.number, "retries": retried},
             )
+
+
+def free_device_bytes(device: str) -> float:
+    """What a new pack can take on a CUDA device: the memory free there, plus what torch's
+    allocator holds for reuse but no tensor uses."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def resolve_devices(device: str, jobs: int = 1) -> list[str]:

@@ -28,13 +28,14 @@ tensors.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -46,11 +47,11 @@ from hpsearch.training.progress import Ending, EpochRecord, Progress
 from hpsearch.training.train import (
     TrainResult,
     TrialConfig,
-    autocast,
     build_model,
     loss_function,
     make_optimizer,
     make_scheduler,
+    matmul_precision,
     metric_tensors,
     step_scheduler,
 )
@@ -68,6 +69,162 @@ MemberDone = Callable[[int, TrainResult], None]
 # Receives a member's checkpoint (`Checkpoint.to_bytes`, as `train` hands them out, so
 # either path resumes it) and the epoch it was taken after.
 MemberCheckpoint = Callable[[int, bytes, int], None]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a pack's step does, fixed while its members are: constants to a compiled step."""
+
+    optimizer: str
+    activation: nn.Module
+    task: str
+    device_type: str
+    bf16: bool  # the forward pass under bf16 autocast
+    clipping: bool  # some member clips its gradients' norm
+    weight_decay: bool  # some member decays its weights
+
+
+class Columns(NamedTuple):
+    """The stepping members' hyperparameters: [K, 1, 1] each but `clip`, [K]."""
+
+    lr: torch.Tensor
+    weight_decay: torch.Tensor
+    momentum: torch.Tensor
+    clip: torch.Tensor
+    step: torch.Tensor  # each member's optimiser steps so far, this one included
+
+
+def _forward(
+    x: torch.Tensor,
+    params: list[torch.Tensor],
+    activation: nn.Module,
+    masks: Sequence[torch.Tensor] = (),
+) -> torch.Tensor:
+    """Members with stacked weights `params` on their own rows: x is [K, rows, features];
+    `masks` (one per hidden layer) applies dropout."""
+    h = x
+    for depth in range(len(params) // 2 - 1):
+        h = activation(torch.baddbmm(params[2 * depth + 1], h, params[2 * depth]))
+        if masks:
+            h = h * masks[depth]
+    return torch.baddbmm(params[-1], h, params[-2])
+
+
+def _row_loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """The loss of every row of every member: [K, rows]."""
+    functional = nn.functional
+    if task == "regression":
+        return (out.squeeze(-1) - y).square()
+    if task == "multilabel":
+        return functional.binary_cross_entropy_with_logits(out, y, reduction="none").mean(-1)
+    k, rows, classes = out.shape
+    flat = functional.cross_entropy(out.reshape(-1, classes), y.reshape(-1), reduction="none")
+    return flat.view(k, rows)
+
+
+def _member_losses(
+    params: list[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    real: torch.Tensor,
+    masks: list[torch.Tensor],
+    settings: StepSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a step differentiates, the sum of the members' mean losses over their real rows
+    (padding rows weigh 0), so each member's gradient is that of its own mean loss; and,
+    beside it, each member's summed loss."""
+    with torch.autocast(settings.device_type, dtype=torch.bfloat16, enabled=settings.bf16):
+        row_loss = _row_loss(_forward(x, params, settings.activation, masks), y, settings.task)
+    weight = real.to(row_loss.dtype)
+    counts = weight.sum(dim=1)
+    member_loss = (row_loss * weight).sum(dim=1) / counts
+    return member_loss.sum(), member_loss.detach() * counts
+
+
+Gradients = tuple[list[torch.Tensor], torch.Tensor]
+
+
+def _eager_gradients(params: list[torch.Tensor], *batch: Any) -> Gradients:
+    """The members' gradients and summed losses, by autograd: the cheaper way eagerly."""
+    leaves = [p.detach().requires_grad_() for p in params]
+    total, losses = _member_losses(leaves, *batch)
+    return list(torch.autograd.grad(total, leaves)), losses
+
+
+def _traced_gradients(params: list[torch.Tensor], *batch: Any) -> Gradients:
+    """The same by `torch.func.grad`, which `torch.compile` traces whole where it breaks
+    its graph at `torch.autograd.grad`."""
+    return torch.func.grad(_member_losses, has_aux=True)(params, *batch)
+
+
+@torch.no_grad()
+def _descend(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    state: list[torch.Tensor],
+    scratch: list[torch.Tensor],
+    columns: Columns,
+    settings: StepSettings,
+) -> None:
+    """The members' optimiser step, vectorised: their gradients clipped each to its own norm
+    limit (as clip_grad_norm_ does), then torch.optim's update rule with each member's own
+    learning rate, weight decay, momentum and step count. `state` holds two slots per
+    weight (first and second moment, or momentum buffer)."""
+    if settings.clipping:
+        norm = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
+        scale = (columns.clip / (norm + 1e-6)).clamp(max=1.0).view(-1, 1, 1)
+        for g in grads:
+            g.mul_(scale)
+    lr, wd, step = columns.lr, columns.weight_decay, columns.step
+    for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        first, second = state[2 * i], state[2 * i + 1]
+        # In place, into preallocated scratch: the stacked tensors outgrow the caches,
+        # so every extra pass over them (or fresh allocation) costs memory bandwidth.
+        denom = scratch[i]
+        if settings.optimizer == "adamw":
+            param.mul_(1 - lr * wd)
+        elif settings.weight_decay:
+            grad.addcmul_(param, wd)  # L2, as torch's Adam, SGD and RMSprop apply it
+        if settings.optimizer in ("adam", "adamw"):
+            beta1, beta2 = _BETAS
+            first.lerp_(grad, 1 - beta1)
+            second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            # param -= lr / bc1 * first / (sqrt(second) / sqrt(bc2) + eps), as torch's Adam
+            step_size = lr / (1 - beta1**step)
+            torch.sqrt(second, out=denom).div_((1 - beta2**step).sqrt_()).add_(_ADAM_EPS)
+            param.addcdiv_(first, denom.div_(step_size), value=-1)
+        elif settings.optimizer == "sgd":
+            first.mul_(columns.momentum).add_(grad)
+            param.addcmul_(first, lr, value=-1)
+        elif settings.optimizer == "rmsprop":
+            second.mul_(_RMSPROP_ALPHA).addcmul_(grad, grad, value=1 - _RMSPROP_ALPHA)
+            torch.sqrt(second, out=denom).add_(_RMSPROP_EPS)
+            param.addcdiv_(grad, denom.div_(lr), value=-1)
+        else:
+            raise ValueError(f"unknown optimizer {settings.optimizer!r}")
+
+
+@dataclass(frozen=True)
+class StepKernels:
+    """How a pack's step runs its arithmetic: gradients, then the optimiser's descent."""
+
+    gradients: Callable[..., Gradients]
+    descend: Callable[..., None]
+
+
+EAGER_KERNELS = StepKernels(_eager_gradients, _descend)
+
+
+@functools.cache
+def compiled_kernels(device_type: str) -> StepKernels:
+    """The step through `torch.compile`, made once per process so packs share its compiled
+    code. On a GPU with mode "reduce-overhead": the step's kernels replay as CUDA graphs,
+    one launch where eager mode makes dozens. Shapes change as members finish an epoch or
+    leave the pack; dynamo then compiles once more, for dynamic shapes."""
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return StepKernels(
+        torch.compile(_traced_gradients, mode=mode), torch.compile(_descend, mode=mode)
+    )
 
 
 def pack_key(config: TrialConfig) -> tuple[Any, ...]:
@@ -98,6 +255,7 @@ def train_pack(
     stop_after_checkpoint: bool = False,
     resume_from: list[bytes | None] | None = None,
     on_epoch_end: Callable[[], None] | None = None,
+    compiled: bool = False,
 ) -> list[TrainResult]:
     """Train the trials together; results in the order of `configs`, each as `train` would
     return it (best weights restored, scored on val and test).
@@ -110,6 +268,11 @@ def train_pack(
     in another pack; `resume_from[i]` continues member i from one (members of one pack may
     stand at different epochs). With `stop_after_checkpoint`, a set `checkpoint_now` ends
     every member as interrupted after its checkpoint.
+
+    `compiled` runs the step's arithmetic through `torch.compile` (`compiled_kernels`):
+    fewer, fused kernels, and on a GPU replayed as CUDA graphs, where an eager step spends
+    its time launching dozens of small kernels. Same batches, masks and update rule; the
+    results differ from eager ones by float rounding only.
     """
     if len({pack_key(c) for c in configs}) != 1:
         raise ValueError("a pack needs trials with one architecture, optimiser and scheduler")
@@ -122,9 +285,11 @@ def train_pack(
         if on_done is not None:
             on_done(index, result)
 
-    pack = _Pack(configs, data, resume_from or [None] * len(configs))
+    kernels = compiled_kernels(data.device.type) if compiled else EAGER_KERNELS
+    pack = _Pack(configs, data, resume_from or [None] * len(configs), kernels)
     schedule = CheckpointSchedule(checkpoint_every_s, checkpoint_now, stop_after_checkpoint)
-    pack.fit(on_epoch, done, on_checkpoint, schedule, on_epoch_end or (lambda: None))
+    with matmul_precision(configs[0], data.device):
+        pack.fit(on_epoch, done, on_checkpoint, schedule, on_epoch_end or (lambda: None))
     return [results[i] for i in range(len(configs))]
 
 
@@ -154,10 +319,14 @@ class _Pack:
     and their hyperparameters as [K, 1, 1] columns."""
 
     def __init__(
-        self, configs: list[TrialConfig], data: TensorData, resume_from: list[bytes | None]
+        self,
+        configs: list[TrialConfig],
+        data: TensorData,
+        resume_from: list[bytes | None],
+        kernels: StepKernels,
     ) -> None:
         self.started = time.perf_counter()
-        self.data, self.device = data, data.device
+        self.data, self.device, self.kernels = data, data.device, kernels
         self.loss_fn = loss_function(data.task)
         self.activation = ACTIVATIONS[configs[0].activation]()
         order = sorted(range(len(configs)), key=lambda i: -configs[i].batch_size)
@@ -217,8 +386,15 @@ class _Pack:
         device to find out."""
         configs = [m.config for m in self.members]
         self.has_dropout = any(c.dropout > 0 for c in configs)
-        self.has_clipping = any(c.grad_clip_norm for c in configs)
-        self.has_weight_decay = any(c.weight_decay > 0 for c in configs)
+        self.step_settings = StepSettings(
+            configs[0].optimizer,
+            self.activation,
+            self.data.task,
+            self.device.type,
+            bf16=configs[0].precision == "bf16",
+            clipping=any(c.grad_clip_norm for c in configs),
+            weight_decay=any(c.weight_decay > 0 for c in configs),
+        )
         self.width_starts = [0]
         if self.device.type != "cuda":
             for k, config in enumerate(configs):
@@ -349,9 +525,15 @@ class _Pack:
         losses, grads = zip(*parts, strict=True)
         grads = [torch.cat(g) if len(g) > 1 else g[0] for g in zip(*grads, strict=True)]
         self._record_grad_norms(s, lo, grads)
-        with torch.no_grad():
-            self._clip(lo, grads)
-            self._update(lo, grads)
+        self.steps[lo:] += 1
+        self.kernels.descend(
+            [p[lo:] for p in self.params],
+            grads,
+            [t[lo:] for t in self.state],
+            [t[lo:] for t in self.scratch],
+            self._columns(lo),
+            self.step_settings,
+        )
         return torch.cat(losses)
 
     def _record_grad_norms(self, s: int, lo: int, grads: list[torch.Tensor]) -> None:
@@ -380,91 +562,44 @@ class _Pack:
         position = s * batch + column
         real = (column < batch) & (position < n)
         rows = perms[a:b].gather(1, position.clamp(max=n - 1))
-        # The slices themselves are the leaves: gradients come out [b - a, ...], and no
+        masks = self._dropout_masks(a, b, rows.shape[1])
+        # The slices themselves are differentiated: gradients come out [b - a, ...], and no
         # full-size gradient of the stacked tensors is zeroed and filled at every step.
-        leaves = [p[a:b].detach().requires_grad_() for p in self.params]
-        with autocast(self.members[0].config, self.device):
-            out = self._forward(self.data.x_train[rows], leaves, a, b)
-            row_loss = self._row_loss(out, self.data.y_train[rows])
-        weight = real.to(row_loss.dtype)
-        counts = weight.sum(dim=1)
-        member_loss = (row_loss * weight).sum(dim=1) / counts
-        # Each member's gradient is that of its own mean loss.
-        grads = torch.autograd.grad(member_loss.sum(), leaves)
-        return member_loss.detach() * counts, grads
+        grads, losses = self.kernels.gradients(
+            [p[a:b] for p in self.params],
+            self.data.x_train[rows],
+            self.data.y_train[rows],
+            real,
+            masks,
+            self.step_settings,
+        )
+        return losses, grads
 
-    def _forward(
-        self, x: torch.Tensor, params: list[torch.Tensor], a: int, b: int, train: bool = True
-    ) -> torch.Tensor:
-        """Members [a:b] with weights `params` on their own rows: x is [b - a, rows, features]."""
-        hidden = len(params) // 2 - 1
-        h = x
-        for depth in range(hidden):
-            weight, bias = params[2 * depth], params[2 * depth + 1]
-            h = self.activation(torch.baddbmm(bias, h, weight))
-            if train and self.has_dropout:
-                keep = self.keep[a:b]
-                mask = torch.rand(h.shape, device=self.device, generator=self.dropout_generator)
-                h = h * mask.lt_(keep).div_(keep)  # kept units scaled by 1 / keep
-        return torch.baddbmm(params[-1], h, params[-2])
+    def _dropout_masks(self, a: int, b: int, width: int) -> list[torch.Tensor]:
+        """Members [a:b]'s dropout masks of one step, one per hidden layer (kept units
+        scaled by 1 / keep), drawn from the pack's stream before the step, so that a
+        compiled step draws exactly what an eager one does."""
+        if not self.has_dropout:
+            return []
+        keep = self.keep[a:b]
+        widths = [w.shape[-1] for w in self.params[0:-2:2]]
+        shapes = [(b - a, width, units) for units in widths]
+        return [
+            torch.rand(shape, device=self.device, generator=self.dropout_generator)
+            .lt_(keep)
+            .div_(keep)
+            for shape in shapes
+        ]
 
-    def _row_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The loss of every row of every member: [K, rows]."""
-        functional = nn.functional
-        task = self.data.task
-        if task == "regression":
-            return (out.squeeze(-1) - y).square()
-        if task == "multilabel":
-            return functional.binary_cross_entropy_with_logits(out, y, reduction="none").mean(-1)
-        k, rows, classes = out.shape
-        flat = functional.cross_entropy(out.reshape(-1, classes), y.reshape(-1), reduction="none")
-        return flat.view(k, rows)
-
-    def _clip(self, lo: int, grads: list[torch.Tensor]) -> None:
-        """Members [lo:]'s gradients scaled each to its own norm limit, as clip_grad_norm_
-        does."""
-        if not self.has_clipping:
-            return
-        clip = self.clip[lo:]
-        norm = torch.stack([g.flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()
-        scale = (clip / (norm + 1e-6)).clamp(max=1.0).view(-1, 1, 1)
-        for g in grads:
-            g.mul_(scale)
-
-    def _update(self, lo: int, grads: list[torch.Tensor]) -> None:
-        """The members' optimiser step, vectorised: torch.optim's update rules with each
-        member's own learning rate, weight decay, momentum and step count."""
-        name = self.members[0].config.optimizer
-        lr, wd = self.lr[lo:], self.weight_decay[lo:]
-        self.steps[lo:] += 1
-        step = self.steps[lo:].view(-1, 1, 1)
-        for i, p in enumerate(self.params):
-            param, grad = p[lo:], grads[i]
-            first, second = self.state[2 * i][lo:], self.state[2 * i + 1][lo:]
-            # In place, into preallocated scratch: the stacked tensors outgrow the caches,
-            # so every extra pass over them (or fresh allocation) costs memory bandwidth.
-            denom = self.scratch[i][lo:]
-            if name == "adamw":
-                param.mul_(1 - lr * wd)
-            elif self.has_weight_decay:
-                grad.addcmul_(param, wd)  # L2, as torch's Adam, SGD and RMSprop apply it
-            if name in ("adam", "adamw"):
-                beta1, beta2 = _BETAS
-                first.lerp_(grad, 1 - beta1)
-                second.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                # param -= lr / bc1 * first / (sqrt(second) / sqrt(bc2) + eps), as torch's Adam
-                step_size = lr / (1 - beta1**step)
-                torch.sqrt(second, out=denom).div_((1 - beta2**step).sqrt_()).add_(_ADAM_EPS)
-                param.addcdiv_(first, denom.div_(step_size), value=-1)
-            elif name == "sgd":
-                first.mul_(self.momentum[lo:]).add_(grad)
-                param.addcmul_(first, lr, value=-1)
-            elif name == "rmsprop":
-                second.mul_(_RMSPROP_ALPHA).addcmul_(grad, grad, value=1 - _RMSPROP_ALPHA)
-                torch.sqrt(second, out=denom).add_(_RMSPROP_EPS)
-                param.addcdiv_(grad, denom.div_(lr), value=-1)
-            else:
-                raise ValueError(f"unknown optimizer {name!r}")
+    def _columns(self, lo: int) -> Columns:
+        """Members [lo:]'s hyperparameters for their optimiser step."""
+        return Columns(
+            self.lr[lo:],
+            self.weight_decay[lo:],
+            self.momentum[lo:],
+            self.clip[lo:],
+            self.steps[lo:].view(-1, 1, 1),
+        )
 
     @torch.no_grad()
     def _evaluate_val(self) -> list[dict[str, float]]:
@@ -472,9 +607,7 @@ class _Pack:
         x, y = self.data.x_val, self.data.y_val
         count = len(self.members)
         chunks = [
-            self._forward(
-                x[i : i + _EVAL_CHUNK].expand(count, -1, -1), self.params, 0, count, train=False
-            )
+            _forward(x[i : i + _EVAL_CHUNK].expand(count, -1, -1), self.params, self.activation)
             for i in range(0, x.shape[0], _EVAL_CHUNK)
         ]
         out = torch.cat(chunks, dim=1)

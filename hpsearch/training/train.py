@@ -11,10 +11,11 @@ What decides how an epoch ends (`progress.Progress`), the checkpoint format
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -163,9 +164,10 @@ def train(
     `on_epoch` is not called for the epochs it holds (see `checkpoint_history`), but they
     are in the result's history.
     """
-    run = _Run(config, data, resume_from)
     schedule = CheckpointSchedule(checkpoint_every_s, checkpoint_now, stop_after_checkpoint)
-    return run.result(run.fit(on_epoch, on_checkpoint, schedule))
+    with matmul_precision(config, data.device):
+        run = _Run(config, data, resume_from)
+        return run.result(run.fit(on_epoch, on_checkpoint, schedule))
 
 
 def checkpoint_history(payload: bytes) -> list[EpochRecord]:
@@ -306,6 +308,23 @@ def _train_epoch(
         total += loss.detach() * index.numel()
     loss, *layer_norms = torch.cat([(total / n).view(1), norms.float()]).tolist()
     return loss, tuple(layer_norms)
+
+
+@contextlib.contextmanager
+def matmul_precision(config: TrialConfig, device: torch.device) -> Iterator[None]:
+    """TF32 matmuls on a GPU for a trial whose precision is tf32: fp32 tensors whose products
+    round their inputs to 10-bit mantissas, several times faster on Ampere and later GPUs,
+    at a loss of precision the spec accepted. The setting is the process's, so it is set
+    for the training alone and put back after."""
+    if config.precision != "tf32" or device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def autocast(config: TrialConfig, device: torch.device) -> torch.autocast:
