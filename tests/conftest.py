@@ -19,6 +19,10 @@ The test tiers (markers registered in pyproject.toml; `--strict-markers` refuses
   HPSEARCH_TEST_DATABASE_URL; `-m "not postgres"` leaves those out. A postgres test is at
   least integration: one marked neither integration nor system is made integration here, at
   collection, so that no PostgreSQL test can land in the unit tier.
+* cuda (`@pytest.mark.cuda`): needs a CUDA device, and is skipped here, at collection, where
+  torch sees none (CI), so the marker alone is enough. A CUDA test is at least integration,
+  like a postgres one: on a GPU, torch.compile compiles its kernels in worker processes,
+  which the unit tier's guard would refuse. `bench/gpu.sh` runs them on a GPU (`-m cuda`).
 
 `make test` (what CI runs) runs every tier. The unit tier is enforced: in a test marked
 neither integration nor system, starting a process (subprocess, os.fork/posix_spawn/system,
@@ -29,6 +33,7 @@ the marker to add.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing.process
 import multiprocessing.util
 import os
@@ -60,10 +65,22 @@ def outside_unit_tier(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A PostgreSQL test is at least integration."""
+    """A PostgreSQL or CUDA test is at least integration; a CUDA test without a device is
+    skipped."""
     for item in items:
-        if item.get_closest_marker("postgres") and not outside_unit_tier(item):
+        needs = {name for name in ("postgres", "cuda") if item.get_closest_marker(name)}
+        if needs and not outside_unit_tier(item):
             item.add_marker(pytest.mark.integration)
+        if "cuda" in needs and not cuda_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """Asked only when a CUDA test was collected: importing torch takes seconds."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 FAILED = pytest.StashKey[bool]()  # whether the test's set-up or call failed

@@ -309,7 +309,7 @@ def test_a_checkpoint_is_a_few_copies_of_the_weights() -> None:
     assert size < 200_000
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_a_checkpoint_moves_between_cuda_and_cpu() -> None:
     """Exact on one device; across devices the random streams restart (train's docstring),
     so the run continues and learns but draws other numbers."""
