@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from hpsearch.storage import optuna_internals
 from hpsearch.storage.models import CheckpointRecord
 from hpsearch.storage.optuna_internals import (
+    FIXED_PARAMS,
     StudyModel,
     TrialHeartbeatModel,
     TrialIntermediateValueModel,
@@ -47,13 +48,15 @@ class LeaseLost(Exception):
 
 @dataclass(frozen=True)
 class StartedTrial:
-    """A trial a claim started: a new one, or a waiting retry (`retry`) whose params and
-    attributes it inherited. `datetime_start` is naive local time, as in Optuna's trials."""
+    """A trial a claim started: a new one, or one that waited in the study's queue
+    (`queued`): a retry, whose params and attributes it inherited, or a configuration
+    enqueued by a user (its params in FIXED_PARAMS). `datetime_start` is naive local time,
+    as in Optuna's trials."""
 
     trial_id: int
     number: int
     datetime_start: datetime
-    retry: bool
+    queued: bool
 
 
 def stored_time(local: datetime) -> datetime:
@@ -70,7 +73,8 @@ def local_time(stored: datetime | None) -> datetime | None:
 def start_trials(
     session: Session, study_id: int, *, retries: int, new: int, system_attrs: Mapping[str, Any]
 ) -> list[StartedTrial]:
-    """Start up to `retries` waiting trials (oldest first) and `new` fresh ones of Optuna
+    """Start up to `retries` waiting trials (oldest first: retries and enqueued
+    configurations alike) and `new` fresh ones of Optuna
     study `study_id`, each running with a first heartbeat and `system_attrs`: what
     `study.ask()`, `record_heartbeat` and `set_trial_system_attr` write per trial.
 
@@ -93,7 +97,7 @@ def start_trials(
             trials.insert().returning(trials.c.trial_id, trials.c.number),
             rows,
         ).all()
-        started += [StartedTrial(tid, number, now, False) for tid, number in inserted]
+        started += [StartedTrial(tid, number, now, queued=False) for tid, number in inserted]
     ids = [t.trial_id for t in started]
     record_heartbeats(session, ids)
     _set_attrs(
@@ -104,6 +108,38 @@ def start_trials(
     return sorted(started, key=lambda t: t.number)
 
 
+def enqueue_trials(
+    session: Session, study_id: int, configs: list[dict[str, Any]]
+) -> list[tuple[int, int]]:
+    """Waiting trials of Optuna study `study_id`, one per configuration (param name ->
+    value), as Optuna's `study.enqueue_trial` makes each: a WAITING trial, no start time,
+    the configuration in its FIXED_PARAMS system attribute. Claims start them before any
+    new trial (`start_trials`). Returns (trial id, number) of each, in order.
+
+    Numbered under Optuna's study-row lock, as `start_trials` numbers; raises
+    `LookupError` when there is no such Optuna study."""
+    if not configs:
+        return []
+    trials = TrialModel.__table__
+    if not _lock_optuna_study(session, study_id):
+        raise LookupError(f"no Optuna study with id {study_id}")
+    base = session.scalar(select(func.count()).where(trials.c.study_id == study_id)) or 0
+    rows = [
+        {"number": base + i, "study_id": study_id, "state": TrialState.WAITING}
+        for i in range(len(configs))
+    ]
+    inserted = session.execute(
+        trials.insert().returning(trials.c.trial_id, trials.c.number), rows
+    ).all()
+    by_number = sorted(inserted, key=lambda row: row[1])
+    _set_attrs(
+        session,
+        TrialSystemAttributeModel.__table__,
+        [(tid, FIXED_PARAMS, config) for (tid, _), config in zip(by_number, configs, strict=True)],
+    )
+    return [(tid, number) for tid, number in by_number]
+
+
 def record_heartbeats(session: Session, trial_ids: list[int]) -> None:
     """The trials' heartbeats, now by the database's clock, as Optuna's `record_heartbeat`
     stores one."""
@@ -111,14 +147,14 @@ def record_heartbeats(session: Session, trial_ids: list[int]) -> None:
     _upsert(session, TrialHeartbeatModel.__table__, rows, ("trial_id",), ("heartbeat",))
 
 
-def _lock_optuna_study(session: Session, study_id: int) -> None:
+def _lock_optuna_study(session: Session, study_id: int) -> bool:
     """Optuna's row of the study, locked until the transaction ends (PostgreSQL; SQLite's
-    immediate transaction holds the whole database already)."""
+    immediate transaction holds the whole database already); whether there is one."""
+    studies = StudyModel.__table__
+    query = select(studies.c.study_id).where(studies.c.study_id == study_id)
     if _dialect(session) == "postgresql":
-        studies = StudyModel.__table__
-        session.execute(
-            select(studies.c.study_id).where(studies.c.study_id == study_id).with_for_update()
-        )
+        query = query.with_for_update()
+    return session.scalar(query) is not None
 
 
 def _pop_waiting(session: Session, study_id: int, n: int) -> list[StartedTrial]:
@@ -137,7 +173,7 @@ def _pop_waiting(session: Session, study_id: int, n: int) -> list[StartedTrial]:
         .values(state=TrialState.RUNNING, datetime_start=stored_time(now))
         .returning(trials.c.trial_id, trials.c.number)
     ).all()
-    return [StartedTrial(tid, number, now, True) for tid, number in popped]
+    return [StartedTrial(tid, number, now, queued=True) for tid, number in popped]
 
 
 @dataclass(frozen=True)

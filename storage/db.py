@@ -34,7 +34,13 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.orm import Session
 
-from hpsearch.storage.bulk import PendingTrials, StartedTrial, start_trials, write_params
+from hpsearch.storage.bulk import (
+    PendingTrials,
+    StartedTrial,
+    enqueue_trials,
+    start_trials,
+    write_params,
+)
 from hpsearch.storage.engine import (
     OPTUNA_VERSION_TABLE,
     SQLITE_BUSY_TIMEOUT_S,
@@ -415,6 +421,15 @@ class StudyClaim:
             return start_trials(
                 session, study_id, retries=retries, new=new, system_attrs=system_attrs
             )
+
+    def enqueue_trials(self, configs: list[dict[str, Any]]) -> list[tuple[int, int]]:
+        """Waiting trials with these configurations, in one transaction within the claim
+        (`bulk.enqueue_trials`): (trial id, number) of each."""
+        study_id = self.record.optuna_study_id
+        if study_id is None:
+            raise LookupError(f"study {self.record.name!r} has no Optuna study")
+        with self._session(True) as session:
+            return enqueue_trials(session, study_id, configs)
 
     def write_params(self, pending: PendingTrials) -> None:
         """The params drawn for started trials, within the claim (`bulk.write_params`)."""

@@ -26,6 +26,10 @@ from optuna.storages._rdb.models import (
 )
 from optuna.trial import FrozenTrial
 
+# The system attribute of a waiting trial that `study.enqueue_trial` made: the params it is
+# to train with (some or all of them), which `optuna.Trial` suggests for those params.
+FIXED_PARAMS = "fixed_params"
+
 
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     """The trial's row id in Optuna's tables (its `number` counts within its study)."""

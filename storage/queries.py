@@ -24,6 +24,7 @@ from sqlalchemy import ColumnElement, Select, and_, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from hpsearch.storage.optuna_internals import (
+    FIXED_PARAMS,
     StudyModel,
     TrialHeartbeatModel,
     TrialIntermediateValueModel,
@@ -160,14 +161,18 @@ def best_values(session: Session, study_ids: list[int]) -> dict[int, tuple[float
     return {study_id: (low, high) for study_id, low, high in session.execute(query)}
 
 
-def ranked_trials(session: Session, study_id: int, maximize: bool, top: int) -> list[TrialRow]:
-    """The `top` complete trials, best first (ties: the earlier trial first)."""
+def ranked_trials(
+    session: Session, study_id: int, maximize: bool, top: int, offset: int = 0
+) -> list[TrialRow]:
+    """The `top` complete trials, best first (ties: the earlier trial first), after the
+    first `offset`."""
     order = TrialValueModel.value.desc() if maximize else TrialValueModel.value.asc()
     query = (
         _trial_query()
         .where(TrialModel.study_id == study_id, TrialModel.state == TrialState.COMPLETE)
         .order_by(order, TrialModel.number)
         .limit(top)
+        .offset(offset)
     )
     return _with_details(session, _rows(session, query))
 
@@ -401,7 +406,22 @@ def _with_details(
         attrs = attrs.where(TrialUserAttributeModel.key.not_in(skip))
     for trial_id, key, value_json in session.execute(attrs):
         by_id[trial_id].attrs[key] = json.loads(value_json)
+    _with_enqueued_params(session, [row for row in rows if row.state == "waiting"])
     return rows
+
+
+def _with_enqueued_params(session: Session, waiting: list[TrialRow]) -> None:
+    """A waiting trial enqueued with a configuration has no params yet: show the
+    configuration (its `fixed_params`, as Optuna's `enqueue_trial` stores it) instead."""
+    by_id = {row.trial_id: row for row in waiting if not row.params}
+    if not by_id:
+        return
+    fixed = select(TrialSystemAttributeModel.trial_id, TrialSystemAttributeModel.value_json).where(
+        TrialSystemAttributeModel.trial_id.in_(by_id),
+        TrialSystemAttributeModel.key == FIXED_PARAMS,
+    )
+    for trial_id, value_json in session.execute(fixed):
+        by_id[trial_id].params = dict(json.loads(value_json))
 
 
 class RunningTrial(NamedTuple):

@@ -110,10 +110,11 @@ def claim_trials(study: optuna.Study, state: StudyState, store: Store, n: int) -
 
     One transaction under the study's claim lock counts the budget once (by the database,
     so a claim costs the same in a study of 10 or 10,000 trials) and starts the trials:
-    waiting retries first (they hold budget already), then new ones, each with a first
-    heartbeat and this process named as its holder. Their params are drawn after the lock
-    is released, in one more transaction: the sampler sees the started trials as running,
-    so the points of one pack differ, and other workers claim meanwhile. A grid's points
+    waiting trials first (retries and enqueued configurations: they hold budget already),
+    then new ones, each with a first heartbeat and this process named as its holder. Their
+    params are drawn after the lock is released, in one more transaction: the sampler sees
+    the started trials as running, so the points of one pack differ, and other workers
+    claim meanwhile. A grid's points
     are drawn under the lock, where no two workers can take the same one.
 
     A grid study's budget is at most its grid's size (`effective_budget`). One whose grid is
@@ -145,8 +146,9 @@ def claim_trials(study: optuna.Study, state: StudyState, store: Store, n: int) -
 def _start_within_budget(
     study: optuna.Study, claim: StudyClaim, budget: int, n: int
 ) -> list[StartedTrial]:
-    """Under the claim lock: up to `n` waiting retries and new trials, the new ones only
-    while the trials that count against the budget leave room."""
+    """Under the claim lock: up to `n` waiting trials (retries, enqueued configurations)
+    and new trials, the new ones only while the trials that count against the budget
+    (the waiting ones included) leave room."""
     claim.beat_for_orphans()
     recovery.reap_lost_trials(study, claim, grace_period_s())  # their retries wait in the queue
     counts = claim.trial_counts()
@@ -166,7 +168,8 @@ def _draw(
     write: Callable[[PendingTrials], None],
 ) -> list[Claim]:
     """The started trials' params, drawn one trial after another by the study's sampler
-    (a retry keeps those it inherited), then written together by `write`."""
+    (a retry keeps those it inherited; an enqueued configuration's params are its own,
+    and the sampler draws only those it leaves out), then written together by `write`."""
     storage = optuna_internals.study_storage(study)
     history = _history(study, store)
     try:
@@ -199,8 +202,11 @@ def _history(study: optuna.Study, store: Store) -> TrialHistory:
 
 def _as_started(storage: optuna.storages.BaseStorage, started: StartedTrial) -> FrozenTrial:
     """A started trial as Optuna would read it back: a new one is known without a query;
-    a retry is read for what it inherited."""
-    if started.retry:
+    one that waited in the queue is read for what it holds. A retry holds the params it
+    inherited (and `retry_history`, which finds the checkpoint it resumes from); an
+    enqueued configuration holds none yet, only its `fixed_params` system attribute,
+    which `optuna.Trial` suggests for those params, the sampler drawing the others."""
+    if started.queued:
         trial = storage.get_trial(started.trial_id)
         trial.state = TrialState.RUNNING
         trial.datetime_start = started.datetime_start

@@ -56,6 +56,7 @@ from hpsearch.signals import started, stop_on_signals
 from hpsearch.storage import DATABASE_ERRORS, heartbeat_interval_s, records, safe_url
 from hpsearch.storage.db import is_transient
 from hpsearch.storage.engine import driver_reason
+from hpsearch.storage.optuna_internals import FIXED_PARAMS
 from hpsearch.storage.queries import optuna_study_id
 from hpsearch.storage.store import Store
 
@@ -434,7 +435,8 @@ def _log_claim(state: StudyState, trials: list[optuna.Trial]) -> None:
         extra={"study": state.name, "trials": numbers},
     )
     for trial in trials:
-        retried = as_asked(trial).system_attrs.get("failed_trial")
+        system_attrs = as_asked(trial).system_attrs
+        retried = system_attrs.get("failed_trial")
         if retried is not None:
             log.info(
                 "study %s: trial %d retries trial %d from its newest checkpoint",
@@ -442,6 +444,13 @@ def _log_claim(state: StudyState, trials: list[optuna.Trial]) -> None:
                 trial.number,
                 retried,
                 extra={"study": state.name, "trial": trial.number, "retries": retried},
+            )
+        elif FIXED_PARAMS in system_attrs:
+            log.info(
+                "study %s: trial %d trains an enqueued configuration",
+                state.name,
+                trial.number,
+                extra={"study": state.name, "trial": trial.number, "enqueued": True},
             )
 
 
