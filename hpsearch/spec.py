@@ -65,6 +65,7 @@ MAX_BATCH_SIZE = 1_000_000
 MAX_COUNT = 1_000_000  # trials, startup trials, warm-up epochs, rungs: beyond any real study
 MAX_GRID_POINTS = 100_000  # Optuna's grid sampler holds every point of the grid in memory
 MAX_ROW_ID = 2**31 - 1  # the integer primary keys of the service's tables
+MAX_ENQUEUED = 1000  # configurations one warm start or one enqueue request may hold
 
 
 class _Strict(BaseModel):
@@ -242,6 +243,49 @@ class Dimension(_Strict):
             return list(self.choices)
         return [self.low + i * (self.step or 1) for i in range(self.count())]
 
+    def fit(self, value: Any, integer: bool) -> Any:
+        """`value` as this dimension holds it: the choice it equals (of the same kind:
+        a bool matches only a bool, a string only a string), or a number within the range
+        and on its step, as an int for an `integer` key and a float otherwise. Raises
+        ValueError with the reason when the dimension does not hold it."""
+        if self.choices is not None:
+            for choice in self.choices:
+                if _same_kind(choice, value) and choice == value:
+                    return choice
+            raise ValueError(f"must be one of {self.choices}, got {_shown(value)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"takes a number, got {_shown(value)}")
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        if integer and not float(value).is_integer():
+            raise ValueError(f"takes whole numbers, got {value:g}")
+        value = int(value) if integer else float(value)
+        if value < self.low:
+            raise ValueError(f"{value:g} is below the search space's low ({self.low:g})")
+        if value > self.high:
+            raise ValueError(f"{value:g} is above the search space's high ({self.high:g})")
+        if self.step is not None:
+            steps = (value - self.low) / self.step
+            if abs(steps - round(steps)) > 1e-8:  # Optuna's own tolerance
+                raise ValueError(
+                    f"{value:g} is not on the search space's step ({self.step:g} from {self.low:g})"
+                )
+        return value
+
+
+def _same_kind(choice: Any, value: Any) -> bool:
+    """Whether a value may equal a choice: bools with bools, strings with strings, numbers
+    with numbers (in Python, True == 1)."""
+    for kind in (bool, str):
+        if isinstance(choice, kind) or isinstance(value, kind):
+            return isinstance(choice, kind) and isinstance(value, kind)
+    return isinstance(value, (int, float))
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
 
 @dataclass(frozen=True)
 class _Rule:
@@ -326,6 +370,25 @@ class SearchSpace(_Strict):
             k: getattr(self, k) for k in type(self).model_fields if getattr(self, k) is not None
         }
 
+    def fit(self, params: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+        """A configuration (param name -> value) as this space holds it (`Dimension.fit`),
+        in the space's order, and (name, reason) for each param it does not hold: a name
+        it does not search, a value of the wrong type, out of bounds, off the step or not
+        among the choices. A configuration may leave params out (the sampler draws them)."""
+        dims = self.dimensions()
+        fitted: dict[str, Any] = {}
+        problems: list[tuple[str, str]] = []
+        for name, value in params.items():
+            if name not in dims:
+                searched = ", ".join(dims) or "nothing"
+                problems.append((name, f"not in the study's search space (it searches {searched})"))
+                continue
+            try:
+                fitted[name] = dims[name].fit(value, name in INTEGER_KEYS)
+            except ValueError as exc:
+                problems.append((name, str(exc)))
+        return {k: fitted[k] for k in dims if k in fitted}, problems
+
 
 # --- objective, sampler, pruner, budget ------------------------------------------------
 
@@ -387,6 +450,19 @@ class BudgetSpec(_Strict):
     timeout_s: float | None = Field(None, gt=0)
 
 
+class WarmStartSpec(_Strict):
+    """Seed the study, when it is created, with the best `top` complete configurations of
+    another study of the same database that fit its search space (`service.enqueue`)."""
+
+    study: str = Field(
+        min_length=1,
+        max_length=64,
+        description="the name of a study in the same database",
+        json_schema_extra={"pattern": f"^{NAME_PATTERN.pattern}$"},
+    )
+    top: int = Field(ge=1, le=MAX_ENQUEUED, description="configurations to take, best first")
+
+
 # --- the study -------------------------------------------------------------------------
 
 
@@ -403,6 +479,7 @@ class StudySpec(_Strict):
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
     budget: BudgetSpec
+    warm_start: WarmStartSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -442,6 +519,8 @@ class StudySpec(_Strict):
                 )
         if self.sampler.name == "grid":
             _check_grid(self.search_space)
+        if self.warm_start is not None:
+            _check_warm_start(self)
         return self
 
     def with_task(self, task: Task) -> StudySpec:
@@ -497,6 +576,29 @@ def _check_grid(space: SearchSpace) -> None:
                 f"the grid has more than {MAX_GRID_POINTS:,} points; search fewer values "
                 "or use another sampler",
             )
+
+
+def _check_warm_start(spec: StudySpec) -> None:
+    """Configurations to enqueue need a sampler that draws around them and room in the
+    budget; they come from another study."""
+    warm = spec.warm_start
+    assert warm is not None
+    if not NAME_PATTERN.fullmatch(warm.study):
+        raise _FieldError(("warm_start", "study"), "is not a study name")
+    if warm.study == spec.name:
+        raise _FieldError(("warm_start", "study"), "a study cannot warm-start from itself")
+    if spec.sampler.name == "grid":
+        raise _FieldError(
+            ("warm_start",),
+            "a grid study trains every point of its grid once, in its own order; "
+            "warm starts need another sampler",
+        )
+    if warm.top > spec.budget.n_trials:
+        raise _FieldError(
+            ("warm_start", "top"),
+            f"{warm.top} configurations do not fit a budget of {spec.budget.n_trials} "
+            "trials (budget.n_trials)",
+        )
 
 
 def _implied_task(spec: StudySpec) -> Task | None:
