@@ -17,9 +17,11 @@ from sqlalchemy.exc import IntegrityError
 from hpsearch.data import memory
 from hpsearch.data.facts import DataFacts, inspect_dataset, split_sizes
 from hpsearch.errors import Conflict, DatasetError, HpsearchError, NotFound, SpecError
-from hpsearch.search.space import grid_size
+from hpsearch.search.space import BUDGET_STATES, grid_size
 from hpsearch.service.datasets import StoredUploads
 from hpsearch.service.recovery import Recovery, recover
+from hpsearch.service.views import TrialSummary
+from hpsearch.service.warm import fit_configs, warm_start_configs
 from hpsearch.spec import MAX_COUNT, MAX_ROW_ID, StudySpec, UploadedDataset, field_errors
 from hpsearch.storage import (
     StudyRecord,
@@ -27,7 +29,8 @@ from hpsearch.storage import (
     optuna_internals,
     records,
 )
-from hpsearch.storage.queries import optuna_study_id, recent_endings
+from hpsearch.storage.bulk import enqueue_trials
+from hpsearch.storage.queries import STATE_NAMES, optuna_study_id, recent_endings
 from hpsearch.storage.store import Store
 
 RUNNABLE_STATES = ("queued", "running")
@@ -45,6 +48,9 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "cancel": ("queued", "running", "paused", "failed"),
     "extend": ("queued", "running", "paused", "completed"),
 }
+# Where configurations may be enqueued: where `extend` may raise the budget, less a
+# completed study, whose budget has no room left (extend it first).
+ENQUEUE_STATES = ("queued", "running", "paused")
 
 
 class StudyNotFound(NotFound):
@@ -73,11 +79,17 @@ def submit_study(store: Store, spec: StudySpec) -> StudyState:
     A spec that differs only in its budget sets the new budget (as re-running
     `study.optimize` with more trials would); any other difference is a conflict. The spec
     is admitted first (`admit`); a submission that fails leaves nothing behind.
+
+    A `warm_start` is taken when the study is created, never again: its configurations
+    (`warm.warm_start_configs`) are enqueued in the transaction that records the study,
+    so a submission made again, or at the same moment, enqueues none twice.
     """
     spec = admit(spec, store)
     existing = _update_existing(store, spec)
     if existing is not None:
         return existing
+    with store.session() as session:
+        warm = warm_start_configs(session, spec)  # an unknown study is refused before
     # Outside our transaction: on SQLite a transaction that read and then sees another
     # connection (Optuna's) write cannot write any more.
     optuna_study_id, created = _create_optuna_study(store.optuna(), spec)
@@ -90,6 +102,7 @@ def submit_study(store: Store, spec: StudySpec) -> StudyState:
                 n_trials=spec.budget.n_trials,
                 optuna_study_id=optuna_study_id,
             )
+            enqueue_trials(session, optuna_study_id, warm)
             return _state_of(record)
     except IntegrityError:  # submitted at the same moment by another process
         return _update_existing(store, spec)
@@ -263,6 +276,60 @@ def change_state(store: Store, study: str | int, change: str, n_trials: int = 0)
             "extend": "running" if record.state == "completed" else record.state,
         }[change]
         return _state_of(record)
+
+
+def enqueue(store: Store, study: str | int, configs: list[Any]) -> list[TrialSummary]:
+    """Enqueue configurations (param name -> value; params left out are drawn by the
+    sampler) as waiting trials, which claims start before any new trial, in this order.
+    They take places in the budget, which stays as it is: a study with room for fewer is
+    a conflict (extend it first). Each value must be one the search space holds
+    (`warm.fit_configs`: a SpecError names each param at fault). Counted and enqueued
+    under the study's claim lock, so that no claim meanwhile overruns the budget.
+    Returns the waiting trials."""
+    state = get_study(store, study)
+    _check_enqueue(state.name, state.state, state.spec)
+    fitted = fit_configs(state.spec, configs)
+    with store.claim(state.id) as claim:
+        record = claim.record
+        _check_enqueue(record.name, record.state, state.spec)
+        counts = claim.trial_counts()
+        held = sum(counts.get(STATE_NAMES[s], 0) for s in BUDGET_STATES)
+        room = effective_budget(state.spec, record.n_trials) - held
+        if len(fitted) > room:
+            free = (
+                f"has room for {room} more trial(s) in its budget of {record.n_trials}"
+                if room > 0
+                else f"has no room left in its budget of {record.n_trials} trials"
+            )
+            raise StudyConflict(
+                f"study {record.name!r} {free} (finished, running and waiting trials hold "
+                f"places in it): enqueue fewer, or raise the budget first with "
+                f"`hpsearch extend {record.name} --n-trials K`"
+            )
+        try:
+            enqueued = claim.enqueue_trials(fitted)
+        except LookupError:
+            raise StudyConflict(
+                f"study {record.name!r} has lost its Optuna study (deleted outside hpsearch)"
+            ) from None
+    return [
+        TrialSummary(number=number, state="waiting", value=None, params=config)
+        for (_, number), config in zip(enqueued, fitted, strict=True)
+    ]
+
+
+def _check_enqueue(name: str, state: str, spec: StudySpec) -> None:
+    if state not in ENQUEUE_STATES:
+        hint = {
+            "completed": f"; raise its budget first: hpsearch extend {name} --n-trials K",
+            "failed": f"; run it again first: hpsearch resume {name}",
+        }.get(state, "")
+        raise StudyConflict(f"cannot enqueue into study {name!r}: it is {state}{hint}")
+    if spec.sampler.name == "grid":
+        raise StudyConflict(
+            f"cannot enqueue into study {name!r}: its grid sampler trains every point of "
+            "its grid once, in its own order"
+        )
 
 
 def mark_running(store: Store, study_id: int) -> None:
