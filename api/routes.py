@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, File, Form, Path, Query, Request, Response, UploadFile
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from hpsearch.api.auth import require_token
 from hpsearch.api.errors import responses
 from hpsearch.service import results
 from hpsearch.service.datasets import add_dataset, get_dataset, list_datasets, parse_target
-from hpsearch.service.studies import change_state, delete_study, resume_study, submit_study
+from hpsearch.service.studies import (
+    change_state,
+    delete_study,
+    enqueue,
+    resume_study,
+    submit_study,
+)
 from hpsearch.service.views import (
     DatasetView,
     LeaderboardEntry,
@@ -24,7 +30,7 @@ from hpsearch.service.views import (
     TrialSummary,
     WorkerView,
 )
-from hpsearch.spec import StudySpec
+from hpsearch.spec import MAX_ENQUEUED, StudySpec
 from hpsearch.storage import Store
 
 router = APIRouter(
@@ -121,6 +127,33 @@ def get_trials(
 ) -> Page[TrialSummary]:
     """Trials by number, optionally of one state."""
     return results.list_trials(store, study, state, limit, offset)
+
+
+class Configurations(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    configs: list[dict[str, Any]] = Field(
+        min_length=1,
+        max_length=MAX_ENQUEUED,
+        description="configurations to train first, in order: each maps searched params to "
+        "values; the sampler draws the params one leaves out",
+        examples=[[{"learning_rate": 0.003, "batch_size": 64}, {"learning_rate": 0.01}]],
+    )
+
+
+@router.post(
+    "/studies/{study}/trials",
+    status_code=201,
+    response_model=list[TrialSummary],
+    responses=responses(404, 409, 413, 422),
+    summary="Enqueue configurations to train first",
+)
+def enqueue_trials(store: StoreDep, study: StudyKey, body: Configurations) -> list[TrialSummary]:
+    """Waiting trials with these configurations, trained before the sampler's own points and
+    counted in the budget (409 when the budget has no room for them, or the study is
+    completed, cancelled, failed or a grid). 422 names each param outside the search
+    space, of the wrong type, or outside its bounds or choices."""
+    return enqueue(store, study, body.configs)
 
 
 @router.get(

@@ -8,10 +8,11 @@ class HpsearchError(Exception):
 
 
 class SpecError(HpsearchError):
-    """An invalid study spec: a list of (field path, reason)."""
+    """An invalid study spec (or other input, `what`): a list of (field path, reason)."""
 
-    def __init__(self, errors: list[tuple[str, str]]) -> None:
+    def __init__(self, errors: list[tuple[str, str]], what: str = "study spec") -> None:
         self.errors = errors
+        self.what = what
         super().__init__(
             "; ".join(f"{path}: {reason}" if path else reason for path, reason in errors)
         )

@@ -12,7 +12,13 @@ from pydantic import BaseModel, TypeAdapter
 
 from hpsearch.errors import Conflict, HpsearchError, NotFound, SpecError
 from hpsearch.service import results
-from hpsearch.service.studies import change_state, delete_study, resume_study, submit_study
+from hpsearch.service.studies import (
+    change_state,
+    delete_study,
+    enqueue,
+    resume_study,
+    submit_study,
+)
 from hpsearch.service.views import (
     LeaderboardEntry,
     Page,
@@ -20,6 +26,7 @@ from hpsearch.service.views import (
     StudyDetail,
     StudySummary,
     TrialDetail,
+    TrialSummary,
 )
 from hpsearch.spec import StudySpec
 from hpsearch.storage import Store, default_url
@@ -45,6 +52,7 @@ class Backend(Protocol):
     def change(self, study: str, change: str, n_trials: int = 0) -> StudySummary: ...
     def resume(self, study: str, free_running: bool = False) -> ResumedStudy: ...
     def delete(self, study: str) -> None: ...
+    def enqueue(self, study: str, configs: list[Any]) -> list[TrialSummary]: ...
 
 
 def connect(api: str | None, db: str | None) -> Backend:
@@ -90,6 +98,9 @@ class DatabaseBackend:
     def delete(self, study: str) -> None:
         delete_study(self.store, study)
 
+    def enqueue(self, study: str, configs: list[Any]) -> list[TrialSummary]:
+        return enqueue(self.store, study, configs)
+
 
 class ApiBackend:
     """The REST API over HTTP; every failure becomes one ApiError line."""
@@ -130,6 +141,10 @@ class ApiBackend:
 
     def delete(self, study: str) -> None:
         self._request("DELETE", f"/studies/{study}")
+
+    def enqueue(self, study: str, configs: list[Any]) -> list[TrialSummary]:
+        path = f"/studies/{study}/trials"
+        return self._call(list[TrialSummary], "POST", path, json={"configs": configs})
 
     def _call(self, answer: Any, method: str, path: str, **kwargs: Any) -> Any:
         response = self._request(method, path, **kwargs)

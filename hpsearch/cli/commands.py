@@ -73,7 +73,7 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except SpecError as exc:
-            errors.print("[red]error:[/] invalid study spec")
+            errors.print(f"[red]error:[/] invalid {exc.what}")
             for path, reason in exc.errors:
                 errors.print(f"  {path or '(spec)'}: {reason}", markup=False, highlight=False)
             raise typer.Exit(2) from None
@@ -314,6 +314,89 @@ def extend(
 ) -> None:
     """Add trials to a study's budget; a completed study runs again."""
     console.print(render.study_line(_backend(api, db).change(study, "extend", n_trials)))
+
+
+@app.command()
+@user_errors
+def enqueue(
+    study: StudyArgument,
+    params: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            metavar="NAME=VALUE",
+            help="One param of one configuration (repeatable); VALUE is read as JSON "
+            "(0.01, 64, true), else as text (adam)",
+        ),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", "-f", help="A YAML or JSON file holding a list of configurations"),
+    ] = None,
+    api: ApiOption = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Enqueue configurations to train before the sampler's own points.
+
+    They count in the budget, which stays as it is. A configuration may leave searched
+    params out: the sampler draws those.
+    """
+    configs = _configs(params or [], file)
+    try:
+        answer = _backend(api, db).enqueue(study, configs)
+    except SpecError as exc:
+        raise SpecError(exc.errors, what="configuration") from None
+    if as_json:
+        _print_json(answer)
+        return
+    numbers = ", ".join(str(t.number) for t in answer)
+    console.print(
+        f"study {escape(study)}: {len(answer)} configuration(s) enqueued as trial(s) {numbers}, "
+        "to train before the sampler's own"
+    )
+
+
+def _configs(params: list[str], file: Path | None) -> list[Any]:
+    """The configurations of `enqueue`: one made of the --param options, or the list in
+    --file."""
+    if bool(params) == (file is not None):
+        raise HpsearchError("give --param NAME=VALUE (repeatable) or --file, one of the two")
+    if file is None:
+        config: dict[str, Any] = {}
+        for param in params:
+            name, equals, text = param.partition("=")
+            if not equals or not name:
+                raise HpsearchError(f"--param {param!r}: write it as NAME=VALUE")
+            config[name.strip()] = _value(text.strip())
+        return [config]
+    import json
+
+    import yaml
+
+    try:
+        text = file.read_text()
+        configs = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
+    except OSError as exc:
+        raise HpsearchError(f"cannot read {file}: {exc.strerror}") from None
+    except (ValueError, yaml.YAMLError) as exc:
+        raise HpsearchError(f"{file} cannot be parsed: {exc}") from None
+    if not isinstance(configs, list):
+        raise HpsearchError(
+            f"{file} must hold a list of configurations (mappings of param names to values)"
+        )
+    return configs
+
+
+def _value(text: str) -> Any:
+    """A --param value: JSON where it parses (numbers, true, false), else the text."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 @app.command()
