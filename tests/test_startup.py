@@ -65,6 +65,7 @@ CLIENT_COMMANDS = [
     ["trial", "small", "0", "--db", "{db}"],
     ["run", "small.yaml", "--db", "{db}"],  # nothing left to run: it reads, never trains
     ["submit", "other.yaml", "--db", "{db}"],
+    ["enqueue", "other", "--param", "learning_rate=0.01", "--db", "{db}"],
     ["pause", "other", "--db", "{db}"],
     ["resume", "other", "--db", "{db}"],
     ["extend", "other", "--n-trials", "1", "--db", "{db}"],
