@@ -255,15 +255,16 @@ class Dimension(_Strict):
             raise ValueError(f"must be one of {self.choices}, got {_shown(value)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"takes a number, got {_shown(value)}")
-        if not math.isfinite(value):
-            raise ValueError(f"must be a finite number, got {value}")
-        if integer and not float(value).is_integer():
-            raise ValueError(f"takes whole numbers, got {value:g}")
-        value = int(value) if integer else float(value)
+        if isinstance(value, float):  # an int is whole, and may be too large for a float
+            if not math.isfinite(value):
+                raise ValueError(f"must be a finite number, got {value}")
+            if integer and not value.is_integer():
+                raise ValueError(f"takes whole numbers, got {value:g}")
         if value < self.low:
-            raise ValueError(f"{value:g} is below the search space's low ({self.low:g})")
+            raise ValueError(f"{_shown(value)} is below the search space's low ({self.low:g})")
         if value > self.high:
-            raise ValueError(f"{value:g} is above the search space's high ({self.high:g})")
+            raise ValueError(f"{_shown(value)} is above the search space's high ({self.high:g})")
+        value = int(value) if integer else float(value)  # within the bounds: exact
         if self.step is not None:
             steps = (value - self.low) / self.step
             if abs(steps - round(steps)) > 1e-8:  # Optuna's own tolerance

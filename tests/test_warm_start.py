@@ -316,6 +316,8 @@ def test_configurations_enqueued_through_the_api_wait_first_in_the_budget(
         ({"learning_rate": None}, "configs.0.learning_rate", "takes a number, got None"),
         ({"batch_size": 24}, "configs.0.batch_size", "not on the search space's step"),
         ({"batch_size": 32.5}, "configs.0.batch_size", "takes whole numbers"),
+        ({"batch_size": 10**400}, "configs.0.batch_size", "above the search space's high"),
+        ({"dropout": -(10**400)}, "configs.0.dropout", "below the search space's low"),
         ({"optimizer": "rmsprop"}, "configs.0.optimizer", "must be one of ['adam', 'sgd']"),
         ({"optimizer": 1}, "configs.0.optimizer", "must be one of"),
         ({"dropout": [0.1]}, "configs.0.dropout", "takes a number"),
@@ -332,6 +334,17 @@ def test_an_invalid_configuration_is_a_422_naming_the_param(
     expected = field.replace("configs.0", "configs.1")
     assert [f for f, _ in problems] == [expected] and reason in problems[0][1], problems
     assert client.get("/api/v1/studies/api").json()["progress"]["waiting"] == 0  # none
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_a_value_that_is_not_finite_is_a_422(client: TestClient, number: str) -> None:
+    assert client.post("/api/v1/studies", json=spec_dict("api", 4)).status_code == 201
+    body = '{"configs": [{"dropout": ' + number + "}]}"
+    response = client.post(
+        "/api/v1/studies/api/trials", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert [p["field"] for p in response.json()["detail"]] == ["configs.0.dropout"]
 
 
 @pytest.mark.parametrize(
