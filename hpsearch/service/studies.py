@@ -88,8 +88,10 @@ def submit_study(store: Store, spec: StudySpec) -> StudyState:
     existing = _update_existing(store, spec)
     if existing is not None:
         return existing
-    with store.session() as session:
-        warm = warm_start_configs(session, spec)  # an unknown study is refused before
+    warm: list[dict] = []
+    if spec.warm_start is not None:  # an unknown study is refused before anything is made
+        with store.session() as session:
+            warm = warm_start_configs(session, spec)
     # Outside our transaction: on SQLite a transaction that read and then sees another
     # connection (Optuna's) write cannot write any more.
     optuna_study_id, created = _create_optuna_study(store.optuna(), spec)
