@@ -22,7 +22,7 @@ from hpsearch.cli import render
 from hpsearch.errors import HpsearchError, Interrupted, SpecError
 
 if TYPE_CHECKING:
-    from hpsearch.cli.client import Backend
+    from hpsearch.client.backends import Backend
     from hpsearch.storage import Store
 
 app = typer.Typer(
@@ -104,7 +104,7 @@ def _database_failure(exc: Exception) -> str | None:
 
 
 def _backend(api: str | None, db: str | None) -> Backend:
-    from hpsearch.cli.client import connect
+    from hpsearch.client.backends import connect
 
     return connect(api, db)
 
@@ -573,7 +573,7 @@ def _show(answer: Any, as_json: bool, render: Callable[[Any], Any]) -> None:
 
 
 def _print_json(answer: Any) -> None:
-    from hpsearch.cli.client import dump_json
+    from hpsearch.client.backends import dump_json
 
     typer.echo(dump_json(answer))
 

@@ -1,5 +1,6 @@
-"""The client commands' two ways to a study: straight to the database (`--db`) or through the
-REST API (`--api`). Both answer with the same views, so the CLI prints them the same way.
+"""The two ways to a study: straight to the database (`--db`, the embedded mode) or through
+the REST API (`--api`). Both answer with the same views, so `hpsearch.Client` and the CLI,
+which use them, behave the same either way; `ApiBackend` is the one HTTP client in the code.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ class Backend(Protocol):
     def studies(self, limit: int, offset: int) -> Page[StudySummary]: ...
     def study(self, study: str) -> StudyDetail: ...
     def leaderboard(self, study: str, top: int) -> list[LeaderboardEntry]: ...
+    def trials(
+        self, study: str, state: str | None, limit: int, offset: int
+    ) -> Page[TrialSummary]: ...
     def trial(self, study: str, number: int) -> TrialDetail: ...
     def change(self, study: str, change: str, n_trials: int = 0) -> StudySummary: ...
     def resume(self, study: str, free_running: bool = False) -> ResumedStudy: ...
@@ -83,6 +87,9 @@ class DatabaseBackend:
 
     def leaderboard(self, study: str, top: int) -> list[LeaderboardEntry]:
         return results.leaderboard(self.store, study, top)
+
+    def trials(self, study: str, state: str | None, limit: int, offset: int) -> Page[TrialSummary]:
+        return results.list_trials(self.store, study, state, limit, offset)
 
     def trial(self, study: str, number: int) -> TrialDetail:
         return results.trial_detail(self.store, study, number)
@@ -127,6 +134,10 @@ class ApiBackend:
     def leaderboard(self, study: str, top: int) -> list[LeaderboardEntry]:
         path = f"/studies/{study}/leaderboard"
         return self._call(list[LeaderboardEntry], "GET", path, params={"top": top})
+
+    def trials(self, study: str, state: str | None, limit: int, offset: int) -> Page[TrialSummary]:
+        params = {"limit": limit, "offset": offset} | ({"state": state} if state else {})
+        return self._call(Page[TrialSummary], "GET", f"/studies/{study}/trials", params=params)
 
     def trial(self, study: str, number: int) -> TrialDetail:
         return self._call(TrialDetail, "GET", f"/studies/{study}/trials/{number}")
