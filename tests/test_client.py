@@ -97,7 +97,10 @@ def test_waiting_on_a_study_no_worker_serves_times_out_with_its_progress(
 
 def test_a_finished_study_reads_as_records_and_frames(client: hpsearch.Client, url: str) -> None:
     study = client.submit(SPEC)
+    [queued] = study.enqueue({"learning_rate": 0.01})
+    assert queued.state == "waiting"
     run_worker(url, 3)
+    assert study.trial(0).params["learning_rate"] == 0.01  # the enqueued point came first
     final = study.wait(timeout_s=60, progress=True)
     assert final.state == "completed" and final.progress.finished == 3
     board = study.leaderboard(top=2)

@@ -30,10 +30,10 @@ from fastapi.testclient import TestClient
 from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
 
-import hpsearch.cli.client
+import hpsearch.client.backends
 from hpsearch.api import Settings, create_app
-from hpsearch.cli.client import ApiBackend
 from hpsearch.cli.commands import app as cli
+from hpsearch.client.backends import ApiBackend
 from hpsearch.errors import SpecError
 from hpsearch.runtime.trials import _retried_trial_ids, claim_trials, open_study
 from hpsearch.runtime.worker import Worker, WorkerOptions
@@ -451,7 +451,7 @@ def test_hpsearch_enqueue_over_the_api(sqlite_url: str, monkeypatch: pytest.Monk
     backend.http = TestClient(
         create_app(Settings(database_url=sqlite_url)), base_url="http://testserver/api/v1"
     )
-    monkeypatch.setattr(hpsearch.cli.client, "connect", lambda api, db: backend)
+    monkeypatch.setattr(hpsearch.client.backends, "connect", lambda api, db: backend)
     runner = CliRunner()
     api = ["--api", "http://testserver"]
     done = runner.invoke(cli, ["enqueue", "cli", "-p", "learning_rate=0.03", *api])

@@ -131,6 +131,11 @@ class Study:
         ]
         return _frame(rows, None, columns=["trial", "epoch", "value", "train_loss", "val_loss"])
 
+    def enqueue(self, *configs: Mapping[str, Any]) -> list[TrialSummary]:
+        """Configurations to train before the sampler's own points, within the budget; a
+        configuration may name some params only (the sampler draws the others)."""
+        return self._backend.enqueue(self.name, [dict(config) for config in configs])
+
     def pause(self) -> StudySummary:
         return self._backend.change(self.name, "pause")
 
