@@ -69,7 +69,7 @@ T = TypeVar("T")
 MIGRATIONS = Path(__file__).resolve().with_name("migrations")
 # The newest revision in `migrations` (a test checks it): whether a database is at head is
 # then one query, without loading Alembic, which only migrating needs.
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 # Optuna keeps its own schema version in `alembic_version`, in the same database.
 VERSION_TABLE = "hps_alembic_version"
 # The key of the PostgreSQL advisory lock held while migrating.

@@ -15,7 +15,9 @@ import optuna
 import optuna.storages._rdb.storage
 from optuna.storages._rdb.models import (
     BaseModel,
+    StudyDirectionModel,
     StudyModel,
+    StudySystemAttributeModel,
     TrialHeartbeatModel,
     TrialIntermediateValueModel,
     TrialModel,
@@ -24,11 +26,16 @@ from optuna.storages._rdb.models import (
     TrialUserAttributeModel,
     TrialValueModel,
 )
+from optuna.study.study import _SYSTEM_ATTR_METRIC_NAMES
 from optuna.trial import FrozenTrial
 
 # The system attribute of a waiting trial that `study.enqueue_trial` made: the params it is
 # to train with (some or all of them), which `optuna.Trial` suggests for those params.
 FIXED_PARAMS = "fixed_params"
+
+# The study system attribute where `Study.set_metric_names` keeps the objective's name, which
+# optuna-dashboard and `optuna.visualization` show instead of "Objective 0".
+METRIC_NAMES_KEY = _SYSTEM_ATTR_METRIC_NAMES
 
 
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
@@ -67,8 +74,11 @@ def alembic_directory() -> Path:
 
 
 __all__ = [
+    "METRIC_NAMES_KEY",
     "BaseModel",
+    "StudyDirectionModel",
     "StudyModel",
+    "StudySystemAttributeModel",
     "TrialHeartbeatModel",
     "TrialIntermediateValueModel",
     "TrialModel",

@@ -96,7 +96,7 @@ def test_upgrade_creates_tables_and_indexes(migrated: str) -> None:
     for table, indexes in INDEXES.items():
         found = inspector.get_indexes(table)
         assert {i["name"] for i in found if not i.get("duplicates_constraint")} == indexes
-    assert version_rows(migrated) == [("0003",)]
+    assert version_rows(migrated) == [(SCHEMA_HEAD,)]
 
 
 def test_schema_head_is_the_newest_migration() -> None:
@@ -145,7 +145,7 @@ def test_upgrade_at_head_runs_one_query(migrated: str) -> None:
     assert [s for s in statements if not s.startswith("BEGIN")] == [
         f"SELECT version_num FROM {VERSION_TABLE}"
     ]
-    assert version_rows(migrated) == [("0003",)]
+    assert version_rows(migrated) == [(SCHEMA_HEAD,)]
 
 
 def test_upgrade_refuses_a_schema_from_a_newer_version(tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_concurrent_upgrades_on_a_fresh_database(url: str) -> None:
     for process in processes:
         process.join(timeout=60)
     assert [process.exitcode for process in processes] == [0, 0, 0, 0]
-    assert version_rows(url) == [("0003",)]
+    assert version_rows(url) == [(SCHEMA_HEAD,)]
     assert set(sqlalchemy.inspect(make_engine(url)).get_table_names()) >= TABLES
 
 

@@ -166,21 +166,25 @@ def _update_existing(store: Store, spec: StudySpec) -> StudyState | None:
 
 def _create_optuna_study(storage: optuna.storages.BaseStorage, spec: StudySpec) -> tuple[int, bool]:
     """The Optuna study's id, and whether this call created it (rather than taking over an
-    empty one of that name)."""
+    empty one of that name). Either way its objective is named after the spec's metric, so
+    optuna-dashboard and `optuna.visualization` show "val_accuracy", not "Objective 0"."""
     try:
         study = optuna.create_study(
             study_name=spec.name, storage=storage, direction=spec.objective.direction
         )
-        return optuna_internals.study_id(study), True
+        created = True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=spec.name, storage=storage)
-        if study.get_trials(deepcopy=False):
+        directions = [direction.name.lower() for direction in study.directions]
+        if study.get_trials(deepcopy=False) or directions != [spec.objective.direction]:
             raise StudyConflict(
                 f"an Optuna study named {spec.name!r} already exists in this database "
                 "and was not created by hpsearch; choose another name, or delete it with "
                 f"`hpsearch delete {spec.name}`"
             ) from None
-        return optuna_internals.study_id(study), False
+        created = False
+    study.set_metric_names([spec.objective.metric])
+    return optuna_internals.study_id(study), created
 
 
 def _update_budget(record: StudyRecord, spec: StudySpec) -> None:
