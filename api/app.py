@@ -10,6 +10,7 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,17 +27,23 @@ from hpsearch.storage.db import migrate_command, ping, schema_behind
 from hpsearch.storage.engine import driver_reason, without_password
 
 UPLOAD_PATH = "/api/v1/datasets"
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's and ReDoc's scripts, styles and icon
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and the target field around the file
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings.from_env()
-    app = FastAPI(
+    # /docs and /redoc with the Swagger UI and ReDoc scripts that fastapi-offline ships,
+    # served from DOCS_ASSETS: no CDN, so the docs work where the server has no internet.
+    app = FastAPIOffline(
         title="hpsearch",
         version=__version__,
         description="Hyperparameter search for BP networks: submit studies, watch them, read "
         "the leaderboard, download the best weights. Send `Authorization: Bearer TOKEN` "
         "once tokens exist (`hpsearch token create`).",
+        static_url=DOCS_ASSETS,
+        # Swagger UI's default validator badge loads an image from validator.swagger.io.
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.settings = settings
     metrics = Metrics(settings.store)
@@ -60,8 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     def root() -> RedirectResponse:
-        """Whoever opens the server's address in a browser wants the dashboard."""
-        return RedirectResponse("/dashboard")
+        """Whoever opens the server's address in a browser wants the dashboard, or the
+        API's documentation where the dashboard is turned off."""
+        return RedirectResponse("/dashboard" if settings.dashboard else "/docs")
 
     @app.get(
         "/metrics",
@@ -74,7 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Prometheus text: trials by state, workers alive, trial durations, request latency."""
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    app.add_middleware(DashboardMiddleware, settings=settings)
+    if settings.dashboard:
+        app.add_middleware(DashboardMiddleware, settings=settings)
     app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     return app

@@ -19,6 +19,9 @@ class Settings:
     env_token_hashes: tuple[str, ...] = ()
     max_spec_bytes: int = 1 * MB
     max_upload_bytes: int = 100 * MB
+    # optuna-dashboard at /dashboard; $HPSEARCH_DASHBOARD=0 leaves it out (and / leads to
+    # the API's docs instead).
+    dashboard: bool = True
 
     @property
     def store(self) -> Store:
@@ -38,4 +41,8 @@ class Settings:
             database_url=database_url or default_url(),
             env_token_hashes=tuple(env_token_hashes()),
             max_upload_bytes=int(float(os.environ.get("HPSEARCH_MAX_UPLOAD_MB", "100")) * MB),
+            dashboard=os.environ.get("HPSEARCH_DASHBOARD", "1").strip().lower() not in OFF,
         )
+
+
+OFF = ("0", "false", "no", "off")

@@ -20,7 +20,7 @@ from hpsearch.service.datasets import StoredUploads
 from hpsearch.service.tokens import create_token, hash_token, revoke_token
 from hpsearch.spec import parse_spec
 from hpsearch.storage import Store, optuna_storage
-from tests.served import served
+from tests.served import ASSET_URL, external_assets, served
 
 SPEC: dict[str, Any] = {
     "name": "api-test",
@@ -379,3 +379,50 @@ def test_a_small_file_that_decodes_to_too_many_values_is_a_413_and_stores_nothin
     assert response.status_code == 413, response.text
     assert "more than" in response.json()["detail"] and "10,000" in response.json()["detail"]
     assert client.get("/api/v1/datasets").json() == []
+
+
+def test_the_docs_are_served_with_their_own_assets_and_no_token(url: str) -> None:
+    """/docs and /redoc work where the server has no internet: their scripts, styles and
+    icon come from the server itself (fastapi-offline), none from a CDN."""
+    client = served(Settings(database_url=url, env_token_hashes=(hash_token("s3cret"),)))
+    for page, script in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        html = client.get(page)
+        assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+        assert external_assets(html.text) == []
+        assets = [a or b for a, b in ASSET_URL.findall(html.text)]
+        assert f"/docs-assets/{script}" in assets and "/docs-assets/favicon.png" in assets
+        for asset in assets:
+            fetched = client.get(asset)
+            assert fetched.status_code == 200 and len(fetched.content) > 1000, asset
+    assert '"validatorUrl": null' in client.get("/docs").text  # no badge from swagger.io
+    assert client.get("/openapi.json").json()["info"]["title"] == "hpsearch"
+
+
+def test_external_assets_are_found_in_html() -> None:
+    html = (
+        '<script src="/docs-assets/a.js"></script><link href="https://cdn.example/x.css">'
+        "<img src='//fonts.example/f.png'><style>b{background:url(http://x.example/i.png)}"
+        '</style><svg xmlns="http://www.w3.org/2000/svg"></svg>'
+    )
+    assert external_assets(html) == [
+        "https://cdn.example/x.css",
+        "//fonts.example/f.png",
+        "http://x.example/i.png",
+    ]
+
+
+def test_the_root_leads_to_the_dashboard_or_else_to_the_docs(url: str) -> None:
+    with_dashboard = served(Settings(database_url=url))
+    assert with_dashboard.get("/", follow_redirects=False).headers["location"] == "/dashboard"
+    without = served(Settings(database_url=url, dashboard=False))
+    assert without.get("/", follow_redirects=False).headers["location"] == "/docs"
+    assert without.get("/dashboard").status_code == 404
+    assert without.get("/", follow_redirects=True).status_code == 200  # the docs
+
+
+def test_the_dashboard_can_be_turned_off_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings.from_env("sqlite://").dashboard is True
+    monkeypatch.setenv("HPSEARCH_DASHBOARD", "0")
+    assert Settings.from_env("sqlite://").dashboard is False
