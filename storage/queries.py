@@ -219,6 +219,42 @@ def finished_trials(session: Session, study_id: int) -> list[TrialRow]:
     return _with_details(session, _rows(session, query))
 
 
+class ScoredTrial(NamedTuple):
+    trial_id: int
+    number: int
+    value: float
+
+
+def complete_trials(session: Session, study_id: int) -> list[ScoredTrial]:
+    """The study's complete trials with a finite value, by number: one query of three
+    columns, cheap for 10,000 trials."""
+    query = (
+        select(TrialModel.trial_id, TrialModel.number, TrialValueModel.value)
+        .join(TrialValueModel, _first_objective())
+        .where(
+            TrialModel.study_id == study_id,
+            TrialModel.state == TrialState.COMPLETE,
+            TrialValueModel.value_type == TrialValueModel.TrialValueType.FINITE,
+        )
+        .order_by(TrialModel.number)
+    )
+    return [ScoredTrial(*row) for row in session.execute(query)]
+
+
+def internal_params(session: Session, trial_ids: Collection[int]) -> dict[int, dict[str, float]]:
+    """{trial id: {param: value}} in Optuna's internal representation (a float; the index
+    of a categorical choice), as `BaseDistribution.to_external_repr` reads it."""
+    ids = list(trial_ids)
+    params: dict[int, dict[str, float]] = {trial_id: {} for trial_id in ids}
+    for low in range(0, len(ids), IDS_PER_STATEMENT):
+        query = select(
+            TrialParamModel.trial_id, TrialParamModel.param_name, TrialParamModel.param_value
+        ).where(TrialParamModel.trial_id.in_(ids[low : low + IDS_PER_STATEMENT]))
+        for trial_id, name, value in session.execute(query):
+            params[trial_id][name] = value
+    return params
+
+
 def one_trial(session: Session, study_id: int, number: int) -> TrialRow | None:
     """The trial with every user attribute, the bulky ones included."""
     query = _trial_query().where(TrialModel.study_id == study_id, TrialModel.number == number)

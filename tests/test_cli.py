@@ -45,7 +45,7 @@ def test_run_prints_the_leaderboard_and_a_second_run_adds_nothing(tmp_path: Path
     spec = write_spec(tmp_path / "iris.yaml", **quick_spec("iris-quick", 4))
     first = run_cli("run", str(spec), "--jobs", "2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "iris-quick: best 4 by val_accuracy" in first.stdout
+    assert "iris-quick: top 4 of 4 complete trials by val_accuracy" in first.stdout
     assert "Traceback" not in first.stdout + first.stderr
     url = f"sqlite:///{tmp_path / 'hpsearch.db'}"  # the embedded default, in the working dir
     done = trials(url, "iris-quick")

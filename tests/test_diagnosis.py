@@ -191,7 +191,8 @@ def test_a_study_searching_learning_rates_up_to_10_is_told_which_range_diverged(
     curve = results.trial_detail(store, "advice", healthy.number).curve
     assert len(curve) == 3 and all(len(p.grad_norms) == 2 and min(p.grad_norms) > 0 for p in curve)
     shown = CliRunner().invoke(app, ["trial", "advice", str(healthy.number), "--db", url])
-    assert "grad norm per layer" in shown.output and "ok" in shown.output.splitlines()[0]
+    assert "gradient norm per layer" in shown.output
+    assert "diagnosis ok" in shown.output.splitlines()[0]
 
 
 @pytest.mark.integration

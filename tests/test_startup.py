@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 from tests.conftest import run_cli, write_spec
@@ -48,7 +49,20 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_spec(home / "other.yaml", **(spec | {"name": "other"}))
     trained = run_cli("run", "small.yaml", "--db", _db(home), cwd=home)
     assert trained.returncode == 0, trained.stderr
+    _many_trials(home, spec | {"name": "many"})
     return home
+
+
+def _many_trials(home: Path, spec: dict[str, object]) -> None:
+    """A study with enough complete trials for `status` and `importance` to evaluate which
+    hyperparameters mattered (told through Optuna, not trained)."""
+    write_spec(home / "many.yaml", **spec)
+    submitted = run_cli("submit", "many.yaml", "--db", _db(home), cwd=home)
+    assert submitted.returncode == 0, submitted.stderr
+    study = optuna.load_study(study_name="many", storage=_db(home))
+    for i in range(12):
+        trial = study.ask()
+        study.tell(trial, trial.suggest_float("learning_rate", 0.001, 0.1, log=True) + i / 100)
 
 
 def _db(home: Path) -> str:
@@ -61,6 +75,9 @@ CLIENT_COMMANDS = [
     ["studies", "--db", "{db}"],
     ["status", "small", "--db", "{db}"],
     ["status", "small", "--db", "{db}", "--json"],
+    ["status", "many", "--db", "{db}"],  # its line on which hyperparameters mattered
+    ["importance", "many", "--db", "{db}"],
+    ["importance", "many", "--db", "{db}", "--json"],
     ["leaderboard", "small", "--db", "{db}"],
     ["trial", "small", "0", "--db", "{db}"],
     ["run", "small.yaml", "--db", "{db}"],  # nothing left to run: it reads, never trains
@@ -88,6 +105,40 @@ def test_commands_over_the_api_load_no_training_library(home: Path) -> None:
     for args in (["status", "small"], ["leaderboard", "small"], ["studies"]):
         answer = _probe(home, [*args, "--api", "http://127.0.0.1:9"])
         assert answer == {"code": 2, "loaded": []}
+
+
+def test_importance_loaded_without_scikit_learn_leaves_fanova_whole_for_others(
+    home: Path,
+) -> None:
+    """hpsearch loads Optuna's importance package with scikit-learn hidden (PED-ANOVA needs
+    none of it); whoever imports the package afterwards in the same process still gets
+    fANOVA, which loads scikit-learn then."""
+    script = f"""
+import json, sys
+import optuna
+from hpsearch.service.importance import _optuna_importance, param_importance
+from hpsearch.storage import Store
+
+answer = param_importance(Store.open({_db(home)!r}), "many")
+hidden = "sklearn" in sys.modules
+study = optuna.load_study(study_name="many", storage={_db(home)!r})
+fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
+shares = optuna.importance.get_param_importances(study, evaluator=fanova)
+print(json.dumps({{"ranked": [e.param for e in answer.importances], "sklearn_before": hidden,
+                  "fanova": list(shares), "sklearn_after": "sklearn" in sys.modules,
+                  "ours_kept": _optuna_importance().__name__}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=home, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "ranked": ["learning_rate"],
+        "sklearn_before": False,
+        "fanova": ["learning_rate"],
+        "sklearn_after": True,
+        "ours_kept": "optuna.importance",
+    }
 
 
 def test_a_run_that_trains_loads_them(home: Path) -> None:

@@ -23,6 +23,7 @@ from hpsearch.errors import HpsearchError, Interrupted, SpecError
 
 if TYPE_CHECKING:
     from hpsearch.client.backends import Backend
+    from hpsearch.spec import StudySpec
     from hpsearch.storage import Store
 
 app = typer.Typer(
@@ -105,7 +106,9 @@ def _database_failure(exc: Exception) -> str | None:
 
 def _backend(api: str | None, db: str | None) -> Backend:
     from hpsearch.client.backends import connect
+    from hpsearch.logs import quiet_optuna
 
+    quiet_optuna()  # its INFO lines ("A new study created ...") repeat what the command says
     return connect(api, db)
 
 
@@ -137,7 +140,7 @@ def run(
     state = submit_study(store, spec)  # refused at once if it cannot run
     spec = state.spec
     if state.state not in RUNNABLE_STATES:
-        console.print(render.leaderboard(results.leaderboard(store, spec.name, top), spec))
+        _print_leaderboard(store, spec, top)
         hint = _HINTS.get(state.state, "").format(name=spec.name)
         console.print(f"study {spec.name} is {state.state}" + (f"; {hint}" if hint else ""))
         return
@@ -153,10 +156,10 @@ def run(
         with render.progress_bar(spec.name, total, console) as update:
             codes = run_workers(state, store, jobs, devices, update, pack=pack)
     except Interrupted as stop:
-        console.print(render.leaderboard(results.leaderboard(store, spec.name, top), spec))
+        _print_leaderboard(store, spec, top)
         errors.print("interrupted: run the same command again to resume")
         raise typer.Exit(stop.exit_code) from None
-    console.print(render.leaderboard(results.leaderboard(store, spec.name, top), spec))
+    _print_leaderboard(store, spec, top)
     ended = results.study_summary(store, state.id)
     if ended.state == "failed":
         errors.print(f"[red]error:[/] study {spec.name} failed: {escape(ended.reason or '')}")
@@ -175,6 +178,14 @@ def run(
             f"{_last_failure(store, spec.name)}"
         )
         raise typer.Exit(1)
+
+
+def _print_leaderboard(store: Store, spec: StudySpec, top: int) -> None:
+    from hpsearch.service import results
+
+    rows = results.leaderboard(store, spec.name, top)
+    complete = results.study_summary(store, spec.name).progress.complete
+    console.print(render.leaderboard(rows, spec, complete))
 
 
 _HINTS = {
@@ -227,8 +238,30 @@ def studies(
 def status(
     study: StudyArgument, api: ApiOption = None, db: DbOption = None, as_json: JsonOption = False
 ) -> None:
-    """A study's state, progress and best trial."""
-    _show(_backend(api, db).study(study), as_json, render.status_view)
+    """A study's state, progress, best trial, and which hyperparameters mattered."""
+    backend = _backend(api, db)
+    answer = backend.study(study)
+    if as_json:
+        _print_json(answer)
+        return
+    try:
+        mattered: Any = backend.importance(study)
+    except HpsearchError as exc:  # e.g. a server from before the importance route
+        mattered = f"not available: {exc}"
+    console.print(render.status_view(answer, mattered))
+
+
+@app.command()
+@user_errors
+def importance(
+    study: StudyArgument, api: ApiOption = None, db: DbOption = None, as_json: JsonOption = False
+) -> None:
+    """Which hyperparameters mattered: each one's share of the importance.
+
+    Optuna's PED-ANOVA over the complete trials (at least 10): how differently each
+    hyperparameter's values are spread among the best trials than among all of them.
+    """
+    _show(_backend(api, db).importance(study), as_json, render.importance_view)
 
 
 @app.command(name="leaderboard")
@@ -246,7 +279,8 @@ def leaderboard_command(
     if as_json:
         _print_json(rows)
         return
-    console.print(render.leaderboard(rows, backend.study(study).spec))
+    detail = backend.study(study)
+    console.print(render.leaderboard(rows, detail.spec, detail.progress.complete))
 
 
 @app.command()

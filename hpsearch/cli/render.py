@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the views need pydantic; rendering is imported by `--help` 
     from hpsearch.service.views import (
         LeaderboardEntry,
         Page,
+        ParamImportances,
         ResumedStudy,
         StudyDetail,
         StudySummary,
@@ -53,19 +54,30 @@ def progress_bar(
         yield update
 
 
-def leaderboard(rows: list[LeaderboardEntry], spec: StudySpec) -> Table | str:
-    return leaderboard_table(rows, spec) if rows else "no completed trials yet"
+def leaderboard(rows: list[LeaderboardEntry], spec: StudySpec, complete: int) -> Group | str:
+    """The `rows` ranked out of the study's `complete` trials, and what the columns mean."""
+    if not rows:
+        return "no completed trials yet"
+    test_metric = "test_" + spec.objective.metric.removeprefix("val_")
+    legend = (
+        f"trial: its number (details: hpsearch trial {spec.name} N); {test_metric}: on the "
+        "held-out test rows, with the weights of its best epoch; epochs: epochs trained; "
+        "seconds: training time; diagnosis: how the training went"
+    )
+    return Group(leaderboard_table(rows, spec, complete), escape(legend))
 
 
-def leaderboard_table(rows: list[LeaderboardEntry], spec: StudySpec) -> Table:
+def leaderboard_table(rows: list[LeaderboardEntry], spec: StudySpec, complete: int) -> Table:
     metric = spec.objective.metric
     param_names = list(spec.search_space.dimensions())
     test_metric = "test_" + metric.removeprefix("val_")
     table = Table(
-        title=f"{spec.name}: best {len(rows)} by {metric} ({spec.objective.direction})",
+        title=f"{spec.name}: top {len(rows)} of {complete} complete trials by {metric} "
+        f"({better(spec.objective.direction)})",
         box=box.SIMPLE_HEAD,
     )
-    headers = ["#", "trial", metric, test_metric, *param_names, "epochs", "seconds", "diagnosis"]
+    headers = ["rank", "trial", metric, test_metric, *param_names, "epochs", "seconds"]
+    headers.append("diagnosis")
     for header in headers:
         table.add_column(header, justify="left" if header == "diagnosis" else "right", no_wrap=True)
     for row in rows:
@@ -95,13 +107,25 @@ def tokens_table(tokens: list[TokenView]) -> Table:
     return table
 
 
-def studies_table(page: Page[StudySummary]) -> Table:
+STUDY_COLUMNS = (
+    "finished/budget: complete and pruned trials out of the budget; pruned: stopped early by "
+    "the pruner; failed: the training raised an error; handed back: checkpointed by a "
+    "stopping worker, to be resumed; lost: its worker died, retried; best: the objective's "
+    "best value so far"
+)
+
+
+def studies_table(page: Page[StudySummary]) -> Group:
+    return Group(_studies_table(page), escape(STUDY_COLUMNS))
+
+
+def _studies_table(page: Page[StudySummary]) -> Table:
     table = Table(title=f"{page.total} studies", box=box.SIMPLE_HEAD)
     for header in (
         "id",
         "name",
         "state",
-        "finished",
+        "finished/budget",
         "running",
         "pruned",
         "failed",
@@ -133,35 +157,93 @@ def studies_table(page: Page[StudySummary]) -> Table:
     return table
 
 
-def status_view(study: StudyDetail) -> Group:
+def status_view(study: StudyDetail, mattered: ParamImportances | str | None = None) -> Group:
+    """The study's state and progress, what its sampler and pruner do, its advice, which
+    hyperparameters mattered (`mattered`, or why that is not known), and its best trial."""
     p = study.progress
     lines = [
         study_line(study),
-        f"progress: {p.finished}/{p.budget} finished ({p.complete} complete, {p.pruned} pruned), "
-        f"{p.running} running, {p.waiting} waiting to resume, {p.failed} failed"
+        f"progress: {p.finished} of {p.budget} trials finished ({p.complete} complete, "
+        f"{p.pruned} pruned: stopped early), {p.running} running, {p.waiting} waiting to "
+        f"resume, {p.failed} failed"
         + (f", {p.handed_back} handed back by stopping workers" if p.handed_back else "")
         + (f", {p.lost} lost with their workers" if p.lost else ""),
-        f"objective: {study.metric} ({study.direction}); "
-        f"sampler {study.sampler}, pruner {study.pruner}",
+        f"objective: {study.metric}, {better(study.direction)}; "
+        f"sampler {study.sampler} (chooses each trial's hyperparameters), "
+        f"pruner {study.pruner} (stops unpromising trials early)",
     ]
     if study.reason:
         lines.append(f"reason: {study.reason}")
     lines += [f"advice: {sentence}" for sentence in study.advice]
+    if mattered is not None:
+        lines.append(mattered if isinstance(mattered, str) else importance_line(mattered))
     best = study.best_trial
     if best is None:
         lines.append("no completed trial yet")
         return Group(*(escape(line) for line in lines))
     lines.append(f"best: trial {best.number}, {study.metric} = {fmt(best.value)}")
-    table = Table("param", "value", box=box.SIMPLE_HEAD)
-    for name, value in {**best.params, **best.metrics}.items():
-        table.add_row(name, fmt(value))
-    return Group(*(escape(line) for line in lines), table)
+    params = Table("hyperparameter", "value", box=box.SIMPLE_HEAD)
+    for name, value in best.params.items():
+        params.add_row(name, fmt(value))
+    metrics = Table("metric of its best epoch's weights", "value", box=box.SIMPLE_HEAD)
+    for name, value in best.metrics.items():
+        metrics.add_row(name, fmt(value))
+    return Group(*(escape(line) for line in lines), params, metrics)
+
+
+def importance_line(answer: ParamImportances) -> str:
+    """One line of `hpsearch status`: the hyperparameters by their share of the importance."""
+    if answer.reason is not None:
+        return f"mattered most: not known yet: {answer.reason}"
+    shares = ", ".join(f"{entry.param} {percent(entry.importance)}" for entry in answer.importances)
+    return (
+        f"mattered most: {shares} ({answer.evaluator} over {answer.trials_used} complete "
+        f"trials; see hpsearch importance {answer.study})"
+    )
+
+
+def importance_view(answer: ParamImportances) -> Group | str:
+    """`hpsearch importance`: each hyperparameter's share, most important first."""
+    constant = (
+        [f"constant (a single possible value, so it cannot matter): {', '.join(answer.constant)}"]
+        if answer.constant
+        else []
+    )
+    if answer.reason is not None:
+        return "\n".join(escape(line) for line in [f"{answer.study}: {answer.reason}", *constant])
+    sampled = (
+        f"{answer.trials_used} of its {answer.trials_complete} (evenly spaced)"
+        if answer.trials_used < answer.trials_complete
+        else f"its {answer.trials_used}"
+    )
+    table = Table(
+        title=f"{answer.study}: which hyperparameters mattered for {answer.metric}",
+        box=box.SIMPLE_HEAD,
+    )
+    table.add_column("rank", justify="right")
+    table.add_column("hyperparameter")
+    table.add_column("share", justify="right")
+    table.add_column("")
+    for rank, entry in enumerate(answer.importances, start=1):
+        bar = "█" * round(entry.importance * 20)
+        table.add_row(str(rank), entry.param, percent(entry.importance), bar)
+    legend = (
+        f"share: how differently each hyperparameter's values are spread among the best "
+        f"{answer.top_quantile or 0:.0%} of {sampled} complete trials than among all of them "
+        f"({answer.evaluator}, Optuna's importance evaluator); the shares add up to 100%"
+    )
+    return Group(table, escape(legend), *(escape(line) for line in constant))
+
+
+def percent(share: float) -> str:
+    """A share as a whole percentage; one that rounds to 0 but is not 0 as "<1%"."""
+    return "<1%" if 0 < share < 0.005 else f"{share:.0%}"
 
 
 def trial_view(trial: TrialDetail) -> Group:
     head = (
-        f"trial {trial.number}: {trial.state.replace('_', ' ')}, value {fmt(trial.value)}, "
-        f"{trial.diagnosis or '-'}"
+        f"trial {trial.number}: {trial.state.replace('_', ' ')}, objective {fmt(trial.value)}, "
+        f"diagnosis {trial.diagnosis or '-'}"
     )
     facts = Table("", "", box=None, show_header=False)
     for name, value in {**trial.params, **trial.metrics}.items():
@@ -171,11 +253,11 @@ def trial_view(trial: TrialDetail) -> Group:
             facts.add_row(name, fmt(getattr(trial, name)))
     curve = Table(
         "epoch",
-        "value",
+        "objective",
         "train loss",
         "val loss",
-        "lr",
-        "grad norm per layer",
+        "learning rate",
+        "gradient norm per layer (first layer first)",
         title="learning curve",
         box=box.SIMPLE_HEAD,
     )
@@ -197,6 +279,11 @@ def study_line(study: StudySummary) -> str:
     return (
         f"study {study.name} (id {study.id}): {study.state}, {p.finished}/{p.budget} trials{best}"
     )
+
+
+def better(direction: str) -> str:
+    """The objective's direction in plain words."""
+    return "higher is better" if direction == "maximize" else "lower is better"
 
 
 def when(moment: datetime | None) -> str:

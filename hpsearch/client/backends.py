@@ -13,6 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from hpsearch.errors import Conflict, HpsearchError, NotFound, SpecError
 from hpsearch.service import results
+from hpsearch.service.importance import param_importance
 from hpsearch.service.studies import (
     change_state,
     delete_study,
@@ -23,6 +24,7 @@ from hpsearch.service.studies import (
 from hpsearch.service.views import (
     LeaderboardEntry,
     Page,
+    ParamImportances,
     ResumedStudy,
     StudyDetail,
     StudySummary,
@@ -53,6 +55,7 @@ class Backend(Protocol):
         self, study: str, state: str | None, limit: int, offset: int
     ) -> Page[TrialSummary]: ...
     def trial(self, study: str, number: int) -> TrialDetail: ...
+    def importance(self, study: str) -> ParamImportances: ...
     def change(self, study: str, change: str, n_trials: int = 0) -> StudySummary: ...
     def resume(self, study: str, free_running: bool = False) -> ResumedStudy: ...
     def delete(self, study: str) -> None: ...
@@ -93,6 +96,9 @@ class DatabaseBackend:
 
     def trial(self, study: str, number: int) -> TrialDetail:
         return results.trial_detail(self.store, study, number)
+
+    def importance(self, study: str) -> ParamImportances:
+        return param_importance(self.store, study)
 
     def change(self, study: str, change: str, n_trials: int = 0) -> StudySummary:
         state = change_state(self.store, study, change, n_trials)
@@ -141,6 +147,9 @@ class ApiBackend:
 
     def trial(self, study: str, number: int) -> TrialDetail:
         return self._call(TrialDetail, "GET", f"/studies/{study}/trials/{number}")
+
+    def importance(self, study: str) -> ParamImportances:
+        return self._call(ParamImportances, "GET", f"/studies/{study}/importance")
 
     def change(self, study: str, change: str, n_trials: int = 0) -> StudySummary:
         body = {"n_trials": n_trials} if change == "extend" else None

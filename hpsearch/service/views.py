@@ -169,3 +169,46 @@ class TokenView(BaseModel):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+
+
+class ParamImportance(BaseModel):
+    param: str
+    importance: float = Field(
+        description="its share of the importance of the searched hyperparameters (the shares "
+        "sum to 1)"
+    )
+
+
+class ParamImportances(BaseModel):
+    """Which hyperparameters mattered: how much each one's values among the best trials
+    differ from its values among all the trials evaluated (Optuna's PED-ANOVA)."""
+
+    study: str
+    metric: str
+    evaluator: str = Field(description="Optuna's importance evaluator")
+    top_quantile: float | None = Field(
+        None,
+        description="the share of the evaluated trials that count as the best (PED-ANOVA's "
+        "target quantile): a tenth, or the best 10 trials where a tenth holds fewer, at most "
+        "half",
+    )
+    trials_complete: int = Field(
+        description="complete trials of the study; pruned and failed trials do not count"
+    )
+    trials_used: int = Field(
+        description="the complete trials evaluated: all of them, or an evenly spaced sample "
+        "(by trial number) of a study with more than the cap"
+    )
+    min_trials: int = Field(description="the complete trials an answer needs")
+    importances: list[ParamImportance] = Field(
+        default_factory=list,
+        description="most important first; empty when `reason` says why there is no answer",
+    )
+    constant: list[str] = Field(
+        default_factory=list,
+        description="searched keys with a single possible value: they cannot matter, and are "
+        "left out of `importances`",
+    )
+    reason: str | None = Field(
+        None, description="why there are no importances: too few trials, nothing varies"
+    )
