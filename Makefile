@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast test-optuna lint format bench clean
+.PHONY: install demo test test-fast test-optuna lint format bench screenshots clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,12 @@ test: install
 # The unit tier alone (unmarked tests, in process; tests/conftest.py), under 2 minutes.
 test-fast: install
 	$(BIN)/pytest -m "not integration and not system"
+
+# /docs, /redoc and the dashboard rendered in a headless Chromium (Debian's `chromium`), as
+# tests/test_browser.py checks them; the screenshots stay in screenshots/ to look at.
+screenshots: install
+	HPSEARCH_SCREENSHOTS=$(CURDIR)/screenshots $(BIN)/pytest tests/test_browser.py
+	@echo "screenshots: $(CURDIR)/screenshots/docs.png $(CURDIR)/screenshots/dashboard.png"
 
 # The Optuna-facing tests at the oldest and newest Optuna that pyproject.toml admits, each in a
 # virtualenv of its own (about 20 minutes; not part of `make test`).
@@ -51,6 +57,7 @@ bench: install
 	$(BIN)/python bench/chaos.py
 	$(BIN)/python bench/throughput.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/compile.py --write
+	$(BIN)/python bench/importance.py --write
 
 clean:
 	rm -rf $(VENV) hpsearch.db hpsearch.db-* hpsearch.db.claim-lock *.egg-info
