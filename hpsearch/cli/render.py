@@ -216,10 +216,8 @@ def importance_view(answer: ParamImportances) -> Group | str:
         if answer.trials_used < answer.trials_complete
         else f"its {answer.trials_used}"
     )
-    table = Table(
-        title=f"{answer.study}: which hyperparameters mattered for {answer.metric}",
-        box=box.SIMPLE_HEAD,
-    )
+    heading = f"{answer.study}: which hyperparameters mattered for {answer.metric}"
+    table = Table(box=box.SIMPLE_HEAD)
     table.add_column("rank", justify="right")
     table.add_column("hyperparameter")
     table.add_column("share", justify="right")
@@ -232,7 +230,7 @@ def importance_view(answer: ParamImportances) -> Group | str:
         f"{answer.top_quantile or 0:.0%} of {sampled} complete trials than among all of them "
         f"({answer.evaluator}, Optuna's importance evaluator); the shares add up to 100%"
     )
-    return Group(table, escape(legend), *(escape(line) for line in constant))
+    return Group(escape(heading), table, escape(legend), *(escape(line) for line in constant))
 
 
 def percent(share: float) -> str:
