@@ -116,6 +116,7 @@ def test_a_finished_study_reads_as_records_and_frames(client: hpsearch.Client, u
     assert sorted(set(curves["trial"])) == [0, 1, 2]
     assert curves.groupby("trial")["epoch"].max().tolist() == [4, 4, 4]
     assert study.trial(board[0].number).curve[-1].epoch == 4
+    assert "at least 10 complete trials" in (study.importance().reason or "")
 
 
 def test_an_empty_leaderboard_is_an_empty_frame(client: hpsearch.Client) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from hpsearch.client.backends import ApiBackend, Backend, DatabaseBackend, connect
 from hpsearch.service.views import (
     LeaderboardEntry,
+    ParamImportances,
     StudyDetail,
     StudySummary,
     TrialDetail,
@@ -117,6 +118,11 @@ class Study:
     def trial(self, number: int) -> TrialDetail:
         """One trial with its learning curve."""
         return self._backend.trial(self.name, number)
+
+    def importance(self) -> ParamImportances:
+        """Which hyperparameters mattered, by Optuna's PED-ANOVA over the complete trials;
+        with too few trials, `importances` is empty and `reason` says why."""
+        return self._backend.importance(self.name)
 
     def curves(self, numbers: Iterable[int] | None = None) -> pandas.DataFrame:
         """Learning curves, one row per trial and epoch (value, losses, learning rate), of the
