@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from sklearn.datasets import load_diabetes, make_regression
 
 from hpsearch.data.facts import BUILTIN_FACTS, inspect_dataset, split_sizes
-from hpsearch.data.tables import Table, data_dir
+from hpsearch.data.tables import Encoding, Table, data_dir
 from hpsearch.data.tensors import TensorData, _split_indices, clear_cache, load_dataset
 from hpsearch.errors import DatasetError
 from hpsearch.spec import SplitSpec, StudySpec
@@ -219,6 +219,39 @@ def test_example_flowers_csv(monkeypatch):
     assert data.classes == ["setosa", "versicolor", "virginica"]
     assert data.feature_names[:4] == ["sepal_length", "sepal_width", "petal_length", "petal_width"]
     assert sorted(data.feature_names[4:]) == ["garden_east", "garden_north", "garden_south"]
+
+
+def test_the_encoding_one_hots_as_get_dummies_and_encodes_new_rows_alike():
+    """Training encodes through `Encoding`, so a model file's encoding reproduces it; it must
+    stay what pandas' get_dummies gave (bool, category and mixed-type columns included)."""
+    frame = pd.DataFrame(
+        {
+            "n": [3, 1, 2, 1],
+            "color": ["red", "blue", "red", "green"],
+            "flag": [True, False, True, True],
+            "mixed": np.array([1, "a", 2, 1], dtype=object),
+            "size": pd.Categorical(["s", "l", "s", "s"], categories=["s", "l", "xl"]),
+            "label": [0, 1, 0, 1],
+        },
+        index=[7, 7, 3, 1],
+    )
+    encoding = Encoding.fit(frame, ["label"], "int", "t")
+    features = frame.drop(columns=["label"])
+    dummies = pd.get_dummies(features, columns=list(features.columns[1:]), dtype=float)
+    assert encoding.feature_names == [str(c) for c in dummies.columns]
+    np.testing.assert_array_equal(encoding.encode(frame), dummies.to_numpy(np.float32))
+    new = pd.DataFrame({"size": ["xl"], "n": ["5"], "color": ["purple"], "mixed": ["a"]})
+    new["flag"] = False  # columns in any order, numbers as text, an unseen color: all zeros
+    assert encoding.encode(new).tolist() == [[5, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 1]]
+
+
+def test_csv_integer_labels_keep_their_type(data_home):
+    pd.DataFrame({"x": np.arange(20.0), "label": [3, 7] * 10}).to_csv(
+        data_home / "ints.csv", index=False
+    )
+    data = load_dataset(file_spec("ints.csv"))
+    assert data.classes == ["3", "7"] and data.encoding.label_type == "int"
+    assert data.x_mean is not None and data.x_std is not None
 
 
 def test_npz(data_home):
@@ -504,6 +537,7 @@ def test_split_sizes_count_what_the_split_makes(
     """Admission counts the parts without splitting; the count must be the split's."""
     split = SplitSpec(val=val, test=test)
     labels = np.arange(n_rows) % n_classes
-    table = Table(np.zeros((n_rows, 0), np.float32), labels, "regression", [], [])
+    no_features = np.zeros((n_rows, 0), np.float32)
+    table = Table(no_features, labels, "regression", [], Encoding.numeric([], ["y"]))
     parts = tuple(len(part) for part in _split_indices(table, split))
     assert parts == split_sizes(n_rows, split)

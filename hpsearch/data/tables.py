@@ -61,6 +61,100 @@ MAX_CATEGORIES = 50  # a text column with more distinct values is an id or free 
 MAX_INFERRED_CLASSES = 50  # an integer target with more distinct values is taken as a quantity
 
 
+LabelType = Literal["str", "int", "float"]
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a table's raw rows became the numbers a network reads: kept with the trained
+    weights (`hpsearch.training.modelfile`), so that new rows are encoded exactly as the
+    training rows were, by this same code.
+
+    The features are the numeric columns as they are (divided by `divisor`), then each
+    categorical column one-hot: one 0/1 column per value of `categories[column]`, in the
+    order pandas' get_dummies gives them. A value a column did not hold in training gets
+    all zeros. Values are matched as text, so a CSV read again matches its own categories.
+    """
+
+    columns: tuple[str, ...]  # the feature columns, in the table's order
+    categories: dict[str, tuple[str, ...]]  # each one-hot column's values, as text
+    source_columns: tuple[str, ...]  # every column of the table, the targets included
+    targets: tuple[str, ...]
+    label_type: LabelType = "str"  # what a class label was before it became text
+    divisor: float = 1.0  # numeric features were divided by it (pixels by 255)
+
+    @classmethod
+    def numeric(
+        cls,
+        names: list[str],
+        targets: list[str],
+        divisor: float = 1.0,
+        label_type: LabelType = "str",
+    ) -> Encoding:
+        """A table of numeric features only, its targets after them (scikit-learn's frames)."""
+        return cls(tuple(names), {}, (*names, *targets), tuple(targets), label_type, divisor)
+
+    @classmethod
+    def fit(
+        cls, frame: pd.DataFrame, targets: list[str], label_type: LabelType, shown: str
+    ) -> Encoding:
+        """The encoding of a whole table: which columns are one-hot, with which values."""
+        features = frame.drop(columns=targets)
+        categories = {}
+        for column in _categorical_columns(features, shown):
+            values = [str(v) for v in pd.Categorical(features[column]).categories]
+            if len(set(values)) < len(values):
+                raise DatasetError(
+                    f"column '{column}' in {shown} holds values that read the same as text "
+                    "(like 1 and '1'); make them one type"
+                )
+            categories[str(column)] = tuple(values)
+        return cls(
+            tuple(str(c) for c in features.columns),
+            categories,
+            tuple(str(c) for c in frame.columns),
+            tuple(targets),
+            label_type,
+        )
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The network's input columns, named as get_dummies names them."""
+        numeric = [c for c in self.columns if c not in self.categories]
+        one_hot = [f"{c}_{v}" for c, values in self.categories.items() for v in values]
+        return numeric + one_hot
+
+    def encode(self, features: pd.DataFrame) -> np.ndarray:
+        """The rows of `features` (which hold at least `columns`) as float32 network inputs."""
+        named = features.rename(columns=str).reset_index(drop=True)
+        frame = pd.DataFrame({c: self._prepared(named[c]) for c in self.columns})
+        encoded = pd.get_dummies(frame, columns=list(self.categories), dtype=float)
+        return encoded.to_numpy(np.float32)
+
+    def _prepared(self, column: pd.Series) -> pd.Series | pd.Categorical:
+        """A categorical column with its training values as categories (others become
+        missing, hence all-zero one-hot); a numeric one as numbers."""
+        if column.name in self.categories:
+            values, known = column.astype(str), self.categories[column.name]
+            return pd.Categorical(values.where(values.isin(known)), categories=known)
+        if not pd.api.types.is_numeric_dtype(column.dtype):
+            try:
+                column = pd.to_numeric(column)
+            except (ValueError, TypeError):
+                raise DatasetError(
+                    f"column '{column.name}' must hold numbers; it holds values like "
+                    f"'{column.iloc[0]}'"
+                ) from None
+        return column if self.divisor == 1 else column.astype(np.float64) / self.divisor
+
+
+def standardize(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+    """Scale float32 rows in place, in float32: training rows and new rows alike (with the
+    training rows' mean and std), so that the same row always gets the same bits."""
+    x -= mean
+    x /= std
+
+
 @dataclass(frozen=True)
 class Table:
     """A whole dataset encoded as numbers, before it is split."""
@@ -69,7 +163,11 @@ class Table:
     y: np.ndarray  # int64 [n] | float32 [n, L] | float64 [n]
     task: Task
     classes: list[str]
-    feature_names: list[str]
+    encoding: Encoding
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.encoding.feature_names
 
 
 def data_dir() -> Path:
@@ -101,7 +199,7 @@ def frame_facts(
         _regression_target(frame[target], shown)
         n_outputs = 1
     else:
-        y, classes = _class_indices(frame[target], shown)
+        y, classes, _ = _class_indices(frame[target], shown)
         check_stratifiable(y, classes)
         n_outputs = len(classes)
     features = frame.drop(columns=targets)
@@ -143,14 +241,15 @@ def labelled_table(
 ) -> Table:
     task = task or _infer_task(frame, target, shown)
     targets = _targets(target)
+    label_type: LabelType = "str"
     if task == "multilabel":
         y, classes = _multilabel_target(frame, targets, shown), targets
     elif task == "regression":
         y, classes = _regression_target(frame[target], shown), []
     else:
-        y, classes = _class_indices(frame[target], shown)
-    x, feature_names = _encode_features(frame.drop(columns=targets), shown)
-    return Table(x, y, task, classes, feature_names)
+        y, classes, label_type = _class_indices(frame[target], shown)
+    encoding = Encoding.fit(frame, targets, label_type, shown)
+    return Table(encoding.encode(frame), y, task, classes, encoding)
 
 
 def _targets(target: str | list[str]) -> list[str]:
@@ -362,21 +461,33 @@ def _infer_task(frame: pd.DataFrame, target: str | list[str], shown: str) -> Tas
     return "classification" if column.nunique() <= MAX_INFERRED_CLASSES else "regression"
 
 
-def _class_indices(column: pd.Series, shown: str) -> tuple[np.ndarray, list[str]]:
-    """Labels as indices 0..K-1 into the sorted distinct values, which become the class names."""
+def _class_values(column: pd.Series, shown: str) -> np.ndarray:
+    """A class column's labels: text, or numbers (integers when every one is whole)."""
     if _kind(column, shown) == "categorical":
-        values = column.astype(str).to_numpy()
-    else:
-        values = column.to_numpy(np.float64)
-        if np.array_equal(values, np.round(values)):
-            values = values.astype(np.int64)  # class "3", not "3.0"
+        return column.astype(str).to_numpy()
+    values = column.to_numpy(np.float64)
+    if np.array_equal(values, np.round(values)):
+        return values.astype(np.int64)  # class "3", not "3.0"
+    return values
+
+
+def _class_indices(column: pd.Series, shown: str) -> tuple[np.ndarray, list[str], LabelType]:
+    """Labels as indices 0..K-1 into the sorted distinct values, which become the class
+    names; and the labels' type before they became names."""
+    values = _class_values(column, shown)
     classes, y = np.unique(values, return_inverse=True)
     if len(classes) < 2:
         raise DatasetError(
             f"target column '{column.name}' in {shown} has the single value '{classes[0]}'; "
             "classification needs at least two classes"
         )
-    return y.astype(np.int64), [str(c) for c in classes]
+    return y.astype(np.int64), [str(c) for c in classes], label_type_of(values)
+
+
+def label_type_of(labels: np.ndarray) -> LabelType:
+    """What class labels are, so that a prediction gives them back as they were."""
+    kind = labels.dtype.kind
+    return "int" if kind in "iu" else "float" if kind == "f" else "str"
 
 
 def _regression_target(column: pd.Series, shown: str) -> np.ndarray:
@@ -402,13 +513,6 @@ def _multilabel_target(frame: pd.DataFrame, targets: list[str], shown: str) -> n
                 f"true/false; it holds '{other}'"
             )
     return frame[targets].to_numpy(np.float32)
-
-
-def _encode_features(features: pd.DataFrame, shown: str) -> tuple[np.ndarray, list[str]]:
-    """Numbers as they are; each category column one-hot (one 0/1 column per value)."""
-    categorical = _categorical_columns(features, shown)
-    encoded = pd.get_dummies(features, columns=categorical, dtype=float)
-    return encoded.to_numpy(np.float32), [str(c) for c in encoded.columns]
 
 
 def _categorical_columns(features: pd.DataFrame, shown: str) -> list[str]:

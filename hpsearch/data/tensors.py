@@ -19,11 +19,14 @@ from sklearn.model_selection import train_test_split
 
 from hpsearch.data.facts import MNIST_EXTRA, DataFacts, n_informative
 from hpsearch.data.tables import (
+    Encoding,
     Table,
     Uploads,
     check_stratifiable,
     data_dir,
     file_table,
+    label_type_of,
+    standardize,
     uploaded_table,
 )
 from hpsearch.errors import DatasetError
@@ -38,6 +41,7 @@ from hpsearch.spec import (
     UploadedDataset,
 )
 
+TARGET = "target"  # the target column of built-in and generated data, as scikit-learn names it
 _SKLEARN_LOADERS = {
     "digits": sk_datasets.load_digits,
     "breast_cancer": sk_datasets.load_breast_cancer,
@@ -65,9 +69,15 @@ class TensorData:
     n_features: int
     n_outputs: int  # classes K, labels L, or 1 for regression
     classes: list[str]  # class names | label column names | [] for regression
-    feature_names: list[str]  # after one-hot encoding
+    encoding: Encoding  # how raw rows became the features, before standardising
+    x_mean: np.ndarray | None  # float32 [n_features]: the training rows' (None: not standardised)
+    x_std: np.ndarray | None  # ... and their std, 1 for a constant feature
     y_mean: float = 0.0  # regression: a prediction in original units is pred * y_std + y_mean
     y_std: float = 1.0
+
+    @property
+    def feature_names(self) -> list[str]:  # after one-hot encoding
+        return self.encoding.feature_names
 
     @property
     def device(self) -> torch.device:
@@ -146,7 +156,9 @@ def _builtin(dataset: BuiltinDataset) -> Table:
     else:
         y, classes = bunch.target.astype(np.int64), [str(name) for name in bunch.target_names]
     features = [str(name) for name in bunch.feature_names]
-    return Table(bunch.data.astype(np.float32), y, task, classes, features)
+    labels = label_type_of(np.asarray(bunch.target_names)) if classes else "str"
+    encoding = Encoding.numeric(features, [TARGET], label_type=labels)
+    return Table(bunch.data.astype(np.float32), y, task, classes, encoding)
 
 
 def _mnist_5k() -> Table:
@@ -157,8 +169,9 @@ def _mnist_5k() -> Table:
     x, y = mnist_data()
     pixels = [f"pixel_{i}" for i in range(x.shape[1])]
     classes = [str(digit) for digit in range(10)]
+    encoding = Encoding.numeric(pixels, [TARGET], divisor=255, label_type="int")
     return Table(
-        (x / 255).astype(np.float32), y.astype(np.int64), "classification", classes, pixels
+        (x / 255).astype(np.float32), y.astype(np.int64), "classification", classes, encoding
     )
 
 
@@ -170,13 +183,15 @@ def _synthetic(dataset: SyntheticDataset) -> Table:
         x, y = sk_datasets.make_regression(
             n_samples=n, n_features=n_features, noise=10, random_state=seed
         )
-        return Table(x.astype(np.float32), y, "regression", [], names)
+        encoding = Encoding.numeric(names, [TARGET])
+        return Table(x.astype(np.float32), y, "regression", [], encoding)
     if dataset.task == "multilabel":
         x, y = sk_datasets.make_multilabel_classification(
             n_samples=n, n_features=n_features, n_classes=dataset.n_classes, random_state=seed
         )
         labels = [f"label_{i}" for i in range(dataset.n_classes)]
-        return Table(x.astype(np.float32), y.astype(np.float32), "multilabel", labels, names)
+        encoding = Encoding.numeric(names, labels)
+        return Table(x.astype(np.float32), y.astype(np.float32), "multilabel", labels, encoding)
     x, y = sk_datasets.make_classification(
         n_samples=n,
         n_features=n_features,
@@ -187,7 +202,8 @@ def _synthetic(dataset: SyntheticDataset) -> Table:
         random_state=seed,
     )
     classes = [str(c) for c in range(dataset.n_classes)]
-    return Table(x.astype(np.float32), y.astype(np.int64), "classification", classes, names)
+    encoding = Encoding.numeric(names, [TARGET], label_type="int")
+    return Table(x.astype(np.float32), y.astype(np.int64), "classification", classes, encoding)
 
 
 # --- split, standardise, move to the device --------------------------------------------
@@ -196,8 +212,9 @@ def _synthetic(dataset: SyntheticDataset) -> Table:
 def _to_tensors(table: Table, split: SplitSpec, device: torch.device) -> TensorData:
     parts = _split_indices(table, split)
     xs = [table.x[rows] for rows in parts]
+    x_mean = x_std = None
     if split.standardize:
-        _standardize(*xs)
+        x_mean, x_std = _standardize(*xs)
     ys = [table.y[rows] for rows in parts]
     y_mean, y_std = 0.0, 1.0
     if table.task == "regression":
@@ -217,7 +234,9 @@ def _to_tensors(table: Table, split: SplitSpec, device: torch.device) -> TensorD
         n_features=table.x.shape[1],
         n_outputs=n_outputs,
         classes=table.classes,
-        feature_names=table.feature_names,
+        encoding=table.encoding,
+        x_mean=x_mean,
+        x_std=x_std,
         y_mean=y_mean,
         y_std=y_std,
     )
@@ -251,15 +270,16 @@ def _split_indices(table: Table, split: SplitSpec) -> tuple[np.ndarray, np.ndarr
     return train, val, test
 
 
-def _standardize(x_train: np.ndarray, *others: np.ndarray) -> None:
+def _standardize(x_train: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scale every part in place by the training rows' mean and std only, so nothing about
-    val and test leaks into training; a constant feature keeps std 1 instead of dividing by 0."""
+    val and test leaks into training; a constant feature keeps std 1 instead of dividing by 0.
+    Returns the mean and std, which new rows are scaled by too."""
     mean = x_train.mean(axis=0, dtype=np.float64).astype(np.float32)
     std = x_train.std(axis=0, dtype=np.float64).astype(np.float32)
     std[std == 0] = 1.0
     for x in (x_train, *others):
-        x -= mean
-        x /= std
+        standardize(x, mean, std)
+    return mean, std
 
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
