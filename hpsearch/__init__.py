@@ -1,7 +1,9 @@
 """hpsearch: hyperparameter search for BP networks (multi-layer perceptrons).
 
-From Python: `hpsearch.Client` (see `hpsearch.client`). The names are loaded when first
-used, so that `import hpsearch` (which every command does) stays cheap.
+From Python: `hpsearch.Client` (see `hpsearch.client`) and `hpsearch.load_model` (a model
+file downloaded from a study, as a model that predicts on raw rows; see
+`hpsearch.training.modelfile`). The names are loaded when first used, so that `import
+hpsearch` (which every command does) loads neither pydantic nor torch.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ _LAZY = {
     "NotFound": "hpsearch.errors",
     "Conflict": "hpsearch.errors",
     "ApiError": "hpsearch.client.backends",
+    "load_model": "hpsearch.training.modelfile",
 }
 
 if TYPE_CHECKING:
     from hpsearch.client import Client, Study
     from hpsearch.client.backends import ApiError
     from hpsearch.errors import Conflict, HpsearchError, NotFound, SpecError
+    from hpsearch.training.modelfile import load_model
 
 
 def __getattr__(name: str) -> Any:
@@ -42,4 +46,5 @@ __all__ = [
     "SpecError",
     "Study",
     "__version__",
+    "load_model",
 ]

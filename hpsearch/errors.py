@@ -31,6 +31,11 @@ class DatasetTooLarge(DatasetError):
     """Data that decodes to more values than the server accepts (HTTP 413)."""
 
 
+class ModelFileError(HpsearchError):
+    """A model file hpsearch cannot use: not one at all, the bare weights that trials kept
+    before model files existed, or a file from a newer hpsearch."""
+
+
 class NotFound(HpsearchError):
     """No study, trial, dataset or token of that name or id (HTTP 404)."""
 

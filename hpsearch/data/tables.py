@@ -285,7 +285,7 @@ def read_table(
     ) as exc:
         raise DatasetError(f"cannot read {shown} as {fmt}: {exc}") from None
     _check_columns(frame, _targets(target), shown)
-    _check_finite(frame, shown)
+    check_finite(frame, shown)
     return frame
 
 
@@ -414,7 +414,7 @@ def _column_list(frame: pd.DataFrame, limit: int = 20) -> str:
     return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
 
 
-def _check_finite(frame: pd.DataFrame, shown: str) -> None:
+def check_finite(frame: pd.DataFrame, shown: str) -> None:
     """Refuse NaN and infinity: one of them makes every loss NaN, far from its cause."""
     _refuse_counts(frame.isna().sum(), "missing values (NaN)", shown)
     numeric = frame.select_dtypes("number")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import logging
 import math
 import os
@@ -61,6 +60,7 @@ from hpsearch.storage.optuna_internals import as_asked
 from hpsearch.storage.queries import STATE_NAMES
 from hpsearch.storage.store import Store
 from hpsearch.training.fused import pack_key, train_pack
+from hpsearch.training.modelfile import model_file
 from hpsearch.training.train import EpochRecord, TrainResult, TrialConfig, checkpoint_history, train
 
 log = logging.getLogger(__name__)
@@ -793,17 +793,19 @@ def _keep_best(
     context: TrialContext,
     finished: list[tuple[optuna.Trial, TrainResult]],
 ) -> None:
-    """Offer the weights of complete trials to the study's best KEEP_BEST_MODELS, in the
-    caller's transaction."""
+    """Offer the model files of complete trials to the study's best KEEP_BEST_MODELS, in
+    the caller's transaction; a file is written only for a trial that is kept."""
     offered = [
         Weights(
             optuna_internals.trial_id(trial),
             trial.number,
             result.value,
-            functools.partial(_weights, model),
+            functools.partial(
+                model_file, result, study=study.study_name, trial=trial.number, params=trial.params
+            ),
         )
         for trial, result in finished
-        if (model := result.model) is not None
+        if result.model is not None
     ]
     keep_best_models(
         session,
@@ -812,13 +814,6 @@ def _keep_best(
         maximize=study.direction == optuna.study.StudyDirection.MAXIMIZE,
         keep=KEEP_BEST_MODELS,
     )
-
-
-def _weights(model: torch.nn.Module) -> bytes:
-    """A network's weights on the CPU, as `torch.load(weights_only=True)` reads them."""
-    buffer = io.BytesIO()
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)
-    return buffer.getvalue()
 
 
 def hand_back(study: optuna.Study, trial: optuna.Trial, context: TrialContext) -> None:

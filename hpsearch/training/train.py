@@ -95,6 +95,10 @@ class TrainResult:
     model: nn.Module | None = None
     interrupted: bool = False  # stopped at `checkpoint_now`: resume it from that checkpoint
     resumed_from_epoch: int | None = None  # the epoch of the checkpoint it resumed from
+    # What a model file (`modelfile.model_file`) needs besides the model: its architecture
+    # and the data's encoding, standardisation and labels.
+    config: TrialConfig | None = None
+    data: TensorData | None = None
 
     @classmethod
     def build(
@@ -125,6 +129,8 @@ class TrainResult:
             model=model,
             interrupted=ending == "interrupted",
             resumed_from_epoch=progress.resumed_from_epoch,
+            config=progress.config,
+            data=data,
         )
 
     def history_rows(self) -> list[dict[str, float]]:
