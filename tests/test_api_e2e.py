@@ -3,6 +3,7 @@ processes on PostgreSQL, and a client speaking HTTP (httpx, and the CLI's `--api
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -176,7 +178,7 @@ def test_a_study_submitted_over_http_runs_on_workers_and_is_served_back(
     assert best["has_model"] is True
 
     # Its downloaded model file scores the stored test accuracy on raw digits, the test
-    # rows drawn as the default split draws them.
+    # rows drawn as the default split draws them; `hpsearch predict --api` agrees.
     weights = api.get(f"/studies/digits-e2e/trials/{board[0]['number']}/model")
     assert weights.headers["content-type"] == "application/octet-stream"
     digits = load_digits()
@@ -185,6 +187,11 @@ def test_a_study_submitted_over_http_runs_on_workers_and_is_served_back(
     predicted = load_model(weights.content).predict(digits.data[test])
     right = np.float32((predicted == digits.target[test]).sum())
     assert float(right / np.float32(len(test))) == best["metrics"]["test_accuracy"]
+    frame = pd.DataFrame(digits.data[test], columns=digits.feature_names)
+    frame.to_csv(tmp_path / "digits.csv", index=False)
+    cli = run_client(tmp_path, "predict", "digits-e2e", str(tmp_path / "digits.csv"), api=server)
+    assert cli.returncode == 0, cli.stderr
+    assert list(pd.read_csv(io.StringIO(cli.stdout))["prediction"]) == list(predicted)
 
     workers_seen = api.get("/workers").json()
     assert len(workers_seen) == 2 and all(w["alive"] and w["device"] == "cpu" for w in workers_seen)

@@ -1,10 +1,15 @@
 """A kept model stands on its own: studies run to the end by an in-process worker, then
-their model files are downloaded (service, REST), loaded with `hpsearch.load_model` and used
-on raw rows of the original data, which must score exactly what training stored."""
+their model files are downloaded (service, REST, CLI), loaded with `hpsearch.load_model`
+and used on raw rows of the original data, which must score exactly what training stored;
+exported, the model gives the same answers in a Python that has only torch."""
 
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,9 +18,11 @@ import pytest
 import torch
 from sklearn import datasets as sk_datasets
 from sklearn.model_selection import train_test_split
+from typer.testing import CliRunner
 
 import hpsearch
 from hpsearch.api import Settings
+from hpsearch.cli.commands import app
 from hpsearch.errors import DatasetError, HpsearchError, ModelFileError
 from hpsearch.runtime.worker import Worker, WorkerOptions
 from hpsearch.service import results
@@ -206,7 +213,7 @@ def test_a_bare_state_dict_from_before_model_files_is_a_clear_error() -> None:
         hpsearch.load_model(b"not a torch file")
 
 
-# --- REST ---------------------------------------------------------------------------
+# --- REST and CLI -----------------------------------------------------------------------
 
 
 def test_the_rest_download_is_the_model_file(studies: str) -> None:
@@ -233,3 +240,126 @@ def without_model(store: Store) -> int:
     unkept = [n for n in numbers if not results.trial_detail(store, "flowers", n).has_model]
     assert unkept
     return unkept[0]
+
+
+def cli(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def test_predict_writes_labels_of_the_original_vocabulary(studies: str, tmp_path: Path) -> None:
+    frame = pd.read_csv(FLOWERS)
+    test_rows = tmp_path / "test.csv"
+    frame.iloc[held_out(frame["species"].to_numpy())].to_csv(test_rows, index=False)
+    written = tmp_path / "predictions.csv"
+    ran = cli("predict", "flowers", str(test_rows), "--output", str(written), "--db", studies)
+    assert ran.exit_code == 0, ran.output
+    _, trial = best_model(studies, "flowers")
+    assert f"predictions of trial {trial.number} of flowers written" in ran.stdout
+    predictions = pd.read_csv(written)
+    assert list(predictions.columns) == [
+        "prediction", "proba_setosa", "proba_versicolor", "proba_virginica",
+    ]  # fmt: skip
+    assert set(predictions["prediction"]) <= set(frame["species"])
+    truth = pd.read_csv(test_rows)["species"].to_numpy()
+    assert accuracy(predictions["prediction"].to_numpy(), truth) == trial.metrics["test_accuracy"]
+
+    store = Store.open(studies)
+    second = str(results.leaderboard(store, "flowers", 2)[1].number)  # kept, not the best
+    to_stdout = cli("predict", "flowers", str(FLOWERS), "--trial", second, "--db", studies)
+    assert to_stdout.exit_code == 0, to_stdout.output
+    printed = pd.read_csv(io.StringIO(to_stdout.stdout))
+    model = hpsearch.load_model(results.model_weights(store, "flowers", int(second)))
+    assert list(printed["prediction"]) == list(model.predict(frame))
+
+
+def test_predict_errors_are_one_line(studies: str, tmp_path: Path) -> None:
+    unkept = without_model(Store.open(studies))
+    no_model = cli("predict", "flowers", str(FLOWERS), "--trial", str(unkept), "--db", studies)
+    assert no_model.exit_code == 2
+    assert f"error: no weights kept for trial {unkept} of 'flowers'" in no_model.stderr
+    partial = tmp_path / "partial.csv"
+    pd.read_csv(FLOWERS).drop(columns=["petal_width"]).to_csv(partial, index=False)
+    missing = cli("predict", "flowers", str(partial), "--db", studies)
+    assert missing.exit_code == 2 and "no column 'petal_width'" in missing.stderr
+    absent = cli("predict", "flowers", str(tmp_path / "absent.csv"), "--db", studies)
+    assert absent.exit_code == 2 and "absent.csv not found" in absent.stderr
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    submit_study(Store.open(empty), parse_spec(SPECS["wine"]))  # queued: nothing kept yet
+    untrained = cli("predict", "wine", str(FLOWERS), "--db", empty)
+    assert untrained.exit_code == 2
+    assert "no trial of study 'wine' has a kept model yet" in untrained.stderr
+    for ran in (no_model, missing, absent, untrained):
+        assert "Traceback" not in ran.output and len(ran.stderr.strip().splitlines()) == 1
+
+
+# --- export -----------------------------------------------------------------------------
+
+# Serves an exported model with torch, json and numpy alone, as docs/architecture.md says.
+SERVE = """
+import json, sys
+import numpy as np
+import torch
+
+module = torch.jit.load(sys.argv[1])
+meta = json.load(open(sys.argv[2]))
+rows = json.load(open(sys.argv[3]))
+
+
+def value(column, raw):
+    values = meta["categories"].get(column)
+    if values is None:
+        return float(raw)
+    return float(values.index(str(raw))) if str(raw) in values else -1.0
+
+
+x = [[value(c, row[c]) for c in meta["columns"]] for row in rows]
+x = torch.tensor(x, dtype=torch.float64)
+with torch.no_grad():
+    out = module(x).numpy()
+loaded = sorted({m.split(".")[0] for m in sys.modules})
+print(json.dumps({"out": np.asarray(out).tolist(), "loaded": loaded}))
+"""
+
+
+def raw_rows(study: str) -> pd.DataFrame:
+    if study == "flowers":
+        flowers = pd.read_csv(FLOWERS)
+        flowers.loc[0, "garden"] = "west"  # not a garden of training: all zeros
+        return flowers
+    if study == "diabetes":
+        return sk_datasets.load_diabetes(as_frame=True).frame
+    rng = np.random.default_rng(1)
+    return pd.DataFrame(rng.normal(size=(40, 6)), columns=[f"x{i}" for i in range(6)])
+
+
+@pytest.mark.integration  # the exported model runs in a fresh Python process
+@pytest.mark.parametrize("study", ["flowers", "diabetes", "labels"])
+def test_an_exported_model_answers_as_load_model_in_a_python_without_hpsearch(
+    studies: str, tmp_path: Path, study: str
+) -> None:
+    exported = tmp_path / "model.pt"
+    ran = cli("export", study, "--output", str(exported), "--db", studies)
+    assert ran.exit_code == 0, ran.output
+    model, _ = best_model(studies, study)
+    rows = raw_rows(study)
+    # json.dumps writes floats exactly (DataFrame.to_json rounds them to 10 digits).
+    (tmp_path / "rows.json").write_text(json.dumps(rows.to_dict(orient="records")))
+    files = [str(exported), str(tmp_path / "model.json"), str(tmp_path / "rows.json")]
+    served = subprocess.run(
+        [sys.executable, "-c", SERVE, *files],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert served.returncode == 0, served.stderr
+    answer = json.loads(served.stdout)
+    assert "hpsearch" not in answer["loaded"] and "pandas" not in answer["loaded"]
+    out = np.asarray(answer["out"], dtype=np.float32)
+    if model.task == "regression":
+        np.testing.assert_allclose(out, model.predict(rows), rtol=1e-6)
+        return
+    np.testing.assert_allclose(out, model.predict_proba(rows), atol=1e-6)
+    if model.task == "classification":
+        labels = np.asarray(json.loads((tmp_path / "model.json").read_text())["labels"])
+        np.testing.assert_array_equal(labels[out.argmax(axis=1)], model.predict(rows))

@@ -72,6 +72,7 @@ def _db(home: Path) -> str:
 CLIENT_COMMANDS = [
     ["--help"],
     ["status", "--help"],
+    ["predict", "--help"],  # predicting loads torch, its help must not
     ["studies", "--db", "{db}"],
     ["status", "small", "--db", "{db}"],
     ["status", "small", "--db", "{db}", "--json"],

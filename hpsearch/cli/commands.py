@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from hpsearch.client.backends import Backend
     from hpsearch.spec import StudySpec
     from hpsearch.storage import Store
+    from hpsearch.training.modelfile import TrainedModel
 
 app = typer.Typer(
     help="Hyperparameter search for BP networks (multi-layer perceptrons).",
@@ -439,6 +440,101 @@ def delete(study: StudyArgument, api: ApiOption = None, db: DbOption = None) -> 
     """Delete a paused, cancelled, completed or failed study with all its trials."""
     _backend(api, db).delete(study)
     console.print(f"study {escape(study)} deleted")
+
+
+TrialOption = Annotated[
+    int | None,
+    typer.Option(
+        "--trial", min=0, help="Trial number [default: the best trial whose model is kept]"
+    ),
+]
+LEADERS_WITH_MODELS = 10  # workers keep the best 5 trials' models; ties may reorder a few
+
+
+@app.command()
+@user_errors
+def predict(
+    study: StudyArgument,
+    data_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DATA",
+            help="Rows to predict on (CSV, Parquet or NPZ) with the training table's columns",
+        ),
+    ],
+    trial: TrialOption = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the predictions to this CSV [default: stdout]"),
+    ] = None,
+    api: ApiOption = None,
+    db: DbOption = None,
+) -> None:
+    """Predict with a trial's kept model: one CSV row per row of DATA.
+
+    Classification: `prediction` (the label) and `proba_<label>` per class; multilabel:
+    0/1 per label column and `proba_<label>`; regression: `prediction`.
+    """
+    from hpsearch.data.tables import read_rows
+
+    rows = read_rows(data_path)  # a bad file fails before anything is downloaded
+    model = _kept_model(_backend(api, db), study, trial)
+    table = model.prediction_table(rows)
+    if output is None:
+        typer.echo(table.to_csv(index=False), nl=False)
+        return
+    table.to_csv(output, index=False)
+    console.print(
+        f"{len(table)} predictions of trial {model.trial} of {escape(model.study)} written to "
+        f"{escape(str(output))}"
+    )
+
+
+@app.command()
+@user_errors
+def export(
+    study: StudyArgument,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="The TorchScript file; its JSON goes beside it (.json)"
+        ),
+    ],
+    trial: TrialOption = None,
+    api: ApiOption = None,
+    db: DbOption = None,
+) -> None:
+    """Export a trial's kept model to serve with torch alone (`torch.jit.load`).
+
+    The module takes raw rows (categorical values as their index in the JSON's
+    `categories`) and returns probabilities, or values for regression.
+    """
+    if output.suffix.lower() == ".json":
+        raise HpsearchError(f"{output} would be overwritten by its own JSON: name it *.pt")
+    model = _kept_model(_backend(api, db), study, trial)
+    scripted, described = model.export(output)
+    console.print(
+        f"trial {model.trial} of {escape(model.study)}: {escape(str(scripted))} (TorchScript) "
+        f"and {escape(str(described))}"
+    )
+
+
+def _kept_model(backend: Backend, study: str, trial: int | None) -> TrainedModel:
+    """The model of trial `trial`, or of the best trial whose model is kept."""
+    from hpsearch import load_model  # torch, from here on
+    from hpsearch.errors import NotFound
+
+    if trial is not None:
+        return load_model(backend.model(study, trial))
+    for entry in backend.leaderboard(study, LEADERS_WITH_MODELS):
+        try:
+            payload = backend.model(study, entry.number)
+        except NotFound:
+            continue  # not kept: tied at the fifth place, say
+        return load_model(payload)
+    raise NotFound(
+        f"no trial of study {study!r} has a kept model yet: models are kept when trials complete"
+    )
 
 
 @app.command()

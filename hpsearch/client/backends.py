@@ -60,6 +60,7 @@ class Backend(Protocol):
     def resume(self, study: str, free_running: bool = False) -> ResumedStudy: ...
     def delete(self, study: str) -> None: ...
     def enqueue(self, study: str, configs: list[Any]) -> list[TrialSummary]: ...
+    def model(self, study: str, number: int) -> bytes: ...
 
 
 def connect(api: str | None, db: str | None) -> Backend:
@@ -114,6 +115,9 @@ class DatabaseBackend:
     def enqueue(self, study: str, configs: list[Any]) -> list[TrialSummary]:
         return enqueue(self.store, study, configs)
 
+    def model(self, study: str, number: int) -> bytes:
+        return results.model_weights(self.store, study, number)
+
 
 class ApiBackend:
     """The REST API over HTTP; every failure becomes one ApiError line."""
@@ -165,6 +169,9 @@ class ApiBackend:
     def enqueue(self, study: str, configs: list[Any]) -> list[TrialSummary]:
         path = f"/studies/{study}/trials"
         return self._call(list[TrialSummary], "POST", path, json={"configs": configs})
+
+    def model(self, study: str, number: int) -> bytes:
+        return self._request("GET", f"/studies/{study}/trials/{number}/model").content
 
     def _call(self, answer: Any, method: str, path: str, **kwargs: Any) -> Any:
         response = self._request(method, path, **kwargs)

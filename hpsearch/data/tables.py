@@ -274,8 +274,25 @@ def read_table(
     `max_cells` bounds rows x columns, checked before the values are decoded (from the
     npz arrays' headers, the Parquet metadata, or the CSV's rows as they are parsed): a
     small compressed file must not decode into gigabytes."""
+    frame = _read_any(source, fmt, shown, max_cells)
+    _check_columns(frame, _targets(target), shown)
+    check_finite(frame, shown)
+    return frame
+
+
+def read_rows(path: Path) -> pd.DataFrame:
+    """A file of rows to predict on, read as a training table of its format would be
+    (the model checks the columns it needs)."""
+    if not path.is_file():
+        raise DatasetError(f"data file {path} not found")
+    return _read_any(path, _format_of(path.name), str(path), None)
+
+
+def _read_any(
+    source: Path | BinaryIO, fmt: DatasetFormat, shown: str, max_cells: int | None
+) -> pd.DataFrame:
     try:
-        frame = _read_format(source, fmt, shown, max_cells)
+        return _read_format(source, fmt, shown, max_cells)
     except (
         ValueError,
         OSError,
@@ -284,14 +301,21 @@ def read_table(
         UnicodeDecodeError,
     ) as exc:
         raise DatasetError(f"cannot read {shown} as {fmt}: {exc}") from None
-    _check_columns(frame, _targets(target), shown)
-    check_finite(frame, shown)
-    return frame
+
+
+_FORMATS: dict[str, DatasetFormat] = {
+    ".csv": "csv",
+    ".npz": "npz",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
 
 
 def _format_of(filename: str) -> DatasetFormat:
     suffix = Path(filename).suffix.lower()
-    return {".csv": "csv", ".npz": "npz", ".parquet": "parquet", ".pq": "parquet"}[suffix]
+    if suffix not in _FORMATS:
+        raise DatasetError(f"cannot read {filename}: give a .csv, .parquet or .npz file")
+    return _FORMATS[suffix]
 
 
 def _resolve_path(path: str) -> Path:

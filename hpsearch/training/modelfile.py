@@ -150,6 +150,21 @@ class TrainedModel:
             raise HpsearchError("a regression model predicts values, not probabilities")
         return self._probabilities(self.outputs(rows))
 
+    def prediction_table(self, rows: Any) -> pd.DataFrame:
+        """The predictions as `hpsearch predict` writes them, one row per row:
+        classification: `prediction` (the label) and `proba_<label>` per class;
+        multilabel: 0/1 per label column and `proba_<label>`; regression: `prediction`."""
+        out = self.outputs(rows)
+        predicted = self._predicted(out)
+        if self.task == "regression":
+            return pd.DataFrame({"prediction": predicted})
+        if self.task == "multilabel":
+            chosen = pd.DataFrame(predicted, columns=self.labels)
+        else:
+            chosen = pd.DataFrame({"prediction": predicted})
+        names = [f"proba_{label}" for label in self.labels]
+        return pd.concat([chosen, pd.DataFrame(self._probabilities(out), columns=names)], axis=1)
+
     def _predicted(self, out: torch.Tensor) -> np.ndarray:
         """As training scored them: the largest logit, a positive one, or the value in the
         target's units."""
@@ -179,6 +194,12 @@ class TrainedModel:
         if self.mean is not None and self.std is not None:
             standardize(x, self.mean, self.std)
         return x
+
+    def export(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
+        """A TorchScript file for serving without hpsearch, and its JSON (`export`)."""
+        from hpsearch.training.export import export
+
+        return export(self, Path(path))
 
     def _frame(self, rows: Any) -> pd.DataFrame:
         """The rows as a table with the feature columns by name, or an error that says which
