@@ -132,7 +132,8 @@ def accuracy(predicted: np.ndarray, truth: np.ndarray) -> float:
 def test_a_kept_model_scores_the_stored_test_accuracy_on_raw_csv_rows(studies: str) -> None:
     model, trial = best_model(studies, "flowers")
     frame = pd.read_csv(FLOWERS)
-    test = frame.iloc[held_out(frame["species"].to_numpy())]  # with its target column
+    test = model.test_rows(frame)  # with its target column
+    assert list(test.index) == list(held_out(frame["species"].to_numpy()))
     predicted = model.predict(test)
     assert accuracy(predicted, test["species"].to_numpy()) == trial.metrics["test_accuracy"]
     assert set(predicted) <= set(frame["species"])
@@ -146,6 +147,21 @@ def test_a_kept_model_scores_the_stored_test_accuracy_on_raw_csv_rows(studies: s
     assert proba.shape == (len(test), 3)
     np.testing.assert_allclose(proba.sum(axis=1), 1, rtol=1e-6)
     assert isinstance(model.module, torch.nn.Module)
+
+
+def test_test_rows_need_the_target_and_known_labels(studies: str) -> None:
+    model, _ = best_model(studies, "flowers")
+    frame = pd.read_csv(FLOWERS)
+    with pytest.raises(DatasetError, match="no target column 'species'"):
+        model.test_rows(frame.drop(columns="species"))
+    with pytest.raises(DatasetError, match="labels the model was not trained on: 'tulip'"):
+        model.test_rows(frame.assign(species="tulip"))
+    regression, trial = best_model(studies, "diabetes")
+    data = sk_datasets.load_diabetes(as_frame=True).frame
+    rows = regression.test_rows(data)
+    residual = regression.predict(rows) - rows["target"].to_numpy()
+    rmse = float(np.sqrt(np.mean(residual.astype(np.float64) ** 2)))
+    assert rmse == pytest.approx(trial.metrics["test_rmse"], rel=1e-5)
 
 
 def test_a_builtin_model_takes_numpy_rows_in_the_original_column_order(studies: str) -> None:

@@ -107,9 +107,7 @@ def _database_failure(exc: Exception) -> str | None:
 
 def _backend(api: str | None, db: str | None) -> Backend:
     from hpsearch.client.backends import connect
-    from hpsearch.logs import quiet_optuna
 
-    quiet_optuna()  # its INFO lines ("A new study created ...") repeat what the command says
     return connect(api, db)
 
 
@@ -448,7 +446,6 @@ TrialOption = Annotated[
         "--trial", min=0, help="Trial number [default: the best trial whose model is kept]"
     ),
 ]
-LEADERS_WITH_MODELS = 10  # workers keep the best 5 trials' models; ties may reorder a few
 
 
 @app.command()
@@ -522,19 +519,9 @@ def export(
 def _kept_model(backend: Backend, study: str, trial: int | None) -> TrainedModel:
     """The model of trial `trial`, or of the best trial whose model is kept."""
     from hpsearch import load_model  # torch, from here on
-    from hpsearch.errors import NotFound
+    from hpsearch.client import kept_model
 
-    if trial is not None:
-        return load_model(backend.model(study, trial))
-    for entry in backend.leaderboard(study, LEADERS_WITH_MODELS):
-        try:
-            payload = backend.model(study, entry.number)
-        except NotFound:
-            continue  # not kept: tied at the fifth place, say
-        return load_model(payload)
-    raise NotFound(
-        f"no trial of study {study!r} has a kept model yet: models are kept when trials complete"
-    )
+    return load_model(kept_model(backend, study, trial))
 
 
 @app.command()

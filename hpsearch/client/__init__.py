@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpsearch.client.backends import ApiBackend, Backend, DatabaseBackend, connect
+from hpsearch.errors import NotFound
 from hpsearch.service.views import (
     LeaderboardEntry,
     ParamImportances,
@@ -36,10 +37,15 @@ from hpsearch.spec import StudySpec, load_spec, parse_spec
 if TYPE_CHECKING:
     import pandas
 
+    from hpsearch.training.modelfile import TrainedModel
+
 SpecLike = StudySpec | Mapping[str, Any] | str | os.PathLike[str]
 # A study in one of these states starts no new trial until someone acts: waiting ends there.
 SETTLED_STATES = ("completed", "cancelled", "failed", "paused")
 PAGE = 1000  # the API's largest page
+# Models are kept for a study's best 5 trials; a tie at the fifth place can leave a model out,
+# so the best kept one is looked for a little further down the leaderboard.
+LEADERS_WITH_MODELS = 10
 
 
 class Client:
@@ -142,6 +148,15 @@ class Study:
         configuration may name some params only (the sampler draws the others)."""
         return self._backend.enqueue(self.name, [dict(config) for config in configs])
 
+    def best_model(self) -> TrainedModel:
+        """The model of the best trial whose model is kept (a study keeps its best 5): it
+        predicts on raw rows (`predict`, `predict_proba`) and holds the torch `module`."""
+        return _loaded(kept_model(self._backend, self.name))
+
+    def model(self, number: int) -> TrainedModel:
+        """The kept model of trial `number`; NotFound if its model is not kept."""
+        return _loaded(self._backend.model(self.name, number))
+
     def pause(self) -> StudySummary:
         return self._backend.change(self.name, "pause")
 
@@ -159,6 +174,26 @@ class Study:
     def delete(self) -> None:
         """Delete the study with all its trials (not while it is queued or running)."""
         self._backend.delete(self.name)
+
+
+def kept_model(backend: Backend, study: str, trial: int | None = None) -> bytes:
+    """The model file of trial `trial`, or of the best trial whose model is kept."""
+    if trial is not None:
+        return backend.model(study, trial)
+    for entry in backend.leaderboard(study, LEADERS_WITH_MODELS):
+        try:
+            return backend.model(study, entry.number)
+        except NotFound:
+            continue  # not kept: tied at the fifth place, say
+    raise NotFound(
+        f"no trial of study {study!r} has a kept model yet: models are kept when trials complete"
+    )
+
+
+def _loaded(payload: bytes) -> TrainedModel:
+    from hpsearch.training.modelfile import load_model  # torch, from here on
+
+    return load_model(payload)
 
 
 def _backend(url: str | None, token: str | None) -> Backend:

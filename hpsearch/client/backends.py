@@ -78,6 +78,9 @@ class DatabaseBackend:
     """The service layer, called in this process."""
 
     def __init__(self, url: str) -> None:
+        from hpsearch.logs import quiet_optuna
+
+        quiet_optuna()  # its INFO lines ("A new study created ...") repeat what hpsearch says
         self.store = Store.open(url)  # the schema checked once, as the command starts
 
     def submit(self, spec: StudySpec) -> StudyDetail:

@@ -74,6 +74,7 @@ class TensorData:
     x_std: np.ndarray | None  # ... and their std, 1 for a constant feature
     y_mean: float = 0.0  # regression: a prediction in original units is pred * y_std + y_mean
     y_std: float = 1.0
+    split: SplitSpec | None = None  # how the table's rows were split
 
     @property
     def feature_names(self) -> list[str]:  # after one-hot encoding
@@ -239,16 +240,24 @@ def _to_tensors(table: Table, split: SplitSpec, device: torch.device) -> TensorD
         x_std=x_std,
         y_mean=y_mean,
         y_std=y_std,
+        split=split,
     )
 
 
 def _split_indices(table: Table, split: SplitSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row indices of train, val and test; stratified by class for classification, so even a
-    small class shows up in each part in its share."""
-    rows = np.arange(len(table.y))
     labels = table.y if table.task == "classification" else None
     if labels is not None:
         check_stratifiable(labels, table.classes)
+    return split_rows(len(table.y), labels, split)
+
+
+def split_rows(
+    n_rows: int, labels: np.ndarray | None, split: SplitSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of train, val and test; stratified by `labels` (class indices) for
+    classification, so even a small class shows up in each part in its share. A model file
+    splits its training table again with it (`TrainedModel.test_rows`)."""
+    rows = np.arange(n_rows)
     try:
         if split.test > 0:
             rest, test = train_test_split(

@@ -37,7 +37,7 @@ from torch import nn
 import hpsearch
 from hpsearch.data.tables import Encoding, check_finite, standardize
 from hpsearch.errors import DatasetError, HpsearchError, ModelFileError
-from hpsearch.spec import Task
+from hpsearch.spec import SplitSpec, Task
 from hpsearch.training.model import build_mlp
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ def model_file(result: TrainResult, *, study: str, trial: int, params: dict[str,
         "target_scale": _target_scale(data),
         "params": dict(params),
         "metrics": result.val_metrics | result.test_metrics,
+        "split": None if data.split is None else data.split.model_dump(),
     }
     buffer = io.BytesIO()
     torch.save(content, buffer)
@@ -129,6 +130,7 @@ class TrainedModel:
     study: str
     trial: int
     versions: dict[str, str]  # hpsearch and torch, as they wrote the file
+    split: SplitSpec | None = None  # how training split its table's rows
 
     @property
     def columns(self) -> list[str]:
@@ -194,6 +196,29 @@ class TrainedModel:
         if self.mean is not None and self.std is not None:
             standardize(x, self.mean, self.std)
         return x
+
+    def test_rows(self, table: pd.DataFrame) -> pd.DataFrame:
+        """The rows of `table` that training held out as its test split, where the stored
+        test metrics were measured: `table` is the study's training table, whole and in its
+        order (the split is stratified by its target column for classification)."""
+        if self.split is None:
+            raise HpsearchError("this model file does not record how its rows were split")
+        from hpsearch.data.tensors import split_rows  # scikit-learn: only where asked for
+
+        labels = self._class_indices(table) if self.task == "classification" else None
+        return table.iloc[split_rows(len(table), labels, self.split)[2]]
+
+    def _class_indices(self, table: pd.DataFrame) -> np.ndarray:
+        target = self.target[0]
+        if target not in table.columns:
+            raise DatasetError(f"the table has no target column '{target}' to split it by")
+        index = {label: i for i, label in enumerate(self.labels)}
+        unknown = sorted({str(v) for v in table[target] if v not in index})
+        if unknown:
+            raise DatasetError(
+                f"column '{target}' holds labels the model was not trained on: {_names(unknown)}"
+            )
+        return np.array([index[v] for v in table[target]])
 
     def export(self, path: str | os.PathLike[str]) -> tuple[Path, Path]:
         """A TorchScript file for serving without hpsearch, and its JSON (`export`)."""
@@ -294,6 +319,7 @@ def _trained_model(content: dict[str, Any]) -> TrainedModel:
         study=content["study"],
         trial=content["trial"],
         versions={"hpsearch": content["hpsearch_version"], "torch": content["torch_version"]},
+        split=None if content.get("split") is None else SplitSpec(**content["split"]),
     )
 
 
