@@ -156,7 +156,10 @@ def reference_of(
     """A study "reference" beside the bulk-written one, with `bulk`'s trials replayed into
     it through Optuna (`replay`); its storage, and the local-time window of the replay."""
     storage = optuna.storages.RDBStorage(url, heartbeat_interval=60)
-    optuna.create_study(study_name="reference", storage=storage, direction=spec.objective.direction)
+    reference = optuna.create_study(
+        study_name="reference", storage=storage, direction=spec.objective.direction
+    )
+    reference.set_metric_names([spec.objective.metric])  # as hpsearch names its studies
     began = datetime.now()
     for trial in bulk:
         replay(storage, "reference", spec, trial)

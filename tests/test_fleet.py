@@ -176,6 +176,6 @@ def test_a_spec_too_large_for_the_device_is_refused_before_any_worker_sees_it(
     write_spec(tmp_path / "huge.yaml", **spec)
     result = run_cli("submit", "huge.yaml", "--db", url, cwd=tmp_path)
     assert result.returncode == 2
-    assert "model.hidden: a trial needs about 240.1 GiB of device memory" in result.stderr
+    assert "model.hidden: a trial needs about 288.1 GiB of device memory" in result.stderr
     store = Store.open(url)
     assert list_studies(store).total == 0

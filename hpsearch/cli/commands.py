@@ -67,6 +67,16 @@ PackOption = Annotated[
 ]
 
 
+CompileOption = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="Compile a pack's training step with torch.compile (CUDA graphs on a GPU); the "
+        "first pack of each shape waits for the compiler",
+    ),
+]
+
+
 def user_errors(command: F) -> F:
     """Print an error a user can act on as one clear line (no traceback) and exit 2."""
 
@@ -541,14 +551,7 @@ def worker(
         float | None, typer.Option(min=0, help="Stop after this many seconds with nothing to do")
     ] = None,
     pack: PackOption = None,
-    compile_step: Annotated[
-        bool,
-        typer.Option(
-            "--compile/--no-compile",
-            help="Compile a pack's training step with torch.compile (CUDA graphs on a GPU); "
-            "the first pack of each shape waits for the compiler",
-        ),
-    ] = False,
+    compile_step: CompileOption = False,
     threads: Annotated[
         int | None,
         typer.Option(

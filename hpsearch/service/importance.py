@@ -34,7 +34,8 @@ import threading
 from types import ModuleType
 
 import optuna
-from optuna.trial import TrialState, create_trial
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from hpsearch.search.space import distributions
 from hpsearch.service.studies import find_study
@@ -93,18 +94,7 @@ def param_importance(store: Store, study: str | int) -> ParamImportances:
             f"({trials[0].value:g}): no hyperparameter made a difference",
         )
     quantile = top_quantile(len(trials))
-    frozen = [
-        create_trial(
-            state=TrialState.COMPLETE,
-            value=trial.value,
-            params={
-                name: dist.to_external_repr(params[trial.trial_id][name])
-                for name, dist in varying.items()
-            },
-            distributions=varying,
-        )
-        for trial in trials
-    ]
+    frozen = [_frozen(trial.value, params[trial.trial_id], varying) for trial in trials]
     shares = _ped_anova(frozen, spec.objective.direction, quantile)
     if shares is None:
         return answer(
@@ -117,6 +107,19 @@ def param_importance(store: Store, study: str | int) -> ParamImportances:
         trials_used=len(trials),
         top_quantile=quantile,
         importances=[ParamImportance(param=name, importance=share) for name, share in shares],
+    )
+
+
+def _frozen(
+    value: float, params: dict[str, float], varying: dict[str, BaseDistribution]
+) -> FrozenTrial:
+    """A complete trial for Optuna's evaluator: its value and its varying params, from their
+    internal representation as stored."""
+    return create_trial(
+        state=TrialState.COMPLETE,
+        value=value,
+        params={name: dist.to_external_repr(params[name]) for name, dist in varying.items()},
+        distributions=varying,
     )
 
 
