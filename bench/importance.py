@@ -20,12 +20,9 @@ import argparse
 import math
 import os
 import statistics
-import tempfile
 import time
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,7 +37,7 @@ from optuna.importance import (
     get_param_importances,
 )
 from optuna.trial import TrialState, create_trial
-from report import environment, markdown_table, write_section
+from report import environment, markdown_table, scratch_database, write_section
 
 from hpsearch.api import Settings, create_app
 from hpsearch.search.space import distributions
@@ -143,26 +140,6 @@ def prefill(url: str, study_id: int, trials: list[optuna.trial.FrozenTrial]) -> 
         connection.exec_driver_sql("ANALYZE")
 
 
-@contextmanager
-def database(kind: str, postgres: str | None) -> Iterator[str]:
-    if kind == "sqlite":
-        with tempfile.TemporaryDirectory(prefix="hps-bench-") as folder:
-            yield f"sqlite:///{folder}/bench.db"
-        return
-    assert postgres is not None
-    admin_url = sqlalchemy.make_url(postgres).set(drivername="postgresql+psycopg")
-    name = f"hps_bench_importance_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
 def timed(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """(median seconds, last answer) of `repeats` calls."""
     seconds, answer = [], None
@@ -176,7 +153,7 @@ def timed(call: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 def measure_api(kind: str, postgres: str | None, n: int) -> list[str]:
     from fastapi.testclient import TestClient
 
-    with database(kind, postgres) as url:
+    with scratch_database(kind, postgres, "importance") as url:
         store = Store.open(url)
         spec = bench_spec(f"planted-{n}", n)
         state = submit_study(store, spec)

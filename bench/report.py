@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 import platform
 import re
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -65,3 +69,27 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
         *("| " + " | ".join(row) + " |" for row in rows),
     ]
     return "\n".join(lines)
+
+
+@contextmanager
+def scratch_database(kind: str, postgres: str | None, purpose: str) -> Iterator[str]:
+    """A new, empty database for one measurement, removed afterwards: SQLite in a temporary
+    folder, or (`kind` "postgresql") a database of its own on the server `postgres` names."""
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="hps-bench-") as folder:
+            yield f"sqlite:///{folder}/bench.db"
+        return
+    import sqlalchemy
+
+    assert postgres is not None, "a PostgreSQL measurement needs the server's URL"
+    admin_url = sqlalchemy.make_url(postgres).set(drivername="postgresql+psycopg")
+    name = f"hps_bench_{purpose}_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()

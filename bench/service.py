@@ -39,9 +39,7 @@ import multiprocessing
 import os
 import re
 import statistics
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,7 +52,7 @@ import optuna
 import sqlalchemy
 from optuna.distributions import distribution_to_json
 from optuna.trial import TrialState
-from report import environment, markdown_table, write_section
+from report import environment, markdown_table, scratch_database, write_section
 from samplers import PROBLEMS, ask_seconds
 
 import hpsearch.runtime.trials
@@ -159,26 +157,6 @@ QUICK = Sizes(
 
 
 # --- databases -------------------------------------------------------------------------
-
-
-@contextmanager
-def database(kind: str) -> Iterator[str]:
-    """A new, empty database of `kind` for one measurement, removed afterwards."""
-    if kind == "sqlite":
-        with tempfile.TemporaryDirectory(prefix="hps-bench-") as folder:
-            yield f"sqlite:///{folder}/bench.db"
-        return
-    admin_url = sqlalchemy.make_url(ADMIN_URL).set(drivername="postgresql+psycopg")
-    name = f"hps_bench_service_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def bench_spec(
@@ -1241,7 +1219,7 @@ def run(sizes: Sizes) -> Results:
     overhead, latency, upgrade_s, first_claims = [], [], {}, []
     for kind in KINDS:
         for n in sizes.prefilled:
-            with database(kind) as url:
+            with scratch_database(kind, ADMIN_URL, "service") as url:
                 result, state = measure_overhead(url, kind, n, sizes, replay)
                 overhead.append(result)
                 print(overhead_table(overhead[-1:]), flush=True)
@@ -1254,7 +1232,7 @@ def run(sizes: Sizes) -> Results:
                     first_claims = measure_first_claims(url, n, ("random", "tpe"))
                     print(first_claim_table(first_claims), flush=True)
     for pruner in sizes.pruners:
-        with database("postgresql") as url:
+        with scratch_database("postgresql", ADMIN_URL, "service") as url:
             n = max(sizes.prefilled)
             overhead.append(measure_overhead(url, "postgresql", n, sizes, replay, pruner)[0])
             print(overhead_table(overhead[-1:]), flush=True)
@@ -1262,7 +1240,7 @@ def run(sizes: Sizes) -> Results:
     print(sampler_table(asks, sizes), flush=True)
     load = []
     for sampler in ("random", "tpe"):
-        with database("postgresql") as url:
+        with scratch_database("postgresql", ADMIN_URL, "service") as url:
             runs = [
                 ("one", 1_000_000, "steady"),
                 ("pack", 1_000_000, "steady"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
@@ -15,26 +14,11 @@ from optuna.trial import TrialState
 
 from hpsearch.api import Settings
 from hpsearch.service.studies import StudyConflict, submit_study
-from hpsearch.spec import parse_spec
 from hpsearch.storage import Store, optuna_storage, upgrade
 from hpsearch.storage.db import SCHEMA_HEAD, VERSION_TABLE, make_engine
 from hpsearch.storage.optuna_internals import METRIC_NAMES_KEY
 from tests.served import served
-
-
-def make_spec(name: str, metric: str = "val_accuracy") -> Any:
-    return parse_spec(
-        {
-            "name": name,
-            "dataset": {"source": "builtin", "name": "iris"},
-            "search_space": {
-                "learning_rate": {"low": 1e-4, "high": 1e-1, "log": True},
-                "batch_size": {"choices": [16, 32, 64]},
-            },
-            "objective": {"metric": metric},
-            "budget": {"n_trials": 20},
-        }
-    )
+from tests.test_results import make_spec
 
 
 def fill(url: str, name: str, values: list[float | None]) -> None:
