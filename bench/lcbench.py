@@ -1,0 +1,551 @@
+"""hpsearch's samplers and pruners on LCBench: search quality on a public benchmark.
+
+`bench/samplers.py` compares samplers on test functions and `bench/search_quality.py` trains
+small networks; neither says how hpsearch searches the space of a real MLP study. LCBench
+(Zimmer et al., 2021) trained 2,000 funnel-shaped MLPs with SGD for 52 epochs on each of 34
+OpenML tasks; YAHPO Gym's surrogate of it (`model.onnx`, in $LCBENCH_DIR, by default
+/work/shared/benchmarks/lcbench) predicts a configuration's validation accuracy at every
+epoch, so a search with pruning runs in seconds instead of days.
+
+Each search is what a worker does, with the surrogate standing in for training: the sampler
+is `make_sampler` on a parsed spec, each trial's params come from `suggest_params`, every
+epoch's val_accuracy is reported to the trial and the worker's own pruning decision
+(`hpsearch.search.pruning.StudyPruning`, Optuna's pruner of the spec) says whether it stops
+there. The study is in memory: this measures search quality, not the service.
+
+The surrogate's input (see `Surrogate`): one int32 column, the task's code from
+`encoding.json`, and eight float32 columns in YAHPO's `cont_names` order, epoch, batch_size,
+learning_rate, momentum, weight_decay, num_layers, max_units, max_dropout, each on its
+natural scale: the graph takes the logs of the log-scaled ones itself. Its six outputs are
+time, val_accuracy (percent), val_cross_entropy, val_balanced_accuracy, test_cross_entropy,
+test_balanced_accuracy.
+
+Regret on a task: (best of a large random search at epoch 52 - best complete trial of the
+method) / (that best - the median of the random search); 0 is as good as REFERENCE_SIZE
+random configurations trained to the end, 1 as good as a median one.
+
+Run: .venv/bin/python bench/lcbench.py [--tasks ...] [--seeds N] [--budget N]
+     [--methods tpe:median ...] [--quick] [--write] [--json PATH]
+`--write` rewrites the section "## Search quality on LCBench" of BENCHMARKS.md and draws
+bench/plots/lcbench.png; the JSON summary is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from hpsearch.search.pruning import StudyPruning
+from hpsearch.search.space import make_sampler, suggest_params
+from hpsearch.spec import StudySpec, parse_spec
+from hpsearch.storage import optuna_internals
+from hpsearch.storage.store import Store
+
+SECTION = "## Search quality on LCBench"
+COMMAND = ".venv/bin/python bench/lcbench.py"
+BENCH = Path(__file__).resolve().parent
+PLOTS = BENCH / "plots"
+DATA = Path(os.environ.get("LCBENCH_DIR", "/work/shared/benchmarks/lcbench"))
+REFERENCE_FILE = BENCH / "lcbench_reference.json"
+REFERENCE_SIZE = 100_000  # random configurations per task, at the last epoch
+REFERENCE_SEED = 0
+
+EPOCHS = 52
+DEV_TASKS = (3945, 7593, 34539, 126025, 126026, 126029, 146212, 167104, 167149, 167152)
+DEV_TASKS += (167161, 167168)
+SAMPLERS = ("random", "tpe", "bayes", "gp", "cmaes")
+PRUNERS = ("none", "median", "hyperband")
+CHECKPOINTS = (10, 30, 100)
+QUICK = {"tasks": (3945, 34539, 167168), "seeds": 3, "budget": 30}
+QUICK_METHODS = ("random:none", "random:median", "random:hyperband", "tpe:median")
+
+# The spec's keys, with LCBench's ranges. `dropout` stops below 1 (the spec refuses 1).
+SEARCH_SPACE: dict[str, dict[str, Any]] = {
+    "learning_rate": {"low": 1e-4, "high": 1e-1, "log": True},
+    "batch_size": {"low": 16, "high": 512, "log": True},
+    "dropout": {"low": 0.0, "high": 0.99},
+    "weight_decay": {"low": 1e-5, "high": 1e-1, "log": True},
+    "momentum": {"low": 0.1, "high": 0.99},
+    "n_layers": {"low": 1, "high": 5},
+    "hidden_units": {"low": 64, "high": 1024, "log": True},
+}
+# The surrogate's continuous inputs after the epoch, in its order, and the spec key of each.
+# hpsearch's MLP has n_layers layers of hidden_units units with one dropout; LCBench's funnel
+# starts at max_units and narrows, its dropout rising to max_dropout: the spec's width and
+# dropout stand for the funnel's first width and last dropout.
+INPUTS = {
+    "batch_size": "batch_size",
+    "learning_rate": "learning_rate",
+    "momentum": "momentum",
+    "weight_decay": "weight_decay",
+    "num_layers": "n_layers",
+    "max_units": "hidden_units",
+    "max_dropout": "dropout",
+}
+VAL_ACCURACY = 1  # the output column
+
+Params = dict[str, Any]
+
+
+class Surrogate:
+    """YAHPO Gym's LCBench surrogate, read with onnxruntime (yahpo-gym pins an old numpy)."""
+
+    def __init__(self, folder: Path = DATA) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(
+            str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"]
+        )
+        encoding = json.loads((folder / "encoding.json").read_text())
+        self.codes: dict[str, int] = encoding["OpenML_task_id"]
+
+    def val_accuracy(self, task: int, rows: np.ndarray) -> np.ndarray:
+        """val_accuracy (percent) for rows of (epoch, *INPUTS) on the natural scale."""
+        codes = np.full((len(rows), 1), self.codes[str(task)], dtype=np.int32)
+        feed = {"x_cat": codes, "x_cont": rows.astype(np.float32)}
+        return self.session.run(None, feed)[0][:, VAL_ACCURACY]
+
+    def curve(self, task: int, params: Params) -> np.ndarray:
+        """val_accuracy (percent) at epochs 1..52 of one configuration, in one call."""
+        config = [float(params[key]) for key in INPUTS.values()]
+        rows = np.array([[epoch, *config] for epoch in range(1, EPOCHS + 1)])
+        return self.val_accuracy(task, rows)
+
+
+def random_configs(n: int, seed: int) -> np.ndarray:
+    """n configurations uniform on each key's scale (log or linear), as INPUTS columns."""
+    rng = np.random.default_rng(seed)
+    columns = []
+    for key in INPUTS.values():
+        dim = SEARCH_SPACE[key]
+        low, high = dim["low"], dim["high"]
+        if dim.get("log"):
+            values = np.exp(rng.uniform(math.log(low), math.log(high), n))
+        else:
+            values = rng.uniform(low, high + (1 if key == "n_layers" else 0), n)
+        columns.append(np.floor(values) if key == "n_layers" else values)
+    return np.column_stack(columns)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A task's large random search at the last epoch: its best and median val_accuracy."""
+
+    best: float
+    median: float
+
+
+def compute_reference(surrogate: Surrogate, task: int) -> Reference:
+    configs = random_configs(REFERENCE_SIZE, REFERENCE_SEED)
+    rows = np.column_stack([np.full(len(configs), EPOCHS), configs])
+    accuracy = surrogate.val_accuracy(task, rows) / 100
+    return Reference(float(accuracy.max()), float(np.median(accuracy)))
+
+
+def references(surrogate: Surrogate, tasks: Sequence[int]) -> dict[int, Reference]:
+    """Each task's reference, from REFERENCE_FILE, computing (and caching) missing tasks."""
+    cached: dict[str, Any] = {}
+    if REFERENCE_FILE.exists():
+        cached = json.loads(REFERENCE_FILE.read_text())
+    key = f"{REFERENCE_SIZE} random configurations, seed {REFERENCE_SEED}, epoch {EPOCHS}"
+    table = cached.get("tasks", {}) if cached.get("reference") == key else {}
+    missing = [task for task in tasks if str(task) not in table]
+    for task in missing:
+        table[str(task)] = asdict(compute_reference(surrogate, task))
+    if missing:
+        REFERENCE_FILE.write_text(json.dumps({"reference": key, "tasks": table}, indent=1) + "\n")
+    return {task: Reference(**table[str(task)]) for task in tasks}
+
+
+def make_spec(method: str, seed: int, budget: int) -> StudySpec:
+    """The study a user would write for LCBench's space with the method ("sampler:pruner")."""
+    sampler, pruner = method.split(":")
+    return parse_spec(
+        {
+            "name": f"lcbench-{sampler}-{pruner}",
+            "dataset": {"source": "builtin", "name": "digits"},  # unused: the surrogate trains
+            "search_space": SEARCH_SPACE,
+            "training": {"max_epochs": EPOCHS, "optimizer": "sgd"},
+            "objective": {"metric": "val_accuracy"},
+            "sampler": {"name": sampler, "seed": seed},
+            "pruner": {"name": pruner},
+            "budget": {"n_trials": budget},
+        }
+    )
+
+
+class LocalPruning(StudyPruning):
+    """A worker's pruning for a study that only this process runs.
+
+    `StudyPruning` catches up with other workers' trials in the database; here every trial
+    is this process's, and its view is complete without reading: completed curves come from
+    `completed_here` and rungs from its own decisions. So the catch-up is a no-op and no
+    database is needed; the decisions are the worker's."""
+
+    def __init__(self, study: optuna.Study, spec: StudySpec) -> None:
+        super().__init__(cast(Store, None), study, spec)
+
+    def _catch_up_for(self, trial: optuna.trial.FrozenTrial) -> None:
+        """Nothing to read: no other process adds trials."""
+
+
+@dataclass(frozen=True)
+class Search:
+    """One search: per trial, its value at the last epoch (NaN if pruned) and epochs run."""
+
+    task: int
+    method: str
+    seed: int
+    values: list[float]
+    epochs: list[int]
+    seconds: float
+
+
+def run_trial(
+    study: optuna.Study, trial: optuna.Trial, pruning: LocalPruning, curve: np.ndarray
+) -> tuple[float, int]:
+    """Reveal the curve epoch by epoch as training would report it; stop where pruned.
+    Returns the value at the last epoch (NaN if pruned) and the epochs run.
+
+    Report and decision are `TrialWriter`'s with a worker's context, except that Optuna
+    keeps the report at once (a worker writes it with the trial's next write), so samplers
+    see pruned trials' curves as they would in the database."""
+    asked = optuna_internals.as_asked(trial)
+    for epoch, value in enumerate(curve.tolist(), start=1):
+        trial.report(value, epoch)
+        decision = pruning.decide(asked)
+        asked.system_attrs.update(decision.system_attrs)
+        if decision.prune:
+            study.tell(trial, state=TrialState.PRUNED)
+            return math.nan, epoch
+    study.tell(trial, float(curve[-1]))
+    reported = dict(enumerate(curve.tolist(), start=1))
+    pruning.completed_here(optuna_internals.trial_id(trial), reported)
+    return float(curve[-1]), EPOCHS
+
+
+def search(surrogate: Surrogate, task: int, method: str, seed: int, budget: int) -> Search:
+    """One seeded search of `budget` trials on a task, in an in-memory study."""
+    spec = make_spec(method, seed, budget)
+    study = optuna.create_study(
+        study_name=spec.name, direction=spec.objective.direction, sampler=make_sampler(spec)
+    )
+    pruning = LocalPruning(study, spec)
+    values, epochs = [], []
+    start = time.perf_counter()
+    for _ in range(budget):
+        trial = study.ask()
+        params = suggest_params(trial, spec)
+        curve = surrogate.curve(task, params) / 100  # hpsearch's val_accuracy is a fraction
+        value, run = run_trial(study, trial, pruning, curve)
+        values.append(value)
+        epochs.append(run)
+    return Search(task, method, seed, values, epochs, time.perf_counter() - start)
+
+
+# --- running many searches -------------------------------------------------------------
+
+_SURROGATE: Surrogate | None = None
+
+
+def _init_worker() -> None:
+    """Each process loads the surrogate once, keeps Optuna quiet and computes on one
+    thread: the searches run in parallel processes instead (gp's torch and bayes' BLAS
+    would otherwise fight over the cores)."""
+    global _SURROGATE
+    import threadpoolctl
+    import torch
+
+    threadpoolctl.threadpool_limits(1)
+    torch.set_num_threads(1)
+    _SURROGATE = Surrogate()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _run_job(job: tuple[int, str, int, int]) -> Search:
+    assert _SURROGATE is not None
+    return search(_SURROGATE, *job)
+
+
+def cost_rank(method: str) -> int:
+    """Slow samplers first, so that the pool's processes end together."""
+    order = ("gp", "bayes", "cmaes", "tpe", "random")
+    sampler = method.split(":")[0]
+    return order.index(sampler) if sampler in order else len(order)
+
+
+def run_all(
+    tasks: Sequence[int], methods: Sequence[str], seeds: int, budget: int, jobs: int
+) -> list[Search]:
+    """Every (task, method, seed) search, over `jobs` processes, printing progress."""
+    todo = [(t, m, s, budget) for m in methods for t in tasks for s in range(seeds)]
+    todo.sort(key=lambda job: cost_rank(job[1]))
+    if jobs == 1:
+        _init_worker()
+        return [_progress(i, len(todo), _run_job(job)) for i, job in enumerate(todo, 1)]
+    with multiprocessing.get_context("spawn").Pool(jobs, initializer=_init_worker) as pool:
+        results = pool.imap_unordered(_run_job, todo)
+        return [_progress(i, len(todo), result) for i, result in enumerate(results, 1)]
+
+
+def _progress(done: int, total: int, result: Search) -> Search:
+    """Print how many searches are done, every 5%, on stderr (stdout ends with the JSON)."""
+    if done % max(total // 20, 1) == 0 or done == total:
+        print(f"{done}/{total} searches", file=sys.stderr, flush=True)
+    return result
+
+
+# --- regret and summaries --------------------------------------------------------------
+
+
+def regret_trace(result: Search, reference: Reference) -> np.ndarray:
+    """Regret after each trial: from the best complete trial so far. The first trial of a
+    search always completes (no pruner stops a study's first trial), so it is defined."""
+    best = np.fmax.accumulate(np.array(result.values, dtype=float))
+    return (reference.best - best) / (reference.best - reference.median)
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """A method over tasks and seeds: mean regret (and its standard error) at each
+    checkpoint, and the epochs and seconds of a search."""
+
+    method: str
+    runs: int
+    regret: dict[int, float]
+    regret_se: dict[int, float]
+    epochs: float  # mean over searches of the epochs trained, all trials
+    epoch_share: float  # of what the same trials trained to the last epoch would cost
+    seconds: float  # mean wall time of one search (sampler, pruner and surrogate)
+    regret_curve: list[float]  # mean regret after each trial
+    epochs_curve: list[float]  # mean epochs trained after each trial
+
+
+def summarize(
+    results: list[Search], refs: dict[int, Reference], checkpoints: Sequence[int]
+) -> dict[str, MethodSummary]:
+    by_method: dict[str, list[Search]] = {}
+    for result in results:
+        by_method.setdefault(result.method, []).append(result)
+    summaries = {}
+    for method, runs in by_method.items():
+        regrets = np.array([regret_trace(r, refs[r.task]) for r in runs])
+        epochs = np.array([np.cumsum(r.epochs) for r in runs])
+        budget = regrets.shape[1]
+        summaries[method] = MethodSummary(
+            method=method,
+            runs=len(runs),
+            regret={n: float(regrets[:, n - 1].mean()) for n in checkpoints},
+            regret_se={n: standard_error(regrets[:, n - 1]) for n in checkpoints},
+            epochs=float(epochs[:, -1].mean()),
+            epoch_share=float(epochs[:, -1].mean() / (budget * EPOCHS)),
+            seconds=statistics.mean(r.seconds for r in runs),
+            regret_curve=regrets.mean(axis=0).tolist(),
+            epochs_curve=epochs.mean(axis=0).tolist(),
+        )
+    return summaries
+
+
+def standard_error(values: np.ndarray) -> float:
+    """Of the mean, treating every (task, seed) search as one sample."""
+    return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
+
+
+# --- output ----------------------------------------------------------------------------
+
+
+def results_table(summaries: dict[str, MethodSummary], checkpoints: Sequence[int]) -> str:
+    from report import markdown_table
+
+    header = [
+        "sampler",
+        "pruner",
+        *(f"regret @ {n}" for n in checkpoints),
+        "epochs trained",
+        "share of no pruning",
+        "s per search",
+    ]
+    rows = []
+    for method, s in summaries.items():
+        sampler, pruner = method.split(":")
+        cells = [f"{s.regret[n]:.3f} ± {s.regret_se[n]:.3f}" for n in checkpoints]
+        share = f"{s.epoch_share:.0%}"
+        rows.append([sampler, pruner, *cells, f"{s.epochs:.0f}", share, f"{s.seconds:.2f}"])
+    return markdown_table(header, rows)
+
+
+def plot(summaries: dict[str, MethodSummary], path: Path) -> None:
+    """Mean regret against trials and against epochs trained: colour the sampler, line
+    style the pruner."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = dict(zip(SAMPLERS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    styles = {"none": "-", "median": "--", "hyperband": ":"}
+    fig, (by_trial, by_epoch) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, s in summaries.items():
+        sampler, pruner = method.split(":")
+        style = {"color": colours.get(sampler), "linestyle": styles.get(pruner, "-.")}
+        trials = np.arange(1, len(s.regret_curve) + 1)
+        by_trial.plot(trials, s.regret_curve, label=method, **style)
+        by_epoch.plot(s.epochs_curve, s.regret_curve, label=method, **style)
+    for ax, xlabel in ((by_trial, "trials"), (by_epoch, "epochs trained (all trials)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mean regret (0: best of the random search, 1: its median)")
+        ax.grid(alpha=0.3, which="both")
+    by_trial.legend(fontsize=7, ncol=3)
+    fig.suptitle("LCBench (YAHPO surrogate): mean regret over tasks and seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Config:
+    tasks: tuple[int, ...]
+    methods: tuple[str, ...]
+    seeds: int
+    budget: int
+    jobs: int
+
+    @property
+    def checkpoints(self) -> tuple[int, ...]:
+        return tuple(sorted({n for n in CHECKPOINTS if n < self.budget} | {self.budget}))
+
+
+def section(config: Config, table: str, run_seconds: float, command: str) -> str:
+    """The Markdown section: what was run, on what, the table and how to read it."""
+    from report import environment
+
+    packages = ("optuna", "scikit-optimize", "onnxruntime", "torch")
+    tasks = ", ".join(map(str, config.tasks))
+    return f"""{SECTION}
+
+{environment(command, packages)}
+- Run time: {run_seconds:.0f} s with {config.jobs} processes; {config.seeds} seeds x
+  {len(config.tasks)} tasks x {len(config.methods)} methods x {config.budget} trials
+
+YAHPO Gym's LCBench surrogate (`model.onnx`, YAHPO data 1.0.2) stands in for training: a
+trial's val_accuracy at epochs 1..{EPOCHS} comes from one call, and is reported epoch by epoch
+to the worker's pruning (`StudyPruning`), which stops the trial where the spec's pruner would.
+Samplers and pruners are built from a parsed spec as a worker builds them, with their
+defaults, in an in-memory study (see `bench/lcbench.py`). Tasks: {tasks}.
+
+The spec searches `learning_rate` 1e-4..1e-1 (log), `batch_size` 16..512 (log),
+`weight_decay` 1e-5..1e-1 (log; LCBench draws it uniformly), `momentum` 0.1..0.99,
+`n_layers` 1..5 (LCBench's num_layers), `hidden_units` 64..1024 (log; the funnel's first
+width, max_units) and `dropout` 0..0.99 (the funnel's last dropout, max_dropout).
+
+Regret on a task = (best val_accuracy of {REFERENCE_SIZE:,} random configurations at epoch
+{EPOCHS} - best complete trial of the search) / (that best - their median): 0 is as good as
+that random search, 1 as good as a median configuration, below 0 better than it. "regret @ n"
+is its mean over tasks and seeds after n trials, ± the standard error of that mean (each
+search one sample). "epochs trained" is the mean over searches of the epochs of all trials,
+complete and pruned; "share of no pruning" divides it by {EPOCHS} epochs per trial. "s per
+search" is the wall time of one search: the sampler's asks, the pruner and the surrogate.
+
+{table}
+
+![mean regret against trials and against epochs trained](bench/plots/lcbench.png)
+"""
+
+
+def summary_json(
+    config: Config, summaries: dict[str, MethodSummary], run_seconds: float
+) -> dict[str, Any]:
+    return {
+        "benchmark": "lcbench",
+        "tasks": list(config.tasks),
+        "seeds": config.seeds,
+        "budget": config.budget,
+        "checkpoints": list(config.checkpoints),
+        "reference": f"best and median of {REFERENCE_SIZE} random configurations at epoch 52",
+        "run_seconds": round(run_seconds, 1),
+        "methods": {
+            method: {
+                "runs": s.runs,
+                "regret": {str(n): round(v, 4) for n, v in s.regret.items()},
+                "regret_se": {str(n): round(v, 4) for n, v in s.regret_se.items()},
+                "epochs": round(s.epochs, 1),
+                "epoch_share": round(s.epoch_share, 4),
+                "seconds_per_search": round(s.seconds, 3),
+            }
+            for method, s in summaries.items()
+        },
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, nargs="+", default=list(DEV_TASKS))
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--budget", type=int, default=100, help="trials per search")
+    default_methods = [f"{s}:{p}" for s in SAMPLERS for p in PRUNERS]
+    parser.add_argument("--methods", nargs="+", default=default_methods, help="sampler:pruner")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument("--write", action="store_true", help="BENCHMARKS.md and the plot")
+    parser.add_argument("--json", type=Path, help="also write the JSON summary here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tasks, args.seeds, args.budget = QUICK["tasks"], QUICK["seeds"], QUICK["budget"]
+        if args.methods == default_methods:
+            args.methods = list(QUICK_METHODS)
+    for method in args.methods:
+        make_spec(method, 0, 1)  # an unknown sampler or pruner fails here, not in the pool
+    config = Config(tuple(args.tasks), tuple(args.methods), args.seeds, args.budget, args.jobs)
+    return config, args
+
+
+def run(config: Config) -> tuple[dict[str, MethodSummary], float]:
+    """The searches and their summaries, with the run's wall time."""
+    refs = references(Surrogate(), config.tasks)
+    start = time.perf_counter()
+    results = run_all(config.tasks, config.methods, config.seeds, config.budget, config.jobs)
+    run_seconds = time.perf_counter() - start
+    summaries = summarize(results, refs, config.checkpoints)
+    return {m: summaries[m] for m in config.methods}, run_seconds
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config, args = parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    summaries, run_seconds = run(config)
+    table = results_table(summaries, config.checkpoints)
+    print(table, flush=True)
+    if args.write:
+        from report import write_section
+
+        PLOTS.mkdir(exist_ok=True)
+        plot(summaries, PLOTS / "lcbench.png")
+        command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
+        write_section(SECTION, section(config, table, run_seconds, command))
+    summary = summary_json(config, summaries, run_seconds)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
