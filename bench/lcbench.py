@@ -296,9 +296,9 @@ def run_all(
     """Every (task, method, seed) search, over `jobs` processes, printing progress."""
     todo = [(t, m, s, budget) for m in methods for t in tasks for s in range(seeds)]
     todo.sort(key=lambda job: cost_rank(job[1]))
-    if jobs == 1:
-        _init_worker()
-        return [_progress(i, len(todo), _run_job(job)) for i, job in enumerate(todo, 1)]
+    if jobs == 1:  # in this process, as it is (a test's threads stay as they were)
+        surrogate = Surrogate()
+        return [_progress(i, len(todo), search(surrogate, *job)) for i, job in enumerate(todo, 1)]
     with multiprocessing.get_context("spawn").Pool(jobs, initializer=_init_worker) as pool:
         results = pool.imap_unordered(_run_job, todo)
         return [_progress(i, len(todo), result) for i, result in enumerate(results, 1)]

@@ -1,0 +1,124 @@
+"""bench/lcbench.py: the LCBench surrogate read as YAHPO Gym encodes it, the worker's pruning
+deciding as Optuna's pruners do, and the --quick run's summary holding real numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpsearch.search.space import make_pruner, make_sampler, suggest_params
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def lcbench() -> ModuleType:
+    """bench/ on the import path, as its scripts see it; the lcbench module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO / "bench"))
+        import lcbench
+
+        if not (lcbench.DATA / "model.onnx").exists():
+            pytest.skip(f"no LCBench surrogate in {lcbench.DATA} (set LCBENCH_DIR)")
+        yield lcbench
+
+
+@pytest.fixture(scope="module")
+def surrogate(lcbench: ModuleType) -> Any:
+    return lcbench.Surrogate()
+
+
+GOOD = {
+    "batch_size": 64,
+    "learning_rate": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "n_layers": 3,
+    "hidden_units": 256,
+    "dropout": 0.1,
+}
+
+
+def test_the_surrogate_reads_a_learning_curve_per_task(surrogate: Any) -> None:
+    """With YAHPO's input order and natural scales, a sensible configuration learns: its
+    val_accuracy (percent) rises from epoch 1 to 52, stays within 0..100, and differs
+    from task to task; a diverging learning rate does worse at the end."""
+    curves = {task: surrogate.curve(task, GOOD) for task in (3945, 7593, 167168)}
+    for curve in curves.values():
+        assert curve.shape == (52,)
+        assert np.all((curve >= 0) & (curve <= 100))
+        assert curve[-1] > curve[0] + 5
+    finals = [curve[-1] for curve in curves.values()]
+    assert max(finals) - min(finals) > 5
+    slow = surrogate.curve(3945, {**GOOD, "learning_rate": 0.1, "batch_size": 512})
+    assert slow[-1] < curves[3945][-1]
+
+
+@pytest.mark.parametrize("method", ["random:median", "tpe:hyperband"])
+def test_the_workers_pruning_decides_as_optunas_pruner(
+    lcbench: ModuleType, surrogate: Any, method: str
+) -> None:
+    """A search with `LocalPruning` (the worker's decisions, no database) prunes each trial
+    at the epoch where the spec's Optuna pruner, asked through `trial.should_prune`, would."""
+    n = 40
+    ours = lcbench.search(surrogate, 7593, method, 1, n).epochs
+    spec = lcbench.make_spec(method, 1, n)
+    study = optuna.create_study(
+        study_name=spec.name,
+        direction="maximize",
+        sampler=make_sampler(spec),
+        pruner=make_pruner(spec),
+    )
+    theirs = []
+    for _ in range(n):
+        trial = study.ask()
+        curve = surrogate.curve(7593, suggest_params(trial, spec)) / 100
+        for epoch, value in enumerate(curve.tolist(), start=1):
+            trial.report(value, epoch)
+            if trial.should_prune():
+                study.tell(trial, state=TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, float(curve[-1]))
+        theirs.append(epoch)
+    assert ours == theirs
+    assert sum(ours) < n * 52  # it did prune
+
+
+def test_the_quick_run_summarizes_every_method(lcbench: ModuleType, tmp_path: Path) -> None:
+    """--quick: finite regrets near [0, 1.5], random search no worse with more trials,
+    pruners training fewer epochs than none, every method in the JSON."""
+    path = tmp_path / "lcbench.json"
+    summary = lcbench.main(["--quick", "--jobs", "1", "--json", str(path)])
+    assert json.loads(path.read_text()) == summary
+    methods = summary["methods"]
+    assert list(methods) == list(lcbench.QUICK_METHODS)
+    assert summary["checkpoints"] == [10, 30]
+    for result in methods.values():
+        assert result["runs"] == len(lcbench.QUICK["tasks"]) * lcbench.QUICK["seeds"]
+        for regret in result["regret"].values():
+            assert math.isfinite(regret) and -0.05 <= regret <= 1.5
+    random = methods["random:none"]["regret"]
+    assert random["30"] <= random["10"]
+    full = methods["random:none"]["epochs"]
+    assert full == 30 * 52
+    for pruned in ("random:median", "random:hyperband", "tpe:median"):
+        assert methods[pruned]["epochs"] < full
+
+
+def test_regret_is_zero_at_the_reference_and_one_at_its_median(lcbench: ModuleType) -> None:
+    reference = lcbench.Reference(best=0.9, median=0.5)
+    result = lcbench.Search(0, "random:none", 0, [0.5, math.nan, 0.7, 0.9, 0.6], [52] * 5, 0.0)
+    assert lcbench.regret_trace(result, reference).tolist() == pytest.approx(
+        [1.0, 1.0, 0.5, 0.0, 0.0]
+    )
