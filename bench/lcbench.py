@@ -2,10 +2,10 @@
 
 `bench/samplers.py` compares samplers on test functions and `bench/search_quality.py` trains
 small networks; neither says how hpsearch searches the space of a real MLP study. LCBench
-(Zimmer et al., 2021) trained 2,000 funnel-shaped MLPs with SGD for 52 epochs on each of 34
+(Zimmer et al., 2021) trained 2,000 funnel-shaped MLPs with SGD for 52 epochs on each of 35
 OpenML tasks; YAHPO Gym's surrogate of it (`model.onnx`, in $LCBENCH_DIR, by default
 /work/shared/benchmarks/lcbench) predicts a configuration's validation accuracy at every
-epoch, so a search with pruning runs in seconds instead of days.
+epoch on 34 of them, so a search with pruning runs in seconds instead of days.
 
 Each search is what a worker does, with the surrogate standing in for training: the sampler
 is `make_sampler` on a parsed spec, each trial's params come from `suggest_params`, every
@@ -16,9 +16,11 @@ there. The study is in memory: this measures search quality, not the service.
 The surrogate's input (see `Surrogate`): one int32 column, the task's code from
 `encoding.json`, and eight float32 columns in YAHPO's `cont_names` order, epoch, batch_size,
 learning_rate, momentum, weight_decay, num_layers, max_units, max_dropout, each on its
-natural scale: the graph takes the logs of the log-scaled ones itself. Its six outputs are
-time, val_accuracy (percent), val_cross_entropy, val_balanced_accuracy, test_cross_entropy,
-test_balanced_accuracy.
+natural scale, as yahpo-gym passes them (`BenchmarkSet._config_to_xs`): the graph holds its
+own Log and Exp nodes for the log-scaled inputs and the outputs. Its six outputs, on their
+natural scales, are YAHPO's `y_names`: time, val_accuracy (percent), val_cross_entropy,
+val_balanced_accuracy, test_cross_entropy, test_balanced_accuracy. tests/test_lcbench.py
+checks that a sensible configuration's curve rises within 0..100 and differs across tasks.
 
 Regret on a task: (best of a large random search at epoch 52 - best complete trial of the
 method) / (that best - the median of the random search); 0 is as good as REFERENCE_SIZE
@@ -433,7 +435,7 @@ class Config:
         return tuple(sorted({n for n in CHECKPOINTS if n < self.budget} | {self.budget}))
 
 
-def section(config: Config, table: str, run_seconds: float, command: str) -> str:
+def section(config: Config, table: str, timing: str, run_seconds: float, command: str) -> str:
     """The Markdown section: what was run, on what, the table and how to read it."""
     from report import environment
 
@@ -454,7 +456,10 @@ defaults, in an in-memory study (see `bench/lcbench.py`). Tasks: {tasks}.
 The spec searches `learning_rate` 1e-4..1e-1 (log), `batch_size` 16..512 (log),
 `weight_decay` 1e-5..1e-1 (log; LCBench draws it uniformly), `momentum` 0.1..0.99,
 `n_layers` 1..5 (LCBench's num_layers), `hidden_units` 64..1024 (log; the funnel's first
-width, max_units) and `dropout` 0..0.99 (the funnel's last dropout, max_dropout).
+width, max_units) and `dropout` 0..0.99 (the funnel's last dropout, max_dropout; the spec
+refuses a dropout of 1). hpsearch's own MLP has n_layers equal layers and one dropout, so the
+spec's keys stand for LCBench's funnel: a search space, not a model, is what is compared.
+The random search of the reference draws from these same distributions.
 
 Regret on a task = (best val_accuracy of {REFERENCE_SIZE:,} random configurations at epoch
 {EPOCHS} - best complete trial of the search) / (that best - their median): 0 is as good as
@@ -466,8 +471,35 @@ search" is the wall time of one search: the sampler's asks, the pruner and the s
 
 {table}
 
+{timing}
+
 ![mean regret against trials and against epochs trained](bench/plots/lcbench.png)
 """
+
+
+def timing_lines(summaries: dict[str, MethodSummary], jobs: int) -> str:
+    """Where the time goes (each sampler's share), and what the full configuration (20
+    seeds, the 12 development tasks, every method, 100 trials) would take, extrapolated
+    from the seconds per search measured here."""
+    by_sampler: dict[str, float] = {}
+    for method, s in summaries.items():
+        sampler = method.split(":")[0]
+        by_sampler[sampler] = by_sampler.get(sampler, 0.0) + s.seconds * s.runs
+    total = sum(by_sampler.values())
+    shares = ", ".join(
+        f"{sampler} {seconds / total:.0%}"
+        for sampler, seconds in sorted(by_sampler.items(), key=lambda kv: -kv[1])
+    )
+    line = f"- Share of the searches' time by sampler: {shares}."
+    budgets = {len(s.regret_curve) for s in summaries.values()}
+    if budgets == {100} and set(summaries) == {f"{s}:{p}" for s in SAMPLERS for p in PRUNERS}:
+        full = sum(s.seconds for s in summaries.values()) * 20 * len(DEV_TASKS) / jobs
+        line += (
+            f"\n- Extrapolated from these seconds per search, the full table (20 seeds x"
+            f" {len(DEV_TASKS)} tasks x {len(summaries)} methods x 100 trials) would take"
+            f" about {full / 60:.0f} minutes with {jobs} processes."
+        )
+    return line
 
 
 def summary_json(
@@ -539,7 +571,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         PLOTS.mkdir(exist_ok=True)
         plot(summaries, PLOTS / "lcbench.png")
         command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
-        write_section(SECTION, section(config, table, run_seconds, command))
+        timing = timing_lines(summaries, config.jobs)
+        write_section(SECTION, section(config, table, timing, run_seconds, command))
     summary = summary_json(config, summaries, run_seconds)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
