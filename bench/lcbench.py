@@ -478,28 +478,30 @@ search" is the wall time of one search: the sampler's asks, the pruner and the s
 
 
 def timing_lines(summaries: dict[str, MethodSummary], jobs: int) -> str:
-    """Where the time goes (each sampler's share), and what the full configuration (20
-    seeds, the 12 development tasks, every method, 100 trials) would take, extrapolated
-    from the seconds per search measured here."""
+    """Where the time goes (each sampler's share), what the full table (20 seeds x the 12
+    development tasks x 100 trials) would take for the methods run here, extrapolated from
+    their seconds per search, and which default methods were not run."""
     by_sampler: dict[str, float] = {}
     for method, s in summaries.items():
         sampler = method.split(":")[0]
         by_sampler[sampler] = by_sampler.get(sampler, 0.0) + s.seconds * s.runs
     total = sum(by_sampler.values())
-    shares = ", ".join(
-        f"{sampler} {seconds / total:.0%}"
-        for sampler, seconds in sorted(by_sampler.items(), key=lambda kv: -kv[1])
+    ranked = sorted(by_sampler.items(), key=lambda kv: -kv[1])
+    shares = ", ".join(f"{sampler} {seconds / total:.0%}" for sampler, seconds in ranked)
+    lines = [f"- Share of the searches' time by sampler: {shares}."]
+    budget = len(next(iter(summaries.values())).regret_curve)
+    per_trial = sum(s.seconds for s in summaries.values()) / budget
+    full = per_trial * 100 * 20 * len(DEV_TASKS) / jobs
+    lines.append(
+        f"- Extrapolated from these seconds per search (linearly in trials, which flatters"
+        f" the GP samplers), the full table for these {len(summaries)} methods (20 seeds x"
+        f" {len(DEV_TASKS)} tasks x 100 trials) would take about {full / 60:.0f} minutes"
+        f" with {jobs} processes."
     )
-    line = f"- Share of the searches' time by sampler: {shares}."
-    budgets = {len(s.regret_curve) for s in summaries.values()}
-    if budgets == {100} and set(summaries) == {f"{s}:{p}" for s in SAMPLERS for p in PRUNERS}:
-        full = sum(s.seconds for s in summaries.values()) * 20 * len(DEV_TASKS) / jobs
-        line += (
-            f"\n- Extrapolated from these seconds per search, the full table (20 seeds x"
-            f" {len(DEV_TASKS)} tasks x {len(summaries)} methods x 100 trials) would take"
-            f" about {full / 60:.0f} minutes with {jobs} processes."
-        )
-    return line
+    left_out = [f"{s}:{p}" for s in SAMPLERS for p in PRUNERS if f"{s}:{p}" not in summaries]
+    if left_out:
+        lines.append(f"- Not run here: {', '.join(left_out)}.")
+    return "\n".join(lines)
 
 
 def summary_json(
