@@ -445,7 +445,8 @@ def section(config: Config, table: str, timing: str, run_seconds: float, command
 
 {environment(command, packages)}
 - Run time: {run_seconds:.0f} s with {config.jobs} processes; {config.seeds} seeds x
-  {len(config.tasks)} tasks x {len(config.methods)} methods x {config.budget} trials
+  {len(config.tasks)} tasks x {len(config.methods)} methods x {config.budget} trials\
+{reduced_line(config)}
 
 YAHPO Gym's LCBench surrogate (`model.onnx`, YAHPO data 1.0.2) stands in for training: a
 trial's val_accuracy at epochs 1..{EPOCHS} comes from one call, and is reported epoch by epoch
@@ -492,16 +493,28 @@ def timing_lines(summaries: dict[str, MethodSummary], jobs: int) -> str:
     budget = len(next(iter(summaries.values())).regret_curve)
     per_trial = sum(s.seconds for s in summaries.values()) / budget
     full = per_trial * 100 * 20 * len(DEV_TASKS) / jobs
+    scaled = "" if budget == 100 else f" (scaled from {budget} trials: too low for the GPs)"
     lines.append(
-        f"- Extrapolated from these seconds per search (linearly in trials, which flatters"
-        f" the GP samplers), the full table for these {len(summaries)} methods (20 seeds x"
-        f" {len(DEV_TASKS)} tasks x 100 trials) would take about {full / 60:.0f} minutes"
-        f" with {jobs} processes."
+        f"- Extrapolated from these seconds per search{scaled}, the full table for these"
+        f" {len(summaries)} methods (20 seeds x {len(DEV_TASKS)} tasks x 100 trials) would"
+        f" take about {full / 60:.0f} minutes with {jobs} processes."
     )
     left_out = [f"{s}:{p}" for s in SAMPLERS for p in PRUNERS if f"{s}:{p}" not in summaries]
     if left_out:
         lines.append(f"- Not run here: {', '.join(left_out)}.")
     return "\n".join(lines)
+
+
+def reduced_line(config: Config) -> str:
+    """Says when the run is smaller than the full table, so that its numbers are read so."""
+    full = config.seeds >= 20 and set(DEV_TASKS) <= set(config.tasks) and config.budget >= 100
+    full = full and len(config.methods) >= len(SAMPLERS) * len(PRUNERS)
+    if full:
+        return ""
+    return (
+        "\n- A reduced run: the full table is 20 seeds x the 12 development tasks x the 15"
+        " default methods x 100 trials; fewer seeds give wider standard errors."
+    )
 
 
 def summary_json(
