@@ -3,8 +3,8 @@
 `bench/samplers.py` compares samplers on test functions and `bench/search_quality.py` trains
 small networks; neither says how hpsearch searches the space of a real MLP study. LCBench
 (Zimmer et al., 2021) trained 2,000 funnel-shaped MLPs with SGD for 52 epochs on each of 35
-OpenML tasks; YAHPO Gym's surrogate of it (`model.onnx`, in $LCBENCH_DIR, by default
-/work/shared/benchmarks/lcbench) predicts a configuration's validation accuracy at every
+OpenML tasks; YAHPO Gym's surrogate of it (`model.onnx`, in bench/data/lcbench, or
+$LCBENCH_DIR) predicts a configuration's validation accuracy at every
 epoch on 34 of them, so a search with pruning runs in seconds instead of days.
 
 Each search is what a worker does, with the surrogate standing in for training: the sampler
@@ -65,7 +65,8 @@ SECTION = "## Search quality on LCBench"
 COMMAND = ".venv/bin/python bench/lcbench.py"
 BENCH = Path(__file__).resolve().parent
 PLOTS = BENCH / "plots"
-DATA = Path(os.environ.get("LCBENCH_DIR", "/work/shared/benchmarks/lcbench"))
+# YAHPO Gym's lcbench folder (slds-lmu/yahpo_data 1.0.2, Apache 2.0), kept in the repository.
+DATA = Path(os.environ.get("LCBENCH_DIR", BENCH / "data" / "lcbench"))
 REFERENCE_FILE = BENCH / "lcbench_reference.json"
 REFERENCE_SIZE = 100_000  # random configurations per task, at the last epoch
 REFERENCE_SEED = 0
