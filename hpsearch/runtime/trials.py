@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from hpsearch.data.tensors import TensorData
 from hpsearch.search.pruning import StudyPruning
-from hpsearch.search.space import BUDGET_STATES, make_pruner, make_sampler, suggest_params
+from hpsearch.search.space import make_pruner, make_sampler, places_held, suggest_params
 from hpsearch.service import recovery
 from hpsearch.service.diagnosis import diagnose
 from hpsearch.service.studies import (
@@ -152,7 +152,7 @@ def _start_within_budget(
     claim.beat_for_orphans()
     recovery.reap_lost_trials(study, claim, grace_period_s())  # their retries wait in the queue
     counts = claim.trial_counts()
-    used = sum(counts.get(STATE_NAMES[s], 0) for s in BUDGET_STATES)
+    used = places_held(counts)
     retries = min(n, counts.get(STATE_NAMES[TrialState.WAITING], 0))
     new = max(0, min(n - retries, budget - used))
     if retries + new == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpsearch.spec import INTEGER_KEYS, Dimension, StudySpec
 from hpsearch.storage import optuna_internals
+from hpsearch.storage.queries import STATE_NAMES
 
 
 def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:
@@ -88,8 +89,15 @@ def _sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
 
 
 # Trials that count against a study's n_trials, and so hold their grid point: finished,
-# running, and retries waiting to resume. A failed trial uses no budget and frees its point.
+# running, and waiting ones (retries to resume, enqueued configurations). A failed trial
+# uses no budget and frees its point.
 BUDGET_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def places_held(counts: Mapping[str, int]) -> int:
+    """How many of a budget's places a study's trials hold, from their counts by state name
+    (`StudyClaim.trial_counts`): finished, running and waiting trials."""
+    return sum(counts.get(STATE_NAMES[state], 0) for state in BUDGET_STATES)
 
 
 class GridExhausted(RuntimeError):

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from hpsearch.data import memory
 from hpsearch.data.facts import DataFacts, inspect_dataset, split_sizes
 from hpsearch.errors import Conflict, DatasetError, HpsearchError, NotFound, SpecError
-from hpsearch.search.space import BUDGET_STATES, grid_size
+from hpsearch.search.space import grid_size, places_held
 from hpsearch.service.datasets import StoredUploads
 from hpsearch.service.recovery import Recovery, recover
 from hpsearch.service.views import TrialSummary
@@ -30,7 +30,7 @@ from hpsearch.storage import (
     records,
 )
 from hpsearch.storage.bulk import enqueue_trials
-from hpsearch.storage.queries import STATE_NAMES, optuna_study_id, recent_endings
+from hpsearch.storage.queries import optuna_study_id, recent_endings
 from hpsearch.storage.store import Store
 
 RUNNABLE_STATES = ("queued", "running")
@@ -299,8 +299,7 @@ def enqueue(store: Store, study: str | int, configs: list[Any]) -> list[TrialSum
         record = claim.record
         _check_enqueue(record.name, record.state, state.spec)
         counts = claim.trial_counts()
-        held = sum(counts.get(STATE_NAMES[s], 0) for s in BUDGET_STATES)
-        room = effective_budget(state.spec, record.n_trials) - held
+        room = effective_budget(state.spec, record.n_trials) - places_held(counts)
         if len(fitted) > room:
             free = (
                 f"has room for {room} more trial(s) in its budget of {record.n_trials}"

@@ -554,7 +554,7 @@ class _Pack:
 
     def _slice_gradients(
         self, perms: torch.Tensor, s: int, a: int, b: int, n: int
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Members [a:b] on step s of their batches, padded to the widest (padding rows
         weigh 0): their summed losses, and the gradients of their mean losses."""
         batch = self.batch[a:b, None]
