@@ -216,15 +216,14 @@ EAGER_KERNELS = StepKernels(_eager_gradients, _descend)
 
 
 @functools.cache
-def compiled_kernels(device_type: str) -> StepKernels:
+def compiled_kernels() -> StepKernels:
     """The step through `torch.compile`, made once per process so packs share its compiled
-    code. On a GPU with mode "reduce-overhead": the step's kernels replay as CUDA graphs,
-    one launch where eager mode makes dozens. Shapes change as members finish an epoch or
-    leave the pack; dynamo then compiles once more, for dynamic shapes."""
-    mode = "reduce-overhead" if device_type == "cuda" else None
-    return StepKernels(
-        torch.compile(_traced_gradients, mode=mode), torch.compile(_descend, mode=mode)
-    )
+    code: the optimiser's dozens of elementwise kernels fuse into a few. Not as CUDA graphs
+    ("reduce-overhead"): the descent updates the stacked weights and the gradients in place,
+    so the gradients' graph would have its outputs overwritten by its next replay (torch
+    2.11 fails so on an H200). Shapes change as members finish an epoch or leave the pack;
+    dynamo then compiles once more, for dynamic shapes."""
+    return StepKernels(torch.compile(_traced_gradients), torch.compile(_descend))
 
 
 def pack_key(config: TrialConfig) -> tuple[Any, ...]:
@@ -270,8 +269,8 @@ def train_pack(
     every member as interrupted after its checkpoint.
 
     `compiled` runs the step's arithmetic through `torch.compile` (`compiled_kernels`):
-    fewer, fused kernels, and on a GPU replayed as CUDA graphs, where an eager step spends
-    its time launching dozens of small kernels. Same batches, masks and update rule; the
+    fewer, fused kernels where an eager step spends its time launching dozens of small
+    ones. Same batches, masks and update rule; the
     results differ from eager ones by float rounding only.
     """
     if len({pack_key(c) for c in configs}) != 1:
@@ -285,7 +284,7 @@ def train_pack(
         if on_done is not None:
             on_done(index, result)
 
-    kernels = compiled_kernels(data.device.type) if compiled else EAGER_KERNELS
+    kernels = compiled_kernels() if compiled else EAGER_KERNELS
     pack = _Pack(configs, data, resume_from or [None] * len(configs), kernels)
     schedule = CheckpointSchedule(checkpoint_every_s, checkpoint_now, stop_after_checkpoint)
     with matmul_precision(configs[0], data.device):
