@@ -153,6 +153,26 @@ def test_the_floor_and_the_goal_as_a_gpu_run_reports_them(
     assert "| yes |" in gpu.goal_table(goal) or "| **no** |" in gpu.goal_table(goal)
 
 
+def test_the_goal_is_judged_on_the_fastest_fused_method(bench: ModuleType) -> None:
+    """A worker runs whichever fused step is fastest, so the goal judges that one."""
+    import gpu
+
+    def method(trials_per_hour: float, floor_ratio: float) -> dict[str, float]:
+        return {"trials_per_hour": trials_per_hour, "floor_ratio": floor_ratio}
+
+    methods = {
+        "(a) baseline": method(358, 1830),
+        "(c) fused": method(3702, 177),
+        "(d) fused, bf16": method(3468, 189),
+        "(e) fused, compiled": method(8783, 74.5),
+    }
+    goal = gpu.goal_check({"mnist-sized": {"methods": methods}}, judged=True)
+    assert goal["best_fused"] == "(e) fused, compiled"
+    assert goal["fused_vs_baseline"] == pytest.approx(8783 / 358)
+    assert goal["fused_vs_baseline_met"] is True and goal["floor_met"] is False
+    assert "| (e) fused, compiled / (a) baseline, trials per hour | 24.5x |" in gpu.goal_table(goal)
+
+
 PYTEST_OUTPUT = """\
 collecting ... collected 6 items / 1 error
 tests/test_a.py::test_ok PASSED                                          [ 16%]

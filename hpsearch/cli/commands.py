@@ -71,8 +71,9 @@ CompileOption = Annotated[
     bool,
     typer.Option(
         "--compile/--no-compile",
-        help="Compile a pack's training step with torch.compile (CUDA graphs on a GPU); the "
-        "first pack of each shape waits for the compiler",
+        help="Compile a pack's training step with torch.compile (fused kernels); pays on a "
+        "GPU for long studies: the first pack of each shape and update rule waits for the "
+        "compiler",
     ),
 ]
 
