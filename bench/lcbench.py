@@ -24,7 +24,10 @@ checks that a sensible configuration's curve rises within 0..100 and differs acr
 
 Regret on a task: (best of a large random search at epoch 52 - best complete trial of the
 method) / (that best - the median of the random search); 0 is as good as REFERENCE_SIZE
-random configurations trained to the end, 1 as good as a median one.
+random configurations trained to the end, 1 as good as a median one. A pruner is judged at
+equal cost: a pruned search runs on past its trial budget until it has trained EPOCH_SHARE
+(40%) of the epochs of the budget's trials trained to the end, and its regret there is set
+against no pruning's after the whole budget. The section ends with the goals, each checked.
 
 Run: .venv/bin/python bench/lcbench.py [--tasks ...] [--seeds N] [--budget N]
      [--methods tpe:median ...] [--quick] [--write] [--json PATH]
@@ -57,7 +60,7 @@ from optuna.trial import TrialState
 
 from hpsearch.search.pruning import StudyPruning
 from hpsearch.search.space import make_sampler, suggest_params
-from hpsearch.spec import StudySpec, parse_spec
+from hpsearch.spec import SamplerSpec, StudySpec, parse_spec
 from hpsearch.storage import optuna_internals
 from hpsearch.storage.store import Store
 
@@ -72,13 +75,20 @@ REFERENCE_SIZE = 100_000  # random configurations per task, at the last epoch
 REFERENCE_SEED = 0
 
 EPOCHS = 52
+# The pruners' goal: the regret of no pruning with at most this share of its epochs. A pruned
+# search runs on past its trial budget until it has trained this share of the budget's full
+# epochs, so that its regret there ("regret @ 40% epochs") can be set against no pruning's.
+EPOCH_SHARE = 0.4
 DEV_TASKS = (3945, 7593, 34539, 126025, 126026, 126029, 146212, 167104, 167149, 167152)
 DEV_TASKS += (167161, 167168)
 SAMPLERS = ("random", "tpe", "bayes", "gp", "cmaes")
 PRUNERS = ("none", "median", "hyperband")
 CHECKPOINTS = (10, 30, 100)
 QUICK = {"tasks": (3945, 34539, 167168), "seeds": 3, "budget": 30}
-QUICK_METHODS = ("random:none", "random:median", "random:hyperband", "tpe:median")
+GOAL_TRIALS = 30  # the goals' sampler comparisons are at this many trials
+DEFAULT_SAMPLER = SamplerSpec().name  # what a study gets when its spec names none
+# Enough for every goal's line, at a CI's cost: bayes is the slowest, 1.4 s a 30-trial search.
+QUICK_METHODS = ("random:none", "tpe:none", "bayes:none", "bayes:median", "random:hyperband")
 
 # The spec's keys, with LCBench's ranges. `dropout` stops below 1 (the spec refuses 1).
 SEARCH_SPACE: dict[str, dict[str, Any]] = {
@@ -247,16 +257,24 @@ def run_trial(
     return float(curve[-1]), EPOCHS
 
 
+def least_epochs(budget: int) -> int:
+    """The epochs at which a search's regret is set against no pruning's: EPOCH_SHARE of
+    `budget` trials trained to the last epoch."""
+    return math.ceil(EPOCH_SHARE * budget * EPOCHS)
+
+
 def search(surrogate: Surrogate, task: int, method: str, seed: int, budget: int) -> Search:
-    """One seeded search of `budget` trials on a task, in an in-memory study."""
+    """One seeded search on a task, in an in-memory study: `budget` trials, and for a
+    pruned search as many more as it takes to train `least_epochs(budget)` epochs."""
     spec = make_spec(method, seed, budget)
     study = optuna.create_study(
         study_name=spec.name, direction=spec.objective.direction, sampler=make_sampler(spec)
     )
     pruning = LocalPruning(study, spec)
-    values, epochs = [], []
+    values: list[float] = []
+    epochs: list[int] = []
     start = time.perf_counter()
-    for _ in range(budget):
+    while len(values) < budget or sum(epochs) < least_epochs(budget):
         trial = study.ask()
         params = suggest_params(trial, spec)
         curve = surrogate.curve(task, params) / 100  # hpsearch's val_accuracy is a fraction
@@ -340,8 +358,11 @@ class MethodSummary:
     epochs: float  # mean over searches of the epochs trained, all trials
     epoch_share: float  # of what the same trials trained to the last epoch would cost
     seconds: float  # mean wall time of one search (sampler, pruner and surrogate)
-    regret_curve: list[float]  # mean regret after each trial
-    epochs_curve: list[float]  # mean epochs trained after each trial
+    regret_at_share: float  # mean regret once a search has trained least_epochs(budget)
+    regret_at_share_se: float
+    regret_by_task: dict[int, dict[int, float]]  # task -> checkpoint -> mean over seeds
+    regret_curve: list[float]  # mean regret after each of the budget's trials
+    epochs_curve: list[float]  # mean epochs trained after each of the budget's trials
 
 
 def summarize(
@@ -350,11 +371,18 @@ def summarize(
     by_method: dict[str, list[Search]] = {}
     for result in results:
         by_method.setdefault(result.method, []).append(result)
+    budget = max(checkpoints)
     summaries = {}
     for method, runs in by_method.items():
-        regrets = np.array([regret_trace(r, refs[r.task]) for r in runs])
-        epochs = np.array([np.cumsum(r.epochs) for r in runs])
-        budget = regrets.shape[1]
+        traces = [regret_trace(r, refs[r.task]) for r in runs]
+        regrets = np.array([trace[:budget] for trace in traces])
+        epochs = np.array([np.cumsum(r.epochs[:budget]) for r in runs])
+        at_share = np.array(
+            [
+                regret_at_epochs(r, t, least_epochs(budget))
+                for r, t in zip(runs, traces, strict=True)
+            ]
+        )
         summaries[method] = MethodSummary(
             method=method,
             runs=len(runs),
@@ -363,10 +391,28 @@ def summarize(
             epochs=float(epochs[:, -1].mean()),
             epoch_share=float(epochs[:, -1].mean() / (budget * EPOCHS)),
             seconds=statistics.mean(r.seconds for r in runs),
+            regret_at_share=float(at_share.mean()),
+            regret_at_share_se=standard_error(at_share),
+            regret_by_task=by_task(runs, regrets, checkpoints),
             regret_curve=regrets.mean(axis=0).tolist(),
             epochs_curve=epochs.mean(axis=0).tolist(),
         )
     return summaries
+
+
+def regret_at_epochs(result: Search, trace: np.ndarray, epochs: int) -> float:
+    """The regret of a search once it had trained `epochs` epochs, its trials in order."""
+    reached = int(np.searchsorted(np.cumsum(result.epochs), epochs))
+    return float(trace[min(reached, len(trace) - 1)])
+
+
+def by_task(
+    runs: list[Search], regrets: np.ndarray, checkpoints: Sequence[int]
+) -> dict[int, dict[int, float]]:
+    """Mean regret over each task's seeds at each checkpoint."""
+    tasks = sorted({r.task for r in runs})
+    rows = {t: [i for i, r in enumerate(runs) if r.task == t] for t in tasks}
+    return {t: {n: float(regrets[rows[t], n - 1].mean()) for n in checkpoints} for t in tasks}
 
 
 def standard_error(values: np.ndarray) -> float:
@@ -384,6 +430,7 @@ def results_table(summaries: dict[str, MethodSummary], checkpoints: Sequence[int
         "sampler",
         "pruner",
         *(f"regret @ {n}" for n in checkpoints),
+        f"regret @ {EPOCH_SHARE:.0%} epochs",
         "epochs trained",
         "share of no pruning",
         "s per search",
@@ -392,9 +439,73 @@ def results_table(summaries: dict[str, MethodSummary], checkpoints: Sequence[int
     for method, s in summaries.items():
         sampler, pruner = method.split(":")
         cells = [f"{s.regret[n]:.3f} ± {s.regret_se[n]:.3f}" for n in checkpoints]
+        cells.append(f"{s.regret_at_share:.3f} ± {s.regret_at_share_se:.3f}")
         share = f"{s.epoch_share:.0%}"
         rows.append([sampler, pruner, *cells, f"{s.epochs:.0f}", share, f"{s.seconds:.2f}"])
     return markdown_table(header, rows)
+
+
+def goal_lines(summaries: dict[str, MethodSummary], checkpoints: Sequence[int]) -> list[str]:
+    """The goals, each checked where the run holds the methods it needs."""
+    n = GOAL_TRIALS if GOAL_TRIALS in checkpoints else min(checkpoints)
+    lines = []
+    if "random:none" in summaries:
+        lines += sampler_goals(summaries, n)
+    lines += pruner_goal(summaries, max(checkpoints))
+    return [f"- {line}" for line in lines]
+
+
+def sampler_goals(summaries: dict[str, MethodSummary], n: int) -> list[str]:
+    """At n trials: tpe and bayes at most half of random's mean regret, the best method at
+    most a quarter of it, and bayes no worse than random on any task."""
+    random = summaries["random:none"]
+    lines = []
+    for method in ("tpe:none", "bayes:none"):
+        if method in summaries:
+            ratio = summaries[method].regret[n] / random.regret[n]
+            lines.append(
+                f"{method} @ {n}: {ratio:.2f}x random's regret (goal ≤ 0.5x): {met(ratio <= 0.5)}"
+            )
+    best = min(summaries.values(), key=lambda s: s.regret[n])
+    ratio = best.regret[n] / random.regret[n]
+    lines.append(
+        f"best @ {n}, {best.method}: {ratio:.2f}x random's regret (goal ≤ 0.25x): "
+        + met(ratio <= 0.25)
+    )
+    if "bayes:none" in summaries:
+        bayes = summaries["bayes:none"].regret_by_task
+        worse = [t for t in bayes if bayes[t][n] > random.regret_by_task[t][n]]
+        which = f" (worse on {', '.join(map(str, worse))})" if worse else ""
+        lines.append(
+            f"bayes:none @ {n} no worse than random on {len(bayes) - len(worse)} of "
+            f"{len(bayes)} tasks{which}: {met(not worse)}"
+        )
+    return lines
+
+
+def pruner_goal(summaries: dict[str, MethodSummary], budget: int) -> list[str]:
+    """Each pruner of the default sampler, once it has trained EPOCH_SHARE of the budget's
+    epochs, within one standard error of that sampler without pruning after the budget."""
+    full = summaries.get(f"{DEFAULT_SAMPLER}:none")
+    if full is None:
+        return []
+    lines = []
+    for pruner in PRUNERS[1:]:
+        pruned = summaries.get(f"{DEFAULT_SAMPLER}:{pruner}")
+        if pruned is None:
+            continue
+        within = pruned.regret_at_share - full.regret[budget] <= full.regret_se[budget]
+        lines.append(
+            f"{pruned.method} at {EPOCH_SHARE:.0%} of the epochs: {pruned.regret_at_share:.3f} ± "
+            f"{pruned.regret_at_share_se:.3f}, against {full.method} @ {budget}: "
+            f"{full.regret[budget]:.3f} ± {full.regret_se[budget]:.3f} (goal: within one "
+            f"standard error): {met(within)}"
+        )
+    return lines
+
+
+def met(value: bool) -> str:
+    return "met" if value else "**not met**"
 
 
 def plot(summaries: dict[str, MethodSummary], path: Path) -> None:
@@ -440,7 +551,9 @@ class Config:
         return tuple(sorted({n for n in CHECKPOINTS if n < self.budget} | {self.budget}))
 
 
-def section(config: Config, table: str, timing: str, run_seconds: float, command: str) -> str:
+def section(
+    config: Config, table: str, goals: str, timing: str, run_seconds: float, command: str
+) -> str:
     """The Markdown section: what was run, on what, the table and how to read it."""
     from report import environment
 
@@ -476,6 +589,8 @@ complete and pruned; "share of no pruning" divides it by {EPOCHS} epochs per tri
 search" is the wall time of one search: the sampler's asks, the pruner and the surrogate.
 
 {table}
+
+{goals}
 
 {timing}
 
@@ -533,6 +648,8 @@ def summary_json(
         "checkpoints": list(config.checkpoints),
         "reference": f"best and median of {REFERENCE_SIZE} random configurations at epoch 52",
         "run_seconds": round(run_seconds, 1),
+        "epoch_share": EPOCH_SHARE,
+        "goals": [line.removeprefix("- ") for line in goal_lines(summaries, config.checkpoints)],
         "methods": {
             method: {
                 "runs": s.runs,
@@ -541,6 +658,8 @@ def summary_json(
                 "epochs": round(s.epochs, 1),
                 "epoch_share": round(s.epoch_share, 4),
                 "seconds_per_search": round(s.seconds, 3),
+                "regret_at_epoch_share": round(s.regret_at_share, 4),
+                "regret_at_epoch_share_se": round(s.regret_at_share_se, 4),
             }
             for method, s in summaries.items()
         },
@@ -584,7 +703,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     summaries, run_seconds = run(config)
     table = results_table(summaries, config.checkpoints)
-    print(table, flush=True)
+    print(table, *goal_lines(summaries, config.checkpoints), sep="\n", flush=True)
     if args.write:
         from report import write_section
 
@@ -592,7 +711,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         plot(summaries, PLOTS / "lcbench.png")
         command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
         timing = timing_lines(summaries, config.jobs)
-        write_section(SECTION, section(config, table, timing, run_seconds, command))
+        goals = (
+            "\n".join(goal_lines(summaries, config.checkpoints)) or "- No goal's methods were run."
+        )
+        write_section(SECTION, section(config, table, goals, timing, run_seconds, command))
     summary = summary_json(config, summaries, run_seconds)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

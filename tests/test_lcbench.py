@@ -68,7 +68,7 @@ def test_the_workers_pruning_decides_as_optunas_pruner(
     """A search with `LocalPruning` (the worker's decisions, no database) prunes each trial
     at the epoch where the spec's Optuna pruner, asked through `trial.should_prune`, would."""
     n = 40
-    ours = lcbench.search(surrogate, 7593, method, 1, n).epochs
+    ours = lcbench.search(surrogate, 7593, method, 1, n).epochs[:n]  # it may run on
     spec = lcbench.make_spec(method, 1, n)
     study = optuna.create_study(
         study_name=spec.name,
@@ -109,8 +109,12 @@ def test_the_quick_run_summarizes_every_method(lcbench: ModuleType, tmp_path: Pa
     assert random["30"] <= random["10"]
     full = methods["random:none"]["epochs"]
     assert full == 30 * 52
-    for pruned in ("random:median", "random:hyperband", "tpe:median"):
+    for pruned in ("bayes:median", "random:hyperband"):
         assert methods[pruned]["epochs"] < full
+    assert methods["bayes:none"]["regret"]["30"] < random["30"]
+    goals = summary["goals"]
+    assert len(goals) == 5 and all(g.endswith(("met", "**not met**")) for g in goals)
+    assert goals[-1].startswith("bayes:median at 40% of the epochs: ")
 
 
 def test_regret_is_zero_at_the_reference_and_one_at_its_median(lcbench: ModuleType) -> None:
@@ -119,3 +123,28 @@ def test_regret_is_zero_at_the_reference_and_one_at_its_median(lcbench: ModuleTy
     assert lcbench.regret_trace(result, reference).tolist() == pytest.approx(
         [1.0, 1.0, 0.5, 0.0, 0.0]
     )
+
+
+def test_a_pruned_search_runs_on_until_it_has_trained_its_share_of_the_epochs(
+    lcbench: ModuleType, surrogate: Any
+) -> None:
+    n = 20
+    least = lcbench.least_epochs(n)
+    assert least == math.ceil(lcbench.EPOCH_SHARE * n * 52)
+    pruned = lcbench.search(surrogate, 3945, "random:hyperband", 0, n)
+    assert len(pruned.values) > n  # hyperband's first rungs are short
+    assert sum(pruned.epochs) >= least > sum(pruned.epochs[:-1])
+    full = lcbench.search(surrogate, 3945, "random:none", 0, n)
+    assert len(full.values) == n and sum(full.epochs) == n * 52
+
+
+def test_regret_at_epochs_is_the_regret_once_the_search_had_trained_them(
+    lcbench: ModuleType,
+) -> None:
+    reference = lcbench.Reference(best=0.9, median=0.5)
+    result = lcbench.Search(0, "random:median", 0, [0.5, math.nan, 0.7, 0.9], [52, 3, 10, 52], 0.0)
+    trace = lcbench.regret_trace(result, reference)
+    assert lcbench.regret_at_epochs(result, trace, 52) == pytest.approx(1.0)
+    assert lcbench.regret_at_epochs(result, trace, 60) == pytest.approx(0.5)  # at 65 epochs
+    assert lcbench.regret_at_epochs(result, trace, 66) == pytest.approx(0.0)
+    assert lcbench.regret_at_epochs(result, trace, 1000) == pytest.approx(0.0)  # its last

@@ -36,7 +36,24 @@ def test_minimal_spec_fills_defaults_from_the_task() -> None:
     assert spec.objective.metric == "val_accuracy"
     assert spec.objective.direction == "maximize"
     assert spec.training.max_epochs == 50
-    assert spec.sampler.name == "tpe"
+    assert spec.sampler.name == "bayes"  # measured in bench/lcbench.py
+    assert spec.sampler.n_startup_trials == 5
+    assert spec.pruner.name == "none"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "startup"),
+    [
+        ({"name": "tpe"}, 5),
+        ({"name": "bayes"}, 5),
+        ({"name": "gp"}, 10),
+        ({"name": "cmaes"}, 10),
+        ({"name": "gp", "n_startup_trials": 3}, 3),  # a given count is kept
+        ({"name": "tpe", "n_startup_trials": 0}, 0),
+    ],
+)
+def test_start_up_trials_default_by_sampler(sampler: dict[str, Any], startup: int) -> None:
+    assert parse_spec(minimal(sampler=sampler)).sampler.n_startup_trials == startup
 
 
 @pytest.mark.parametrize(

@@ -92,7 +92,7 @@ class BayesSampler(BaseSampler):
         self,
         *,
         seed: int | None = None,
-        n_startup_trials: int = 10,
+        n_startup_trials: int = 5,
         acq_func: str = "EI",
         independent_sampler: BaseSampler | None = None,
     ) -> None:
