@@ -32,7 +32,7 @@ from hpsearch.storage import Store, optuna_storage, upgrade
 from hpsearch.training.train import EpochRecord
 
 PRUNERS = [
-    PrunerSpec(name="median"),
+    PrunerSpec(name="median", n_warmup_steps=2),
     PrunerSpec(name="median", n_startup_trials=0, n_warmup_steps=0),
     PrunerSpec(name="percentile", percentile=25.0, n_startup_trials=3, n_warmup_steps=4),
     PrunerSpec(name="percentile", percentile=80.0, n_startup_trials=0, n_warmup_steps=1),

@@ -39,6 +39,7 @@ def test_minimal_spec_fills_defaults_from_the_task() -> None:
     assert spec.sampler.name == "bayes"  # measured in bench/lcbench.py
     assert spec.sampler.n_startup_trials == 5
     assert spec.pruner.name == "none"
+    assert parse_spec(minimal(pruner={"name": "median"})).pruner.n_warmup_steps == 5
 
 
 @pytest.mark.parametrize(
