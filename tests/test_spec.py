@@ -270,3 +270,19 @@ def test_unreadable_and_malformed_files_are_spec_errors(tmp_path: Path) -> None:
 def test_spec_round_trips_through_json() -> None:
     spec = load_spec(EXAMPLES / "diabetes-regression.yaml")
     assert StudySpec.model_validate_json(spec.model_dump_json()) == spec
+
+
+@pytest.mark.parametrize(
+    ("pruner", "max_epochs", "first_rung"),
+    [
+        ({"name": "hyperband"}, 52, 3),  # a sixteenth of max_epochs
+        ({"name": "hyperband"}, 10, 1),  # at least 1
+        ({"name": "hyperband", "min_resource": 2}, 52, 2),  # a given rung is kept
+        ({"name": "sha"}, 52, 1),
+    ],
+)
+def test_the_first_rung_defaults_by_pruner(
+    pruner: dict[str, Any], max_epochs: int, first_rung: int
+) -> None:
+    spec = parse_spec(minimal(pruner=pruner, training={"max_epochs": max_epochs}))
+    assert spec.pruner.min_resource == first_rung

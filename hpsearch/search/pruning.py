@@ -117,7 +117,7 @@ class Halving:
         """None for other pruners, and for hyperband without a bracket (a first rung past
         max_epochs), which never prunes, as Optuna's."""
         pruner, factor = spec.pruner, spec.pruner.reduction_factor
-        assert factor is not None  # the spec sets the default
+        assert factor is not None and pruner.min_resource is not None  # the spec's defaults
         if pruner.name == "sha":
             return cls(pruner.min_resource, factor, (1,))
         if pruner.name != "hyperband":
