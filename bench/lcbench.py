@@ -355,7 +355,7 @@ class MethodSummary:
     runs: int
     regret: dict[int, float]
     regret_se: dict[int, float]
-    epochs: float  # mean over searches of the epochs trained, all trials
+    epochs: float  # mean over searches of the epochs the budget's trials trained
     epoch_share: float  # of what the same trials trained to the last epoch would cost
     seconds: float  # mean wall time of one search (sampler, pruner and surrogate)
     regret_at_share: float  # mean regret once a search has trained least_epochs(budget)
@@ -584,9 +584,13 @@ Regret on a task = (best val_accuracy of {REFERENCE_SIZE:,} random configuration
 {EPOCHS} - best complete trial of the search) / (that best - their median): 0 is as good as
 that random search, 1 as good as a median configuration, below 0 better than it. "regret @ n"
 is its mean over tasks and seeds after n trials, ± the standard error of that mean (each
-search one sample). "epochs trained" is the mean over searches of the epochs of all trials,
-complete and pruned; "share of no pruning" divides it by {EPOCHS} epochs per trial. "s per
-search" is the wall time of one search: the sampler's asks, the pruner and the surrogate.
+search one sample). "regret @ {EPOCH_SHARE:.0%} epochs" is the regret once a search has
+trained {EPOCH_SHARE:.0%} of the epochs of {config.budget} full trials (a pruned search runs
+on past {config.budget} trials until it has): pruners are compared with no pruning at equal
+cost there. "epochs trained" is the mean over searches of the epochs of the first
+{config.budget} trials, complete and pruned; "share of no pruning" divides it by {EPOCHS}
+epochs per trial. "s per search" is the wall time of one search: the sampler's asks, the
+pruner and the surrogate.
 
 {table}
 
@@ -626,15 +630,20 @@ def timing_lines(summaries: dict[str, MethodSummary], jobs: int) -> str:
 
 
 def reduced_line(config: Config) -> str:
-    """Says when the run is smaller than the full table, so that its numbers are read so."""
-    full = config.seeds >= 20 and set(DEV_TASKS) <= set(config.tasks) and config.budget >= 100
-    full = full and len(config.methods) >= len(SAMPLERS) * len(PRUNERS)
-    if full:
+    """Says how the run is smaller than the full table, so that its numbers are read so."""
+    default_methods = len(SAMPLERS) * len(PRUNERS)
+    smaller = [
+        f"{config.seeds} seeds, not 20 (wider standard errors)" if config.seeds < 20 else "",
+        "not every development task" if not set(DEV_TASKS) <= set(config.tasks) else "",
+        f"{config.budget} trials, not 100" if config.budget < 100 else "",
+        f"{len(config.methods)} of the {default_methods} default methods"
+        if len(set(config.methods)) < default_methods
+        else "",
+    ]
+    smaller = [part for part in smaller if part]
+    if not smaller:
         return ""
-    return (
-        "\n- A reduced run: the full table is 20 seeds x the 12 development tasks x the 15"
-        " default methods x 100 trials; fewer seeds give wider standard errors."
-    )
+    return f"\n- A reduced run: {'; '.join(smaller)}."
 
 
 def summary_json(
