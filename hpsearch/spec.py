@@ -547,8 +547,9 @@ class StudySpec(_Strict):
                     f"{self.objective.metric} does not fit a {task} task; "
                     f"use one of {', '.join(allowed)}",
                 )
-        if self.pruner.min_resource is None:
-            object.__setattr__(self.pruner, "min_resource", _default_min_resource(self))
+        if self.pruner.min_resource is None:  # a copy: the default PrunerSpec is shared
+            resolved = self.pruner.model_copy(update={"min_resource": _default_min_resource(self)})
+            object.__setattr__(self, "pruner", resolved)
         if self.sampler.name == "grid":
             _check_grid(self.search_space)
         if self.warm_start is not None:

@@ -286,3 +286,5 @@ def test_the_first_rung_defaults_by_pruner(
 ) -> None:
     spec = parse_spec(minimal(pruner=pruner, training={"max_epochs": max_epochs}))
     assert spec.pruner.min_resource == first_rung
+    parse_spec(minimal())  # resolves the shared default pruner's rung on a copy
+    assert StudySpec.model_fields["pruner"].default.min_resource is None

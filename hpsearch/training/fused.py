@@ -270,8 +270,8 @@ def train_pack(
 
     `compiled` runs the step's arithmetic through `torch.compile` (`compiled_kernels`):
     fewer, fused kernels where an eager step spends its time launching dozens of small
-    ones. Same batches, masks and update rule; the
-    results differ from eager ones by float rounding only.
+    ones. Same batches, masks and update rule; the results differ from eager ones by float
+    rounding only.
     """
     if len({pack_key(c) for c in configs}) != 1:
         raise ValueError("a pack needs trials with one architecture, optimiser and scheduler")
