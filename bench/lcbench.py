@@ -65,6 +65,9 @@ from hpsearch.storage import optuna_internals
 from hpsearch.storage.store import Store
 
 SECTION = "## Search quality on LCBench"
+# The final check: the tasks the defaults were not chosen on, with the sampler goals' methods.
+FINAL_SECTION = "## Search quality on LCBench: the held-out tasks"
+FINAL_METHODS = ("random:none", "tpe:none", "bayes:none")
 COMMAND = ".venv/bin/python bench/lcbench.py"
 BENCH = Path(__file__).resolve().parent
 PLOTS = BENCH / "plots"
@@ -188,6 +191,14 @@ def references(surrogate: Surrogate, tasks: Sequence[int]) -> dict[int, Referenc
     if missing:
         REFERENCE_FILE.write_text(json.dumps({"reference": key, "tasks": table}, indent=1) + "\n")
     return {task: Reference(**table[str(task)]) for task in tasks}
+
+
+def held_out_tasks(folder: Path = DATA) -> list[int]:
+    """YAHPO's 34 LCBench tasks that are not development tasks: for the final check only.
+    (encoding.json codes one task more, 167083, which YAHPO's configuration space leaves out.)"""
+    space = json.loads((folder / "config_space.json").read_text())
+    (tasks,) = [p["choices"] for p in space["hyperparameters"] if p["name"] == "OpenML_task_id"]
+    return sorted(int(task) for task in tasks if int(task) not in DEV_TASKS)
 
 
 def make_spec(method: str, seed: int, budget: int) -> StudySpec:
@@ -545,6 +556,7 @@ class Config:
     seeds: int
     budget: int
     jobs: int
+    final: bool = False  # the held-out tasks: not one the defaults were chosen on
 
     @property
     def checkpoints(self) -> tuple[int, ...]:
@@ -559,7 +571,8 @@ def section(
 
     packages = ("optuna", "scikit-optimize", "onnxruntime", "torch")
     tasks = ", ".join(map(str, config.tasks))
-    return f"""{SECTION}
+    kind = "held out: no default was chosen on them" if config.final else "development"
+    return f"""{FINAL_SECTION if config.final else SECTION}
 
 {environment(command, packages)}
 - Run time: {run_seconds:.0f} s with {config.jobs} processes; {config.seeds} seeds x
@@ -570,7 +583,7 @@ YAHPO Gym's LCBench surrogate (`model.onnx`, YAHPO data 1.0.2) stands in for tra
 trial's val_accuracy at epochs 1..{EPOCHS} comes from one call, and is reported epoch by epoch
 to the worker's pruning (`StudyPruning`), which stops the trial where the spec's pruner would.
 Samplers and pruners are built from a parsed spec as a worker builds them, with their
-defaults, in an in-memory study (see `bench/lcbench.py`). Tasks: {tasks}.
+defaults, in an in-memory study (see `bench/lcbench.py`). Tasks ({kind}): {tasks}.
 
 The spec searches `learning_rate` 1e-4..1e-1 (log), `batch_size` 16..512 (log),
 `weight_decay` 1e-5..1e-1 (log; LCBench draws it uniformly), `momentum` 0.1..0.99,
@@ -598,8 +611,12 @@ pruner and the surrogate.
 
 {timing}
 
-![mean regret against trials and against epochs trained](bench/plots/lcbench.png)
+![mean regret against trials and against epochs trained](bench/plots/{plot_name(config)})
 """
+
+
+def plot_name(config: Config) -> str:
+    return "lcbench-final.png" if config.final else "lcbench.png"
 
 
 def timing_lines(summaries: dict[str, MethodSummary], jobs: int) -> str:
@@ -632,12 +649,13 @@ def timing_lines(summaries: dict[str, MethodSummary], jobs: int) -> str:
 def reduced_line(config: Config) -> str:
     """Says how the run is smaller than the full table, so that its numbers are read so."""
     default_methods = len(SAMPLERS) * len(PRUNERS)
+    all_tasks = config.final or set(DEV_TASKS) <= set(config.tasks)
     smaller = [
         f"{config.seeds} seeds, not 20 (wider standard errors)" if config.seeds < 20 else "",
-        "not every development task" if not set(DEV_TASKS) <= set(config.tasks) else "",
+        "not every development task" if not all_tasks else "",
         f"{config.budget} trials, not 100" if config.budget < 100 else "",
         f"{len(config.methods)} of the {default_methods} default methods"
-        if len(set(config.methods)) < default_methods
+        if len(set(config.methods)) < default_methods and not config.final
         else "",
     ]
     smaller = [part for part in smaller if part]
@@ -684,6 +702,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     parser.add_argument("--methods", nargs="+", default=default_methods, help="sampler:pruner")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes")
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    parser.add_argument(
+        "--final", action="store_true", help="the final check: the tasks not developed on"
+    )
     parser.add_argument("--write", action="store_true", help="BENCHMARKS.md and the plot")
     parser.add_argument("--json", type=Path, help="also write the JSON summary here")
     args = parser.parse_args(argv)
@@ -691,9 +712,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
         args.tasks, args.seeds, args.budget = QUICK["tasks"], QUICK["seeds"], QUICK["budget"]
         if args.methods == default_methods:
             args.methods = list(QUICK_METHODS)
+    if args.final:
+        args.tasks = held_out_tasks()
+        if args.methods == default_methods:
+            args.methods = list(FINAL_METHODS)
     for method in args.methods:
         make_spec(method, 0, 1)  # an unknown sampler or pruner fails here, not in the pool
-    config = Config(tuple(args.tasks), tuple(args.methods), args.seeds, args.budget, args.jobs)
+    config = Config(
+        tuple(args.tasks), tuple(args.methods), args.seeds, args.budget, args.jobs, args.final
+    )
     return config, args
 
 
@@ -717,13 +744,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from report import write_section
 
         PLOTS.mkdir(exist_ok=True)
-        plot(summaries, PLOTS / "lcbench.png")
+        plot(summaries, PLOTS / plot_name(config))
         command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
         timing = timing_lines(summaries, config.jobs)
         goals = (
             "\n".join(goal_lines(summaries, config.checkpoints)) or "- No goal's methods were run."
         )
-        write_section(SECTION, section(config, table, goals, timing, run_seconds, command))
+        title = FINAL_SECTION if config.final else SECTION
+        write_section(title, section(config, table, goals, timing, run_seconds, command))
     summary = summary_json(config, summaries, run_seconds)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

@@ -148,3 +148,15 @@ def test_regret_at_epochs_is_the_regret_once_the_search_had_trained_them(
     assert lcbench.regret_at_epochs(result, trace, 60) == pytest.approx(0.5)  # at 65 epochs
     assert lcbench.regret_at_epochs(result, trace, 66) == pytest.approx(0.0)
     assert lcbench.regret_at_epochs(result, trace, 1000) == pytest.approx(0.0)  # its last
+
+
+def test_the_final_check_runs_on_the_22_held_out_tasks(lcbench: ModuleType) -> None:
+    config, _ = lcbench.parse_args(["--final", "--seeds", "2", "--budget", "10"])
+    assert len(config.tasks) == 22
+    assert not set(config.tasks) & set(lcbench.DEV_TASKS)
+    assert set(config.tasks) <= {int(task) for task in lcbench.Surrogate().codes if task.isdigit()}
+    assert config.methods == lcbench.FINAL_METHODS
+    assert "development task" not in lcbench.reduced_line(config)
+    text = lcbench.section(config, "TABLE", "GOALS", "TIMING", 1.0, "cmd")
+    assert text.startswith(lcbench.FINAL_SECTION + "\n")
+    assert "held out" in text and "lcbench-final.png" in text

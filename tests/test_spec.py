@@ -45,7 +45,7 @@ def test_minimal_spec_fills_defaults_from_the_task() -> None:
 @pytest.mark.parametrize(
     ("sampler", "startup"),
     [
-        ({"name": "tpe"}, 10),
+        ({"name": "tpe"}, 5),
         ({"name": "bayes"}, 5),
         ({"name": "gp"}, 10),
         ({"name": "cmaes"}, 10),

@@ -17,6 +17,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
+from hpsearch.search.startup import LatinStartupSampler
 from hpsearch.spec import INTEGER_KEYS, Dimension, StudySpec
 from hpsearch.storage import optuna_internals
 from hpsearch.storage.queries import STATE_NAMES
@@ -61,8 +62,16 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
     # repeat. The grid sampler keeps one seed, which orders its grid; it picks a point no
     # trial has taken yet by itself.
     if seed is None or spec.sampler.name == "grid":
-        return _sampler(spec, seed)
-    return TrialSeededSampler(functools.partial(_sampler, spec), seed)
+        sampler = _sampler(spec, seed)
+    else:
+        sampler = TrialSeededSampler(functools.partial(_sampler, spec), seed)
+    if spec.sampler.name in MODEL_BASED:
+        return LatinStartupSampler(sampler, spec.sampler.n_startup_trials, seed)
+    return sampler
+
+
+# The samplers whose start-up trials are drawn on a Latin hypercube (`LatinStartupSampler`).
+MODEL_BASED = ("tpe", "bayes", "gp", "cmaes")
 
 
 def _sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
