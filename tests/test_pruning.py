@@ -310,7 +310,13 @@ def one_trial_through_a_worker(url: str, max_epochs: int) -> tuple[int, optuna.t
     return len(commits), trial
 
 
-def test_a_workers_trial_reports_every_epoch_without_a_commit_each(tmp_path: Path) -> None:
+def test_a_workers_trial_reports_every_epoch_without_a_commit_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Writes on a timer (WRITE_EVERY_S, heartbeats) add commits by wall time, which a loaded
+    # machine stretches; with the timers out of reach, only the epochs could add any.
+    monkeypatch.setattr(hpsearch.runtime.trials, "WRITE_EVERY_S", 3600.0)
+    monkeypatch.setenv("HPSEARCH_HEARTBEAT_S", "3600")
     url = f"sqlite:///{tmp_path}/commits.db"
     short_commits, short = one_trial_through_a_worker(url, 10)
     long_commits, long = one_trial_through_a_worker(url, 40)
