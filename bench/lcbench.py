@@ -619,10 +619,11 @@ def plot_name(config: Config) -> str:
     return "lcbench-final.png" if config.final else "lcbench.png"
 
 
-def timing_lines(summaries: dict[str, MethodSummary], jobs: int) -> str:
-    """Where the time goes (each sampler's share), what the full table (20 seeds x the 12
-    development tasks x 100 trials) would take for the methods run here, extrapolated from
-    their seconds per search, and which default methods were not run."""
+def timing_lines(summaries: dict[str, MethodSummary], config: Config) -> str:
+    """Where the time goes (each sampler's share); for the development table, also what
+    the full table (20 seeds x the 12 development tasks x 100 trials) would take for the
+    methods run here, extrapolated from their seconds per search, and which default methods
+    were not run."""
     by_sampler: dict[str, float] = {}
     for method, s in summaries.items():
         sampler = method.split(":")[0]
@@ -631,14 +632,16 @@ def timing_lines(summaries: dict[str, MethodSummary], jobs: int) -> str:
     ranked = sorted(by_sampler.items(), key=lambda kv: -kv[1])
     shares = ", ".join(f"{sampler} {seconds / total:.0%}" for sampler, seconds in ranked)
     lines = [f"- Share of the searches' time by sampler: {shares}."]
+    if config.final:
+        return "\n".join(lines)
     budget = len(next(iter(summaries.values())).regret_curve)
     per_trial = sum(s.seconds for s in summaries.values()) / budget
-    full = per_trial * 100 * 20 * len(DEV_TASKS) / jobs
+    full = per_trial * 100 * 20 * len(DEV_TASKS) / config.jobs
     scaled = "" if budget == 100 else f" (scaled from {budget} trials: too low for the GPs)"
     lines.append(
         f"- Extrapolated from these seconds per search{scaled}, the full table for these"
         f" {len(summaries)} methods (20 seeds x {len(DEV_TASKS)} tasks x 100 trials) would"
-        f" take about {full / 60:.0f} minutes with {jobs} processes."
+        f" take about {full / 60:.0f} minutes with {config.jobs} processes."
     )
     left_out = [f"{s}:{p}" for s in SAMPLERS for p in PRUNERS if f"{s}:{p}" not in summaries]
     if left_out:
@@ -746,7 +749,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         PLOTS.mkdir(exist_ok=True)
         plot(summaries, PLOTS / plot_name(config))
         command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
-        timing = timing_lines(summaries, config.jobs)
+        timing = timing_lines(summaries, config)
         goals = (
             "\n".join(goal_lines(summaries, config.checkpoints)) or "- No goal's methods were run."
         )
