@@ -16,9 +16,10 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from hpsearch.search.space import make_sampler, suggest_params
+from hpsearch.search.space import distributions, make_sampler, suggest_params
 from hpsearch.search.startup import LatinStartupSampler, at_quantile
 from hpsearch.spec import StudySpec, parse_spec
+from tests.test_search import points_drawn
 
 N_STARTUP = 6
 SPACE = {
@@ -44,18 +45,8 @@ def make_spec(sampler: str, seed: int | None = 3) -> StudySpec:
 
 def startup_params(spec: StudySpec, n_workers: int = 1) -> list[dict[str, Any]]:
     """The first N_STARTUP trials' params, asked in turn by `n_workers` processes' samplers."""
-    storage = optuna.storages.InMemoryStorage()
-    studies = [optuna.create_study(storage=storage, study_name="s", sampler=make_sampler(spec))]
-    studies += [
-        optuna.load_study(storage=storage, study_name="s", sampler=make_sampler(spec))
-        for _ in range(n_workers - 1)
-    ]
-    drawn = []
-    for number in range(N_STARTUP):
-        trial = studies[number % n_workers].ask()
-        drawn.append(suggest_params(trial, spec))
-        trial.study.tell(trial, float(number))
-    return drawn
+    points = points_drawn(spec, n_workers, N_STARTUP, objective=lambda params: 0.0)
+    return [dict(zip(distributions(spec), point, strict=True)) for point in points]
 
 
 def stratum(low: float, high: float, value: float, log: bool) -> int:
