@@ -33,11 +33,11 @@ Run: .venv/bin/python bench/lcbench.py [--tasks ...] [--seeds N] [--budget N]
      [--methods tpe:median ...] [--quick] [--final] [--write] [--json PATH]
 `--write` rewrites the section "## Search quality on LCBench" of BENCHMARKS.md and draws
 bench/plots/lcbench.png; the JSON summary is printed last. `--final` runs the final check
-instead: the 22 tasks held out from development, in a section and plot of their own. On 2 cores a 100-trial search
-takes about 0.2 s with random or cmaes, 0.8 s with tpe, 8 s with bayes and 12-26 s with gp
-(less with a pruner: fewer complete trials to fit), so the full default table (20 seeds x 12
-tasks x 15 methods) takes about 3 hours, two thirds of it gp's and most of the rest bayes';
-without gp and bayes, under 10 minutes. Pass fewer --seeds or --methods to fit a budget.
+instead: the 22 tasks held out from development, in a section and plot of their own.
+On 2 cores a 100-trial search takes about 0.2 s with random or cmaes, 0.8 s with tpe and
+8-10 s with bayes, and gp takes about 14 s for 30 trials; the 12 methods without gp (20 seeds
+x 12 tasks) take about an hour, nine tenths of it bayes', and gp's three would add hours.
+Without gp and bayes, under 10 minutes. Pass fewer --seeds or --methods to fit a budget.
 """
 
 from __future__ import annotations
