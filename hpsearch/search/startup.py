@@ -46,7 +46,7 @@ class LatinStartupSampler(optuna.samplers.BaseSampler):
     def _designed(self, trial: FrozenTrial) -> bool:
         return trial.number < self._n_startup
 
-    def unit_coordinate(self, number: int, param_name: str) -> float:
+    def _unit_coordinate(self, number: int, param_name: str) -> float:
         """Trial `number`'s coordinate in [0, 1) for a param: its stratum, jittered inside."""
         key = zlib.crc32(param_name.encode())
         stratum = np.random.default_rng([self._seed, key]).permutation(self._n_startup)[number]
@@ -81,7 +81,7 @@ class LatinStartupSampler(optuna.samplers.BaseSampler):
         param_distribution: BaseDistribution,
     ) -> Any:
         if self._designed(trial):
-            return at_quantile(param_distribution, self.unit_coordinate(trial.number, param_name))
+            return at_quantile(param_distribution, self._unit_coordinate(trial.number, param_name))
         return self._inner.sample_independent(study, trial, param_name, param_distribution)
 
     def after_trial(
@@ -98,19 +98,22 @@ def at_quantile(dist: BaseDistribution, u: float) -> Any:
     """The value at quantile `u` in [0, 1) of a distribution taken as uniform on its own
     scale: log or linear, every int and every choice with an equal share."""
     if isinstance(dist, CategoricalDistribution):
-        return dist.choices[min(int(u * len(dist.choices)), len(dist.choices) - 1)]
+        return dist.choices[_index(u, len(dist.choices))]
     if isinstance(dist, IntDistribution):
         if dist.log:  # each int k holds [log k, log(k + 1)), as Optuna's samplers draw them
             low, high = math.log(dist.low), math.log(dist.high + 1)
             return min(max(int(math.exp(low + u * (high - low))), dist.low), dist.high)
-        count = (dist.high - dist.low) // dist.step + 1
-        return dist.low + min(int(u * count), count - 1) * dist.step
+        return dist.low + _index(u, (dist.high - dist.low) // dist.step + 1) * dist.step
     assert isinstance(dist, FloatDistribution)
     if dist.log:
         value = math.exp(math.log(dist.low) + u * math.log(dist.high / dist.low))
     elif dist.step is not None:
-        count = round((dist.high - dist.low) / dist.step) + 1
-        value = dist.low + min(int(u * count), count - 1) * dist.step
+        value = dist.low + _index(u, round((dist.high - dist.low) / dist.step) + 1) * dist.step
     else:
         value = dist.low + u * (dist.high - dist.low)
     return min(max(float(value), dist.low), dist.high)
+
+
+def _index(u: float, count: int) -> int:
+    """Which of `count` equal parts of [0, 1) holds `u` (the last one for u = 1)."""
+    return min(int(u * count), count - 1)
