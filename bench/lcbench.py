@@ -30,14 +30,17 @@ equal cost: a pruned search runs on past its trial budget until it has trained E
 against no pruning's after the whole budget. The section ends with the goals, each checked.
 
 Run: .venv/bin/python bench/lcbench.py [--tasks ...] [--seeds N] [--budget N]
-     [--methods tpe:median ...] [--quick] [--final] [--write] [--json PATH]
+     [--methods tpe:median ...] [--quick] [--final] [--section NAME] [--write]
+     [--json PATH]
 `--write` rewrites the section "## Search quality on LCBench" of BENCHMARKS.md and draws
 bench/plots/lcbench.png; the JSON summary is printed last. `--final` runs the final check
 instead: the 22 tasks held out from development, in a section and plot of their own.
-On 2 cores a 100-trial search takes about 0.2 s with random or cmaes, 0.8 s with tpe and
-8-10 s with bayes, and gp takes about 14 s for 30 trials; the 12 methods without gp (20 seeds
-x 12 tasks) take about an hour, nine tenths of it bayes', and gp's three would add hours.
-Without gp and bayes, under 10 minutes. Pass fewer --seeds or --methods to fit a budget.
+`--section NAME` writes a run that is not the full table (gp's rows at 30 trials, say) to a
+section "## Search quality on LCBench: NAME" and a plot of its own, keeping the table.
+On 2 cores a 100-trial search takes about 0.2 s with random or cmaes, 0.8 s with tpe, 8-10 s
+with bayes and 30 s with gp (5 s for 30 trials); the 12 methods without gp (20 seeds x 12
+tasks) take about an hour, nine tenths of it bayes', and gp's three would add hours. Without
+gp and bayes, under 10 minutes. Pass fewer --seeds or --methods to fit a budget.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import json
 import math
 import multiprocessing
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -66,9 +70,10 @@ from hpsearch.storage import optuna_internals
 from hpsearch.storage.store import Store
 
 SECTION = "## Search quality on LCBench"
-# The final check: the tasks the defaults were not chosen on, with the sampler goals' methods.
+# The final check: the tasks the defaults were not chosen on, with the sampler goals' methods
+# and gp, the best of the samplers at 30 trials.
 FINAL_SECTION = "## Search quality on LCBench: the held-out tasks"
-FINAL_METHODS = ("random:none", "tpe:none", "bayes:none")
+FINAL_METHODS = ("random:none", "tpe:none", "bayes:none", "gp:none")
 COMMAND = ".venv/bin/python bench/lcbench.py"
 BENCH = Path(__file__).resolve().parent
 PLOTS = BENCH / "plots"
@@ -558,6 +563,23 @@ class Config:
     budget: int
     jobs: int
     final: bool = False  # the held-out tasks: not one the defaults were chosen on
+    part: str | None = None  # a named run, in a section of its own (--section)
+
+    @property
+    def title(self) -> str:
+        """The heading of the BENCHMARKS.md section this run writes."""
+        if self.final:
+            return FINAL_SECTION
+        return f"{SECTION}: {self.part}" if self.part else SECTION
+
+    @property
+    def plot_name(self) -> str:
+        if self.final:
+            return "lcbench-final.png"
+        if self.part:
+            slug = "-".join("".join(c if c.isalnum() else " " for c in self.part).split())
+            return f"lcbench-{slug.lower()}.png"
+        return "lcbench.png"
 
     @property
     def checkpoints(self) -> tuple[int, ...]:
@@ -573,7 +595,7 @@ def section(
     packages = ("optuna", "scikit-optimize", "onnxruntime", "torch")
     tasks = ", ".join(map(str, config.tasks))
     kind = "held out: no default was chosen on them" if config.final else "development"
-    return f"""{FINAL_SECTION if config.final else SECTION}
+    return f"""{config.title}
 
 {environment(command, packages)}
 - Run time: {run_seconds:.0f} s with {config.jobs} processes; {config.seeds} seeds x
@@ -612,19 +634,15 @@ pruner and the surrogate.
 
 {timing}
 
-![mean regret against trials and against epochs trained](bench/plots/{plot_name(config)})
+![mean regret against trials and against epochs trained](bench/plots/{config.plot_name})
 """
-
-
-def plot_name(config: Config) -> str:
-    return "lcbench-final.png" if config.final else "lcbench.png"
 
 
 def timing_lines(summaries: dict[str, MethodSummary], config: Config) -> str:
     """Where the time goes (each sampler's share); for the development table, also what
     the full table (20 seeds x the 12 development tasks x 100 trials) would take for the
     methods run here, extrapolated from their seconds per search, and which default methods
-    were not run."""
+    were not run (a final check or a named section is not that table)."""
     by_sampler: dict[str, float] = {}
     for method, s in summaries.items():
         sampler = method.split(":")[0]
@@ -633,7 +651,7 @@ def timing_lines(summaries: dict[str, MethodSummary], config: Config) -> str:
     ranked = sorted(by_sampler.items(), key=lambda kv: -kv[1])
     shares = ", ".join(f"{sampler} {seconds / total:.0%}" for sampler, seconds in ranked)
     lines = [f"- Share of the searches' time by sampler: {shares}."]
-    if config.final:
+    if config.final or config.part:
         return "\n".join(lines)
     budget = len(next(iter(summaries.values())).regret_curve)
     per_trial = sum(s.seconds for s in summaries.values()) / budget
@@ -709,9 +727,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     parser.add_argument(
         "--final", action="store_true", help="the final check: the tasks not developed on"
     )
+    parser.add_argument(
+        "--section",
+        metavar="NAME",
+        help="write to the section 'Search quality on LCBench: NAME' and a plot of its own",
+    )
     parser.add_argument("--write", action="store_true", help="BENCHMARKS.md and the plot")
     parser.add_argument("--json", type=Path, help="also write the JSON summary here")
     args = parser.parse_args(argv)
+    if args.final and args.section:
+        parser.error("--final writes the held-out tasks' section: pass --section without it")
     if args.quick:
         args.tasks, args.seeds, args.budget = QUICK["tasks"], QUICK["seeds"], QUICK["budget"]
         if args.methods == default_methods:
@@ -723,7 +748,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     for method in args.methods:
         make_spec(method, 0, 1)  # an unknown sampler or pruner fails here, not in the pool
     config = Config(
-        tuple(args.tasks), tuple(args.methods), args.seeds, args.budget, args.jobs, args.final
+        tuple(args.tasks),
+        tuple(args.methods),
+        args.seeds,
+        args.budget,
+        args.jobs,
+        args.final,
+        args.section,
     )
     return config, args
 
@@ -748,14 +779,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from report import write_section
 
         PLOTS.mkdir(exist_ok=True)
-        plot(summaries, PLOTS / plot_name(config))
-        command = " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])])
+        plot(summaries, PLOTS / config.plot_name)
+        arguments = shlex.join(argv if argv is not None else sys.argv[1:])
+        command = f"{COMMAND} {arguments}".rstrip()
         timing = timing_lines(summaries, config)
         goals = (
             "\n".join(goal_lines(summaries, config.checkpoints)) or "- No goal's methods were run."
         )
-        title = FINAL_SECTION if config.final else SECTION
-        write_section(title, section(config, table, goals, timing, run_seconds, command))
+        write_section(config.title, section(config, table, goals, timing, run_seconds, command))
     summary = summary_json(config, summaries, run_seconds)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

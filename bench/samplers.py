@@ -316,8 +316,8 @@ and samples with `suggest_params`, in an in-memory study, on deterministic test 
 {problems}
 
 "best @ n" is the best value after n trials, mean ± sample std over the seeds; the first
-{startup_line()} are random (`tpe` and `gp` draw theirs as `random` does for a seed, `bayes`
-draws its own). The last column is random's mean regret
+{startup_line()} are start-up trials, the points of a Latin hypercube drawn from the seed
+(`hpsearch/search/startup.py`). The last column is random's mean regret
 over the sampler's at {N_TRIALS} trials (regret = best found - optimum; higher is better, random
 is 1 by definition).
 

@@ -160,3 +160,22 @@ def test_the_final_check_runs_on_the_22_held_out_tasks(lcbench: ModuleType) -> N
     text = lcbench.section(config, "TABLE", "GOALS", "TIMING", 1.0, "cmd")
     assert text.startswith(lcbench.FINAL_SECTION + "\n")
     assert "held out" in text and "lcbench-final.png" in text
+
+
+def test_a_named_run_writes_its_own_section_and_plot(lcbench: ModuleType) -> None:
+    config, _ = lcbench.parse_args(["--section", "Every sampler, 30 trials", "--budget", "30"])
+    assert config.title == lcbench.SECTION + ": Every sampler, 30 trials"
+    assert config.plot_name == "lcbench-every-sampler-30-trials.png"
+    text = lcbench.section(config, "TABLE", "GOALS", "TIMING", 1.0, "cmd")
+    assert text.startswith(config.title + "\n")
+    assert "bench/plots/lcbench-every-sampler-30-trials.png" in text
+    main, _ = lcbench.parse_args([])
+    assert (main.title, main.plot_name) == (lcbench.SECTION, "lcbench.png")
+
+
+def test_a_named_section_is_not_the_final_check(
+    lcbench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        lcbench.parse_args(["--final", "--section", "gp"])
+    assert "--final writes the held-out tasks' section" in capsys.readouterr().err
