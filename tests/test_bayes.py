@@ -195,24 +195,31 @@ def test_pruned_trials_with_intermediate_values_are_used() -> None:
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 10
 
 
-def test_observations_by_trial_state() -> None:
-    study = optuna.create_study(direction="maximize", sampler=BayesSampler(seed=0))
-    space = {"x": FloatDistribution(0.0, 1.0)}
+def trial_at(study: optuna.Study, x: float) -> optuna.Trial:
+    """A new trial of `study` with param x (0..1) set to `x`, running."""
+    study.enqueue_trial({"x": x})
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    return trial
 
-    def trial_at(x: float) -> optuna.Trial:
-        study.enqueue_trial({"x": x})
-        trial = study.ask()
-        trial.suggest_float("x", 0.0, 1.0)
-        return trial
 
-    study.tell(trial_at(0.1), 5.0)
-    pruned = trial_at(0.2)
+def trials_in_every_state(study: optuna.Study) -> None:
+    """Trials 0..4 at x = 0.1..0.5: complete (5.0); pruned, its last step's report 3.0;
+    pruned without a report; failed; running."""
+    study.tell(trial_at(study, 0.1), 5.0)
+    pruned = trial_at(study, 0.2)
     pruned.report(3.0, step=4)  # reported out of order: the last step counts, not the last call
     pruned.report(1.0, step=2)
     study.tell(pruned, state=TrialState.PRUNED)
-    study.tell(trial_at(0.3), state=TrialState.PRUNED)  # no intermediate value: unusable
-    study.tell(trial_at(0.4), state=TrialState.FAIL)
-    trial_at(0.5)  # running with params: a pending point
+    study.tell(trial_at(study, 0.3), state=TrialState.PRUNED)  # no intermediate value
+    study.tell(trial_at(study, 0.4), state=TrialState.FAIL)
+    trial_at(study, 0.5)  # running with params: a pending point
+
+
+def test_observations_by_trial_state() -> None:
+    study = optuna.create_study(direction="maximize", sampler=BayesSampler(seed=0))
+    space = {"x": FloatDistribution(0.0, 1.0)}
+    trials_in_every_state(study)
     study.ask()  # running without params: nothing to tell
     current = study.ask()
 

@@ -85,7 +85,9 @@ def _sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
 
         return BayesSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     if cfg.name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
+        from hpsearch.search.gp import PrunedAwareGPSampler
+
+        return PrunedAwareGPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     if cfg.name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     if cfg.name == "grid":
