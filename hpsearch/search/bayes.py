@@ -277,7 +277,14 @@ def _covers(trial: FrozenTrial, space: dict[str, BaseDistribution]) -> bool:
 
 
 def _objective_value(trial: FrozenTrial) -> float | None:
-    """The value of a COMPLETE trial, or the last intermediate value of a PRUNED one."""
+    """The value of a COMPLETE trial, or the last intermediate value of a PRUNED one.
+
+    A pruned trial's last value understates what it would have reached, yet it is what the
+    GP does best with. bench/lcbench.py's development tasks, bayes with the median pruner, 10
+    seeds, regret after 100 trials: this 0.028 ± 0.005; leaving pruned trials out (Optuna's
+    GPSampler does) 0.211, as the GP proposes the pruned regions again and again; telling
+    them the worst value seen 0.048; the last value raised by the completed trials' median
+    gain from that epoch to the end 0.025 ± 0.005 (paired: -0.003 ± 0.004, no gain)."""
     if trial.state == TrialState.COMPLETE:
         return trial.value
     if trial.intermediate_values:
