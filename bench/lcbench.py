@@ -735,8 +735,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, argparse.Name
     parser.add_argument("--write", action="store_true", help="BENCHMARKS.md and the plot")
     parser.add_argument("--json", type=Path, help="also write the JSON summary here")
     args = parser.parse_args(argv)
-    if args.final and args.section:
-        parser.error("--final writes the held-out tasks' section: pass --section without it")
+    if args.section is not None:
+        if args.final or f"{SECTION}: {args.section}" == FINAL_SECTION:
+            parser.error("--final writes the held-out tasks' section: pass --section without it")
+        if "\n" in args.section or not any(c.isalnum() for c in args.section):
+            parser.error("--section needs a one-line name with a letter or a digit")
     if args.quick:
         args.tasks, args.seeds, args.budget = QUICK["tasks"], QUICK["seeds"], QUICK["budget"]
         if args.methods == default_methods:

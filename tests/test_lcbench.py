@@ -176,6 +176,11 @@ def test_a_named_run_writes_its_own_section_and_plot(lcbench: ModuleType) -> Non
 def test_a_named_section_is_not_the_final_check(
     lcbench: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit):
-        lcbench.parse_args(["--final", "--section", "gp"])
-    assert "--final writes the held-out tasks' section" in capsys.readouterr().err
+    for argv in (["--final", "--section", "gp"], ["--section", "the held-out tasks"]):
+        with pytest.raises(SystemExit):
+            lcbench.parse_args(argv)
+        assert "--final writes the held-out tasks' section" in capsys.readouterr().err
+    for name in ("", " - ", "two\nlines"):
+        with pytest.raises(SystemExit):
+            lcbench.parse_args(["--section", name])
+        assert "--section needs a one-line name" in capsys.readouterr().err
