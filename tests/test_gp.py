@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -26,17 +28,22 @@ def _bowl(trial: optuna.Trial) -> float:
     return value
 
 
-def _best_report(sampler: optuna.samplers.BaseSampler, n_trials: int) -> float:
-    study = optuna.create_study(sampler=sampler)
+def _best_report(
+    sampler: optuna.samplers.BaseSampler, n_trials: int, storage: str | None = None
+) -> float:
+    study = optuna.create_study(sampler=sampler, storage=storage)
     study.optimize(_bowl, n_trials=n_trials)
     assert len(study.get_trials(states=(TrialState.PRUNED,))) == n_trials - 1
     return min(t.intermediate_values[1] for t in study.trials)
 
 
-def test_pruned_trials_steer_the_gp() -> None:
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_pruned_trials_steer_the_gp(tmp_path: Path, backend: str) -> None:
     """Optuna's GPSampler sees one complete trial here and samples at random throughout;
-    shown the pruned trials' reports, the GP homes in on the minimum."""
-    aware = _best_report(PrunedAwareGPSampler(seed=0, n_startup_trials=5), 25)
+    shown the pruned trials' reports, the GP homes in on the minimum. Workers read trials
+    from a database: the view must read them there as well."""
+    url = f"sqlite:///{tmp_path / 'gp.db'}" if backend == "sqlite" else None
+    aware = _best_report(PrunedAwareGPSampler(seed=0, n_startup_trials=5), 25, url)
     plain = _best_report(optuna.samplers.GPSampler(seed=0, n_startup_trials=5), 25)
     assert aware < 0.05, aware
     assert plain > 4 * aware, (plain, aware)
