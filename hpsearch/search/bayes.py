@@ -32,6 +32,8 @@ from skopt.space import Categorical, Dimension, Integer, Real, Space
 from skopt.utils import cook_estimator
 from threadpoolctl import threadpool_limits
 
+from hpsearch.search.gp import last_report
+
 # A GP fit costs O(n^3) in the n points it sees (an ask on all of 200 trials took 0.8-1.3 s
 # here, several seconds with skopt's defaults), so it sees at most the best _MAX_BEST and the
 # newest _MAX_RECENT finished trials: the region worth refining, and what was tried lately.
@@ -287,9 +289,7 @@ def _objective_value(trial: FrozenTrial) -> float | None:
     gain from that epoch to the end 0.025 ± 0.005 (paired: -0.003 ± 0.004, no gain)."""
     if trial.state == TrialState.COMPLETE:
         return trial.value
-    if trial.intermediate_values:
-        return trial.intermediate_values[max(trial.intermediate_values)]
-    return None
+    return last_report(trial)
 
 
 def _fit_subset(finished: list[_Observation]) -> list[_Observation]:

@@ -66,16 +66,25 @@ class _PrunedAsComplete:
         trials = self._study._get_trials(deepcopy=deepcopy, states=asked, use_cache=use_cache)
         seen = []
         for trial in trials:
-            if trial.state == TrialState.PRUNED and trial.intermediate_values:
-                seen.append(_as_complete(trial))
+            reported = last_report(trial) if trial.state == TrialState.PRUNED else None
+            if reported is not None:
+                seen.append(_as_complete(trial, reported))
             elif states is None or trial.state in states:
                 seen.append(trial)
         return seen
 
 
-def _as_complete(trial: FrozenTrial) -> FrozenTrial:
-    """A copy of a pruned trial, complete with the value it reported at its last step."""
+def last_report(trial: FrozenTrial) -> float | None:
+    """The value a trial reported for its last step (the highest step, whatever the order of
+    the calls), or None if it reported none: what both GP samplers learn from a pruned trial."""
+    if not trial.intermediate_values:
+        return None
+    return trial.intermediate_values[max(trial.intermediate_values)]
+
+
+def _as_complete(trial: FrozenTrial, value: float) -> FrozenTrial:
+    """A copy of a pruned trial, complete with `value`."""
     view = copy.copy(trial)
     view.state = TrialState.COMPLETE
-    view.value = trial.intermediate_values[max(trial.intermediate_values)]
+    view.value = value
     return view
