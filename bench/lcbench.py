@@ -563,21 +563,22 @@ class Config:
     budget: int
     jobs: int
     final: bool = False  # the held-out tasks: not one the defaults were chosen on
-    part: str | None = None  # a named run, in a section of its own (--section)
+    section_name: str | None = None  # a named run, in a section of its own (--section)
 
     @property
     def title(self) -> str:
         """The heading of the BENCHMARKS.md section this run writes."""
         if self.final:
             return FINAL_SECTION
-        return f"{SECTION}: {self.part}" if self.part else SECTION
+        return f"{SECTION}: {self.section_name}" if self.section_name else SECTION
 
     @property
     def plot_name(self) -> str:
         if self.final:
             return "lcbench-final.png"
-        if self.part:
-            slug = "-".join("".join(c if c.isalnum() else " " for c in self.part).split())
+        if self.section_name:
+            words = "".join(c if c.isalnum() else " " for c in self.section_name).split()
+            slug = "-".join(words)
             return f"lcbench-{slug.lower()}.png"
         return "lcbench.png"
 
@@ -651,7 +652,7 @@ def timing_lines(summaries: dict[str, MethodSummary], config: Config) -> str:
     ranked = sorted(by_sampler.items(), key=lambda kv: -kv[1])
     shares = ", ".join(f"{sampler} {seconds / total:.0%}" for sampler, seconds in ranked)
     lines = [f"- Share of the searches' time by sampler: {shares}."]
-    if config.final or config.part:
+    if config.final or config.section_name:
         return "\n".join(lines)
     budget = len(next(iter(summaries.values())).regret_curve)
     per_trial = sum(s.seconds for s in summaries.values()) / budget
