@@ -72,13 +72,23 @@ def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
 
 # The samplers whose start-up trials are drawn on a Latin hypercube (`LatinStartupSampler`).
 MODEL_BASED = ("tpe", "bayes", "gp", "cmaes")
+# Points TPE scores by its density ratio before it picks one (Optuna's default: 24). On
+# bench/lcbench.py's development tasks, 100 seeds, 30 trials: mean regret 0.105 with 128 and
+# 0.106 with 64 against 0.118 with 24; after 10 trials 0.251 against 0.275. On
+# bench/samplers.py's test functions (100 seeds) within noise: bowl-3d 0.0150 against 0.0157,
+# mixed-5d 0.047 against 0.050. An ask costs more, still far below a trial's training.
+TPE_CANDIDATES = 128
 
 
 def _sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
     cfg = spec.sampler
     if cfg.name == "tpe":
         return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=cfg.n_startup_trials, multivariate=True, constant_liar=True
+            seed=seed,
+            n_startup_trials=cfg.n_startup_trials,
+            multivariate=True,
+            constant_liar=True,
+            n_ei_candidates=TPE_CANDIDATES,
         )
     if cfg.name == "bayes":
         from hpsearch.search.bayes import BayesSampler
