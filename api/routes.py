@@ -43,14 +43,14 @@ StudyKey = Annotated[
     str,
     Path(
         description="the study's numeric id or its name",
-        examples=["digits-bayes"],
+        examples=["digits"],
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
     ),
 ]
 TrialNumber = Annotated[int, Path(ge=0, le=10_000_000, description="the trial's number")]
 
 SPEC_EXAMPLE = {
-    "name": "digits-bayes",
+    "name": "digits",
     "dataset": {"source": "builtin", "name": "digits"},
     "model": {"hidden": [128], "activation": "relu"},
     "search_space": {
@@ -59,7 +59,7 @@ SPEC_EXAMPLE = {
         "dropout": {"low": 0.0, "high": 0.5},
     },
     "training": {"max_epochs": 20},
-    "sampler": {"name": "bayes"},
+    "sampler": {"name": "gp"},
     "pruner": {"name": "median"},
     "budget": {"n_trials": 30},
 }

@@ -33,7 +33,7 @@ submit_study(
     Store.open(URL),
     parse_spec(
         {
-            "name": "digits-bayes",
+            "name": "digits",
             "dataset": {"source": "builtin", "name": "iris"},
             "budget": {"n_trials": 2},
         }

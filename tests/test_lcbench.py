@@ -96,7 +96,7 @@ def test_the_quick_run_summarizes_every_method(lcbench: ModuleType, tmp_path: Pa
     """--quick: finite regrets near [0, 1.5], random search no worse with more trials,
     pruners training fewer epochs than none, every method in the JSON."""
     path = tmp_path / "lcbench.json"
-    summary = lcbench.main(["--quick", "--jobs", "1", "--json", str(path)])
+    summary = lcbench.main(["--quick", "--jobs", "2", "--json", str(path)])
     assert json.loads(path.read_text()) == summary
     methods = summary["methods"]
     assert list(methods) == list(lcbench.QUICK_METHODS)
@@ -109,12 +109,15 @@ def test_the_quick_run_summarizes_every_method(lcbench: ModuleType, tmp_path: Pa
     assert random["30"] <= random["10"]
     full = methods["random:none"]["epochs"]
     assert full == 30 * 52
-    for pruned in ("bayes:median", "random:hyperband"):
+    for pruned in ("gp:median", "random:hyperband"):
         assert methods[pruned]["epochs"] < full
-    assert methods["bayes:none"]["regret"]["30"] < random["30"]
+    for sampler in ("bayes", "gp"):
+        assert methods[f"{sampler}:none"]["regret"]["30"] < random["30"]
     goals = summary["goals"]
-    assert len(goals) == 5 and all(g.endswith(("met", "**not met**")) for g in goals)
-    assert goals[-1].startswith("bayes:median at 40% of the epochs: ")
+    assert len(goals) == 6 and all(g.endswith(("met", "**not met**")) for g in goals)
+    assert goals[-3].startswith("bayes:none @ 30 no worse than random on ")
+    assert goals[-2].startswith("gp:none @ 30 no worse than random on ")
+    assert goals[-1].startswith("gp:median at 40% of the epochs: ")
 
 
 def test_regret_is_zero_at_the_reference_and_one_at_its_median(lcbench: ModuleType) -> None:

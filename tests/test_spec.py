@@ -36,7 +36,7 @@ def test_minimal_spec_fills_defaults_from_the_task() -> None:
     assert spec.objective.metric == "val_accuracy"
     assert spec.objective.direction == "maximize"
     assert spec.training.max_epochs == 50
-    assert spec.sampler.name == "bayes"  # measured in bench/lcbench.py
+    assert spec.sampler.name == "gp"  # measured in bench/lcbench.py
     assert spec.sampler.n_startup_trials == 5
     assert spec.pruner.name == "none"
     assert parse_spec(minimal(pruner={"name": "median"})).pruner.n_warmup_steps == 5
@@ -47,7 +47,7 @@ def test_minimal_spec_fills_defaults_from_the_task() -> None:
     [
         ({"name": "tpe"}, 5),
         ({"name": "bayes"}, 5),
-        ({"name": "gp"}, 10),
+        ({"name": "gp"}, 5),
         ({"name": "cmaes"}, 10),
         ({"name": "gp", "n_startup_trials": 3}, 3),  # a given count is kept
         ({"name": "tpe", "n_startup_trials": 0}, 0),
