@@ -37,7 +37,7 @@ bench/plots/lcbench.png; the JSON summary is printed last. `--final` runs the fi
 instead: the 22 tasks held out from development, in a section and plot of their own.
 `--section NAME` writes a run that is not the full table (gp's rows at 30 trials, say) to a
 section "## Search quality on LCBench: NAME" and a plot of its own, keeping the table.
-On 2 cores a 100-trial search takes about 0.2 s with random or cmaes, 0.8 s with tpe, 8-10 s
+On 2 cores a 100-trial search takes about 0.2 s with random or cmaes, 1.3 s with tpe, 8-10 s
 with bayes and 30 s with gp (5 s for 30 trials); the 12 methods without gp (20 seeds x 12
 tasks) take about an hour, nine tenths of it bayes', and gp's three would add hours. Without
 gp and bayes, under 10 minutes. Pass fewer --seeds or --methods to fit a budget.
@@ -97,8 +97,14 @@ QUICK = {"tasks": (3945, 34539, 167168), "seeds": 3, "budget": 30}
 GOAL_TRIALS = 30  # the goals' sampler comparisons are at this many trials
 DEFAULT_SAMPLER = SamplerSpec().name  # what a study gets when its spec names none
 # Enough for every goal's line, at a CI's cost: gp is the slowest, about 5 s a 30-trial search.
-QUICK_METHODS = ("random:none", "tpe:none", "bayes:none", "gp:none", "gp:median")
-QUICK_METHODS += ("random:hyperband",)
+QUICK_METHODS = (
+    "random:none",
+    "tpe:none",
+    "bayes:none",
+    "gp:none",
+    "gp:median",
+    "random:hyperband",
+)
 
 # The spec's keys, with LCBench's ranges. `dropout` stops below 1 (the spec refuses 1).
 SEARCH_SPACE: dict[str, dict[str, Any]] = {

@@ -415,14 +415,14 @@ class ObjectiveSpec(_Strict):
 # start-up, 40 seeds: 0.259 after 10 trials with 5 against 0.314 with 10 (20 seeds), the same
 # at 30 (0.119 and 0.122); on mixed-5d, 100 seeds, 0.050 against 10 random ones' 0.050. gp,
 # 20 seeds: 0.193 ± 0.011 after 10 trials with 5 against 0.300 ± 0.013 with 10, the same at
-# 30 (0.034 ± 0.005 and 0.032 ± 0.004).
+# 30 (0.034 ± 0.004 and 0.032 ± 0.004).
 STARTUP_TRIALS = {"bayes": 5, "gp": 5, "tpe": 5}
 
 
 class SamplerSpec(_Strict):
     """The search's sampler. gp by default: on bench/lcbench.py's development tasks (20 seeds)
-    its mean regret at 30 trials was 0.14x random search's, against bayes' 0.30x and tpe's
-    0.54x, and the lowest at 10 and 100 trials too (BENCHMARKS.md)."""
+    its mean regret at 30 trials was 0.15x random search's, against bayes' 0.30x and tpe's
+    0.50x, and the lowest after 10 and 100 trials too (BENCHMARKS.md)."""
 
     name: Literal["tpe", "bayes", "gp", "random", "cmaes", "grid"] = "gp"
     seed: Seed | None = 0
