@@ -78,6 +78,33 @@ def test_same_name_with_another_spec_is_a_conflict(url: str) -> None:
         submit_study(store, make_spec(training={"max_epochs": 3}))
 
 
+def test_keys_a_resubmitted_spec_leaves_out_keep_the_study_s_values(url: str) -> None:
+    """As after an upgrade that changed a default: the same document, naming no sampler and
+    no pruner, goes on with the study created under the old defaults, budget changes
+    included; a key it does write must still match."""
+    store = Store.open(url)
+    created = submit_study(
+        store, make_spec(sampler={"name": "bayes", "seed": 0}, pruner={"name": "median"})
+    )
+    omitting = make_spec().model_dump(mode="json", exclude={"sampler", "pruner"})
+    again = submit_study(store, parse_spec(omitting))
+    assert (again.id, again.spec.sampler.name, again.spec.pruner.name) == (
+        created.id,
+        "bayes",
+        "median",
+    )
+    bigger = submit_study(store, parse_spec({**omitting, "budget": {"n_trials": 5}}))
+    assert (bigger.id, bigger.n_trials) == (created.id, 5)
+    stored = get_study(store, created.id).spec
+    assert (stored.sampler.name, stored.pruner.name, stored.budget.n_trials) == (
+        "bayes",
+        "median",
+        5,
+    )
+    with pytest.raises(StudyConflict, match="already exists with a different spec"):
+        submit_study(store, parse_spec({**omitting, "sampler": {"name": "gp"}}))
+
+
 def test_unknown_study_is_not_found(url: str) -> None:
     store = Store.open(url)
     submit_study(store, make_spec())

@@ -77,15 +77,18 @@ def submit_study(store: Store, spec: StudySpec) -> StudyState:
     """Create the study, or return it when one of that name has the same spec.
 
     A spec that differs only in its budget sets the new budget (as re-running
-    `study.optimize` with more trials would); any other difference is a conflict. The spec
-    is admitted first (`admit`); a submission that fails leaves nothing behind.
+    `study.optimize` with more trials would); any other difference is a conflict. A key the
+    spec leaves out (`sampler`, say) takes the study's stored value, so a default changed
+    since the study was created, by an upgrade, does not make the same file a conflict. The
+    spec is admitted first (`admit`); a submission that fails leaves nothing behind.
 
     A `warm_start` is taken when the study is created, never again: its configurations
     (`warm.warm_start_configs`) are enqueued in the transaction that records the study,
     so a submission made again, or at the same moment, enqueues none twice.
     """
+    omitted = _omitted_keys(spec)  # before admitting, which may validate the spec anew
     spec = admit(spec, store)
-    existing = _update_existing(store, spec)
+    existing = _update_existing(store, spec, omitted)
     if existing is not None:
         return existing
     warm: list[dict] = []
@@ -107,7 +110,7 @@ def submit_study(store: Store, spec: StudySpec) -> StudyState:
             enqueue_trials(session, optuna_study_id, warm)
             return _state_of(record)
     except IntegrityError:  # submitted at the same moment by another process
-        return _update_existing(store, spec)
+        return _update_existing(store, spec, omitted)
     except BaseException:
         if created:  # no Optuna study without its record, which would block the name
             with store.session() as session:
@@ -155,12 +158,17 @@ def _dataset_field(spec: StudySpec) -> str:
     return "dataset.id" if isinstance(spec.dataset, UploadedDataset) else "dataset"
 
 
-def _update_existing(store: Store, spec: StudySpec) -> StudyState | None:
+def _omitted_keys(spec: StudySpec) -> frozenset[str]:
+    """The spec's top-level keys that its document left out, so that hold defaults."""
+    return frozenset(StudySpec.model_fields) - spec.model_fields_set
+
+
+def _update_existing(store: Store, spec: StudySpec, omitted: frozenset[str]) -> StudyState | None:
     with store.session(immediate=True) as session:
         record = records.study_by_name(session, spec.name)
         if record is None:
             return None
-        _update_budget(record, spec)
+        _update_budget(record, spec, omitted)
         return _state_of(record)
 
 
@@ -187,8 +195,9 @@ def _create_optuna_study(storage: optuna.storages.BaseStorage, spec: StudySpec) 
     return optuna_internals.study_id(study), created
 
 
-def _update_budget(record: StudyRecord, spec: StudySpec) -> None:
+def _update_budget(record: StudyRecord, spec: StudySpec, omitted: frozenset[str]) -> None:
     stored = StudySpec.model_validate(record.spec)
+    spec = spec.model_copy(update={key: getattr(stored, key) for key in omitted})
     if _without_budget(stored) != _without_budget(spec):
         raise StudyConflict(
             f"a study named {spec.name!r} already exists with a different spec; "
