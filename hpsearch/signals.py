@@ -5,11 +5,15 @@ ends with one line and exit code 130 (`hpsearch.__main__`). Python swallows an e
 raised inside a finaliser or a weakref callback ("Exception ignored in ..."), and a signal
 can land in one; so every signal is also recorded in `received`, for the command to honour
 later (`started` passes it on to the workers it starts, `hpsearch.__main__` ends with 130).
+
+SIGUSR1 prints every thread's Python stack to stderr, and the process goes on: where a
+command or a worker that seems stuck is waiting, without a debugger on the host.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import signal
 import sys
@@ -22,7 +26,19 @@ from typing import Any
 from hpsearch.errors import Interrupted
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+STACKS_SIGNAL = signal.SIGUSR1
 received: list[int] = []  # signals this process was sent, in order
+
+
+class StopEvent(threading.Event):
+    """A `threading.Event` that a signal handler may set. A handler runs in the main thread
+    between two of its bytecodes, and Event's own lock is not re-entrant: a handler that
+    lands while that thread holds it (inside `set`, when a second signal follows the first
+    at once, or inside `wait`) would wait for it for ever. This one's lock is re-entrant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cond = threading.Condition(threading.RLock())
 
 
 def install() -> None:
@@ -31,6 +47,14 @@ def install() -> None:
     swallows prints no "Exception ignored" traceback: it is recorded in `received`."""
     signal.signal(signal.SIGINT, interrupt)
     sys.unraisablehook = _unraisable
+    stacks_on_request()
+
+
+def stacks_on_request() -> None:
+    """`kill -USR1 PID` prints the process's stacks, every thread's, to its stderr. The dump
+    is written by the interpreter's C handler, so it comes even when every Python thread is
+    blocked."""
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
 
 
 def _unraisable(unraisable: Any) -> None:
@@ -66,7 +90,7 @@ def started(processes: list[BaseProcess]) -> Iterator[list[int]]:
 
 
 @contextlib.contextmanager
-def stopping(stop: threading.Event) -> Iterator[list[int]]:
+def stopping(stop: StopEvent) -> Iterator[list[int]]:
     """Run a worker in this process: while the block runs, SIGINT and SIGTERM set `stop`
     (the worker checkpoints its trials, hands them back and returns) instead of raising
     Interrupted in the middle of a training step. Yields the signals received, for the
@@ -114,16 +138,18 @@ def _start(processes: list[BaseProcess]) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
-def stop_on_signals(stop: threading.Event) -> None:
+def stop_on_signals(stop: StopEvent) -> None:
     """A worker's handler: SIGTERM and SIGINT set `stop`; the running trial is checkpointed
     at the end of its epoch and handed back, and the worker exits 0. A second signal is
-    ignored. A signal that came while `_start` kept it blocked is delivered now."""
+    ignored. A signal that came while `_start` kept it blocked is delivered now. SIGUSR1
+    prints the worker's stacks (`stacks_on_request`)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        stop.set()
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop.set()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    stacks_on_request()

@@ -61,9 +61,24 @@ def inherited_sigint(disposition: signal.Handlers) -> Iterator[None]:
 
 
 def interrupt(process: subprocess.Popen[str]) -> tuple[str, str]:
-    """Ctrl-C to the whole process group; its output once every process has ended."""
+    """Ctrl-C to the whole process group; its output once every process has ended. A group
+    still running after minutes fails the test with every hpsearch process's stacks."""
     os.killpg(process.pid, signal.SIGINT)
-    return process.communicate(timeout=180)
+    try:
+        return process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running 180 s after Ctrl-C; its stacks:\n{stacks_and_kill(process)}")
+
+
+def stacks_and_kill(process: subprocess.Popen[str]) -> str:
+    """The stderr of a hung process group once each of its hpsearch processes has printed its
+    stacks (SIGUSR1) and the group is killed."""
+    os.killpg(process.pid, signals.STACKS_SIGNAL)
+    try:
+        return process.communicate(timeout=20)[1]
+    except subprocess.TimeoutExpired:  # still stuck, as expected: its stacks are written
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.communicate()[1]
 
 
 def assert_ended_interrupted(process: subprocess.Popen[str], stdout: str, stderr: str) -> None:
@@ -146,6 +161,44 @@ def test_interrupted_run_resumes_without_repeating_trials(tmp_path: Path) -> Non
     assert any(t.user_attrs.get("resumed_from_epoch", 0) >= 1 for t in resumed)
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.system
+def test_sigusr1_prints_the_stacks_of_the_command_and_its_workers_which_go_on(
+    tmp_path: Path,
+) -> None:
+    """A process that seems stuck tells where it waits: SIGUSR1 to `hpsearch run` and to
+    its worker processes prints each one's stacks, and the run goes on to its end."""
+    name, budget = "digits-stacks", 4
+    spec = digits_spec(tmp_path / "digits.yaml", name, budget, epochs=25)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    process = start_run(spec, url, tmp_path)
+    deadline = time.monotonic() + 300
+    while "RUNNING" not in trial_states(tmp_path / "study.db"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"no trial ever ran: {stacks_and_kill(process)}")
+        time.sleep(0.2)
+    workers = worker_pids(tmp_path / "study.db")
+    assert len(workers) == 2, workers
+    for pid in [process.pid, *workers]:
+        os.kill(pid, signals.STACKS_SIGNAL)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run did not end: {stacks_and_kill(process)}")
+    assert process.returncode == 0, stderr
+    assert stderr.count("Current thread 0x") == 3, stderr  # one dump per process
+    assert "in run_workers" in stderr, stderr  # the command, waiting for its workers
+    assert stderr.count("in _worker_main") == 2, stderr  # each worker, wherever it was
+    finished = [t for t in trials(url, name) if t.state in FINISHED]
+    assert len(finished) == budget
+
+
+def worker_pids(path: Path) -> list[int]:
+    """The process ids of the workers registered in a SQLite database."""
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        return [pid for (pid,) in connection.execute("SELECT pid FROM hps_workers")]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("sigint", [signal.SIG_IGN, signal.SIG_DFL], ids=["ignored", "default"])
 @pytest.mark.system
@@ -224,6 +277,38 @@ def _trials_or_none(url: str, name: str) -> list[FrozenTrial]:
         return trials(url, name)
     except KeyError:
         return []
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "handling",
+    ["signals.stop_on_signals(stop)", "handling = signals.stopping(stop); handling.__enter__()"],
+    ids=["worker-process", "worker-in-the-command"],
+)
+def test_a_signal_that_lands_while_the_stop_event_s_lock_is_held_stops_the_worker(
+    handling: str,
+) -> None:
+    """A handler runs in the main thread between two bytecodes, also inside the stop event's
+    own `set` (a second Ctrl-C right after the first: the terminal's and the one the
+    command passes on) or `wait`, where that thread holds the event's lock. The handler's
+    `set` must not wait for that lock for ever: the worker would never stop."""
+    script = f"""
+import os, signal
+from hpsearch import signals
+stop = signals.StopEvent()
+{handling}
+with stop._cond:  # held, as inside Event.set and Event.wait
+    os.kill(os.getpid(), signal.SIGINT)  # its handler runs here, in this thread
+print("stopped" if stop.is_set() else "not stopped")
+"""
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the handler waited for ever on the lock its own thread holds")
+    assert (ran.returncode, ran.stdout.strip()) == (0, "stopped"), ran.stderr
 
 
 def test_a_signal_whose_exception_was_swallowed_still_ends_the_command_with_130(

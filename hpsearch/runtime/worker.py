@@ -52,7 +52,7 @@ from hpsearch.service.studies import (
     mark_completed_if_done,
     runnable_studies,
 )
-from hpsearch.signals import started, stop_on_signals
+from hpsearch.signals import StopEvent, started, stop_on_signals
 from hpsearch.storage import DATABASE_ERRORS, heartbeat_interval_s, records, safe_url
 from hpsearch.storage.db import is_transient
 from hpsearch.storage.engine import driver_reason
@@ -108,7 +108,7 @@ class Worker:
     """
 
     options: WorkerOptions
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: StopEvent = field(default_factory=StopEvent)  # set by SIGINT and SIGTERM
     _studies: dict[int, optuna.Study] = field(default_factory=dict)
     _pruning: dict[int, StudyPruning] = field(default_factory=dict)
     _facts: dict[int, DataFacts] = field(default_factory=dict)  # sizes packs on a GPU
