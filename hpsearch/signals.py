@@ -53,8 +53,10 @@ def install() -> None:
 def stacks_on_request() -> None:
     """`kill -USR1 PID` prints the process's stacks, every thread's, to its stderr. The dump
     is written by the interpreter's C handler, so it comes even when every Python thread is
-    blocked."""
-    faulthandler.register(STACKS_SIGNAL, all_threads=True)
+    blocked. It goes to the process's own stderr file (`sys.__stderr__`), which has the file
+    descriptor the dump needs where `sys.stderr` may be replaced; without one, no dump."""
+    with contextlib.suppress(AttributeError, ValueError):  # io.UnsupportedOperation is both
+        faulthandler.register(STACKS_SIGNAL, file=sys.__stderr__, all_threads=True)
 
 
 def _unraisable(unraisable: Any) -> None:

@@ -73,11 +73,13 @@ def interrupt(process: subprocess.Popen[str]) -> tuple[str, str]:
 def stacks_and_kill(process: subprocess.Popen[str]) -> str:
     """The stderr of a hung process group once each of its hpsearch processes has printed its
     stacks (SIGUSR1) and the group is killed."""
-    os.killpg(process.pid, signals.STACKS_SIGNAL)
+    with contextlib.suppress(ProcessLookupError):  # the whole group ended meanwhile
+        os.killpg(process.pid, signals.STACKS_SIGNAL)
     try:
         return process.communicate(timeout=20)[1]
     except subprocess.TimeoutExpired:  # still stuck, as expected: its stacks are written
-        os.killpg(process.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         return process.communicate()[1]
 
 
@@ -173,12 +175,13 @@ def test_sigusr1_prints_the_stacks_of_the_command_and_its_workers_which_go_on(
     url = f"sqlite:///{tmp_path / 'study.db'}"
     process = start_run(spec, url, tmp_path)
     deadline = time.monotonic() + 300
-    while "RUNNING" not in trial_states(tmp_path / "study.db"):
+    while (
+        "RUNNING" not in trial_states(tmp_path / "study.db")
+        or len(workers := worker_pids(tmp_path / "study.db")) < 2
+    ):
         if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"no trial ever ran: {stacks_and_kill(process)}")
+            pytest.fail(f"never two workers and a trial running: {stacks_and_kill(process)}")
         time.sleep(0.2)
-    workers = worker_pids(tmp_path / "study.db")
-    assert len(workers) == 2, workers
     for pid in [process.pid, *workers]:
         os.kill(pid, signals.STACKS_SIGNAL)
     try:
