@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from optuna.trial import FrozenTrial, TrialState
@@ -32,7 +32,11 @@ RESUME = "run the same command again to resume"
 
 
 def start_run(
-    spec: Path, url: str, cwd: Path, sigint: signal.Handlers = signal.SIG_IGN
+    spec: Path,
+    url: str,
+    cwd: Path,
+    sigint: signal.Handlers = signal.SIG_IGN,
+    stderr: int | IO[str] = subprocess.PIPE,
 ) -> subprocess.Popen[str]:
     """`hpsearch run --jobs 2` in its own process group, as a terminal's Ctrl-C reaches it.
     By default started with SIGINT ignored, as a shell starts a background job (CI runs the
@@ -44,7 +48,7 @@ def start_run(
             cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=stderr,
             text=True,
             start_new_session=True,
         )
@@ -71,16 +75,27 @@ def interrupt(process: subprocess.Popen[str]) -> tuple[str, str]:
 
 
 def stacks_and_kill(process: subprocess.Popen[str]) -> str:
-    """The stderr of a hung process group once each of its hpsearch processes has printed its
-    stacks (SIGUSR1) and the group is killed."""
-    with contextlib.suppress(ProcessLookupError):  # the whole group ended meanwhile
-        os.killpg(process.pid, signals.STACKS_SIGNAL)
-    try:
-        return process.communicate(timeout=20)[1]
-    except subprocess.TimeoutExpired:  # still stuck, as expected: its stacks are written
+    """The stderr of a hung process group once each of its processes has printed its stacks
+    (SIGUSR1, one process a second so that the dumps do not interleave) and the group is
+    killed. Its fork server and resource tracker have no such handler and just end."""
+    for pid in group_pids(process.pid):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        return process.communicate()[1]
+            os.kill(pid, signals.STACKS_SIGNAL)
+        time.sleep(1)  # a pause between dumps for the reader; nothing waits on it
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    return process.communicate()[1] or ""
+
+
+def group_pids(group: int) -> list[int]:
+    """The processes of a process group, in the order of their ids (Linux's /proc)."""
+    pids = sorted(int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
+    members = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            if os.getpgid(pid) == group:
+                members.append(pid)
+    return members
 
 
 def assert_ended_interrupted(process: subprocess.Popen[str], stdout: str, stderr: str) -> None:
@@ -173,27 +188,50 @@ def test_sigusr1_prints_the_stacks_of_the_command_and_its_workers_which_go_on(
     name, budget = "digits-stacks", 4
     spec = digits_spec(tmp_path / "digits.yaml", name, budget, epochs=25)
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    process = start_run(spec, url, tmp_path)
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as stderr_file:
+        process = start_run(spec, url, tmp_path, stderr=stderr_file)
     deadline = time.monotonic() + 300
     while (
         "RUNNING" not in trial_states(tmp_path / "study.db")
         or len(workers := worker_pids(tmp_path / "study.db")) < 2
     ):
         if process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"never two workers and a trial running: {stacks_and_kill(process)}")
+            stacks_and_kill(process)
+            pytest.fail(f"never two workers and a trial running: {stderr.read_text()}")
         time.sleep(0.2)
-    for pid in [process.pid, *workers]:
-        os.kill(pid, signals.STACKS_SIGNAL)
+    # One process at a time: dumps written together to the same stderr interleave.
+    dump_stacks(process.pid, stderr, COMMAND_OUTERMOST_FRAME)
+    for pid in workers:
+        dump_stacks(pid, stderr, WORKER_OUTERMOST_FRAME)
     try:
-        _, stderr = process.communicate(timeout=300)
+        process.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"the run did not end: {stacks_and_kill(process)}")
-    assert process.returncode == 0, stderr
-    assert stderr.count("Current thread 0x") == 3, stderr  # one dump per process
-    assert "in run_workers" in stderr, stderr  # the command, waiting for its workers
-    assert stderr.count("in _worker_main") == 2, stderr  # each worker, wherever it was
+        stacks_and_kill(process)
+        pytest.fail(f"the run did not end: {stderr.read_text()}")
+    dumps = stderr.read_text()
+    assert process.returncode == 0, dumps
+    assert dumps.count("Current thread 0x") == 3, dumps  # one dump per process
+    assert "in run_workers" in dumps, dumps  # the command, waiting for its workers
+    assert dumps.count("in _worker_main") == 2, dumps  # each worker, wherever it was
     finished = [t for t in trials(url, name) if t.state in FINISHED]
     assert len(finished) == budget
+
+
+# The last line of a process's dump: faulthandler prints the main thread last, outermost
+# frame last; `python -m` runs the command, the fork server's `-c` code its workers.
+COMMAND_OUTERMOST_FRAME = "in _run_module_as_main\n"
+WORKER_OUTERMOST_FRAME = '"<string>", line 1 in <module>\n'
+
+
+def dump_stacks(pid: int, stderr: Path, outermost_frame: str) -> None:
+    """SIGUSR1 to one process, then wait until its dump has reached its last line."""
+    dumped = stderr.read_text().count(outermost_frame)
+    os.kill(pid, signals.STACKS_SIGNAL)
+    deadline = time.monotonic() + 60
+    while stderr.read_text().count(outermost_frame) == dumped:
+        assert time.monotonic() < deadline, f"no dump from {pid}: {stderr.read_text()}"
+        time.sleep(0.1)
 
 
 def worker_pids(path: Path) -> list[int]:
