@@ -120,6 +120,28 @@ def test_the_quick_run_summarizes_every_method(lcbench: ModuleType, tmp_path: Pa
     assert goals[-1].startswith("gp:median at 40% of the epochs: ")
 
 
+def summary_at_30(lcbench: ModuleType, method: str, regret: float) -> Any:
+    """A method's summary holding just a mean regret at 30 trials, the same on one task."""
+    return lcbench.MethodSummary(
+        method, 1, {30: regret}, {30: 0.0}, 1560, 1.0, 0.1, regret, 0.0, {1: {30: regret}}, [], []
+    )
+
+
+def test_the_best_pair_is_judged_only_in_a_run_that_holds_the_default_sampler(
+    lcbench: ModuleType,
+) -> None:
+    """A run of random search and tpe alone says nothing of the best of all methods."""
+    run = {m: summary_at_30(lcbench, m, r) for m, r in [("random:none", 0.2), ("tpe:none", 0.1)]}
+    assert lcbench.goal_lines(run, [10, 30]) == [
+        "- tpe:none @ 30: 0.50x random's regret (goal ≤ 0.5x): met"
+    ]
+    default = f"{lcbench.DEFAULT_SAMPLER}:none"
+    run[default] = summary_at_30(lcbench, default, 0.04)
+    assert f"- best @ 30, {default}: 0.20x random's regret (goal ≤ 0.25x): met" in (
+        lcbench.goal_lines(run, [10, 30])
+    )
+
+
 def test_regret_is_zero_at_the_reference_and_one_at_its_median(lcbench: ModuleType) -> None:
     reference = lcbench.Reference(best=0.9, median=0.5)
     result = lcbench.Search(0, "random:none", 0, [0.5, math.nan, 0.7, 0.9, 0.6], [52] * 5, 0.0)
