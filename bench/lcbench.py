@@ -483,7 +483,7 @@ def sampler_goals(summaries: dict[str, MethodSummary], n: int) -> list[str]:
     """At n trials: tpe and bayes at most half of random's mean regret, the best method at
     most a quarter of it (judged only where the default sampler ran), and bayes and the
     default sampler no worse than random on any task."""
-    random = summaries["random:none"]
+    random, default = summaries["random:none"], f"{DEFAULT_SAMPLER}:none"
     lines = []
     for method in ("tpe:none", "bayes:none"):
         if method in summaries:
@@ -491,14 +491,14 @@ def sampler_goals(summaries: dict[str, MethodSummary], n: int) -> list[str]:
             lines.append(
                 f"{method} @ {n}: {ratio:.2f}x random's regret (goal ≤ 0.5x): {met(ratio <= 0.5)}"
             )
-    if f"{DEFAULT_SAMPLER}:none" in summaries:  # without the best sampler, no verdict
+    if default in summaries:  # without the best sampler, no verdict
         best = min(summaries.values(), key=lambda s: s.regret[n])
         ratio = best.regret[n] / random.regret[n]
         lines.append(
             f"best @ {n}, {best.method}: {ratio:.2f}x random's regret (goal ≤ 0.25x): "
             + met(ratio <= 0.25)
         )
-    for method in dict.fromkeys(("bayes:none", f"{DEFAULT_SAMPLER}:none")):
+    for method in dict.fromkeys(("bayes:none", default)):
         if method in summaries:
             lines.append(no_worse_on_each_task(summaries[method], random, n))
     return lines

@@ -123,7 +123,18 @@ def test_the_quick_run_summarizes_every_method(lcbench: ModuleType, tmp_path: Pa
 def summary_at_30(lcbench: ModuleType, method: str, regret: float) -> Any:
     """A method's summary holding just a mean regret at 30 trials, the same on one task."""
     return lcbench.MethodSummary(
-        method, 1, {30: regret}, {30: 0.0}, 1560, 1.0, 0.1, regret, 0.0, {1: {30: regret}}, [], []
+        method=method,
+        runs=1,
+        regret={30: regret},
+        regret_se={30: 0.0},
+        epochs=1560,
+        epoch_share=1.0,
+        seconds=0.1,
+        regret_at_share=regret,
+        regret_at_share_se=0.0,
+        regret_by_task={1: {30: regret}},
+        regret_curve=[],
+        epochs_curve=[],
     )
 
 
