@@ -1,14 +1,24 @@
-"""The gp sampler learns from pruned trials, as bayes does, and leaves them pruned."""
+"""The gp sampler learns from pruned trials, as bayes does, and leaves them pruned; it
+searches wide integer and stepped ranges as continuous and returns points on their grid."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
+from hypothesis import given
+from hypothesis import strategies as st
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import FrozenTrial, TrialState
 
-from hpsearch.search.gp import PrunedAwareGPSampler, _PrunedAsComplete
+from hpsearch.search.gp import EXHAUSTIVE_CHOICES, GPSampler, _PrunedAsComplete, on_grid, relax
 from tests.test_bayes import trials_in_every_state
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -43,7 +53,7 @@ def test_pruned_trials_steer_the_gp(tmp_path: Path, backend: str) -> None:
     shown the pruned trials' reports, the GP homes in on the minimum. Workers read trials
     from a database: the view must read them there as well."""
     url = f"sqlite:///{tmp_path / 'gp.db'}" if backend == "sqlite" else None
-    aware = _best_report(PrunedAwareGPSampler(seed=0, n_startup_trials=5), 25, url)
+    aware = _best_report(GPSampler(seed=0, n_startup_trials=5), 25, url)
     plain = _best_report(optuna.samplers.GPSampler(seed=0, n_startup_trials=5), 25)
     assert aware < 0.05, aware
     assert plain > 4 * aware, (plain, aware)
@@ -77,3 +87,88 @@ def test_the_gp_reads_pruned_trials_as_complete_at_their_last_step() -> None:
         TrialState.FAIL,
     ]
     assert view.directions == study.directions
+
+
+@pytest.mark.parametrize(
+    ("distribution", "relaxed"),
+    [
+        (IntDistribution(16, 512, log=True), FloatDistribution(16, 512, log=True)),
+        (IntDistribution(0, 200, step=4), FloatDistribution(0, 200)),
+        (FloatDistribution(0.0, 1.0, step=0.01), FloatDistribution(0.0, 1.0)),
+        (IntDistribution(1, 5), IntDistribution(1, 5)),
+        (IntDistribution(1, 1 + EXHAUSTIVE_CHOICES - 1), None),
+        (IntDistribution(0, 100, step=10), None),
+        (FloatDistribution(1e-5, 1e-1, log=True), None),
+        (CategoricalDistribution(["adam", "sgd"]), None),
+    ],
+)
+def test_only_wide_discrete_ranges_are_relaxed(
+    distribution: BaseDistribution, relaxed: BaseDistribution | None
+) -> None:
+    assert relax(distribution) == (relaxed or distribution)
+
+
+@given(
+    low=st.integers(-1000, 1000),
+    step=st.integers(1, 50),
+    n_steps=st.integers(EXHAUSTIVE_CHOICES, 400),
+    where=st.floats(-0.2, 1.2),
+)
+def test_a_relaxed_integer_comes_back_as_the_nearest_value_of_its_grid(
+    low: int, step: int, n_steps: int, where: float
+) -> None:
+    distribution = IntDistribution(low, low + n_steps * step, step=step)
+    value = low + where * n_steps * step
+    chosen = on_grid(distribution, value)
+    assert isinstance(chosen, int)
+    assert distribution._contains(distribution.to_internal_repr(chosen))
+    nearest_inside = min(max(value, distribution.low), distribution.high)
+    assert abs(chosen - nearest_inside) <= step / 2
+
+
+@given(value=st.floats(0.0, 1.0))
+def test_a_relaxed_stepped_float_comes_back_on_its_grid(value: float) -> None:
+    distribution = FloatDistribution(0.0, 1.0, step=0.01)
+    chosen = on_grid(distribution, value)
+    assert distribution._contains(chosen)
+    assert abs(chosen - value) <= 0.005 + 1e-12
+
+
+def _wide_integers(trial: optuna.Trial) -> float:
+    """Minimum 0 at batch 100, width 300, dropout 0.3: two wide integer ranges, one of them
+    stepped, and a narrow one (layers) that stays discrete."""
+    batch = trial.suggest_int("batch", 16, 512, log=True)
+    width = trial.suggest_int("width", 8, 1024, step=8)
+    layers = trial.suggest_int("layers", 1, 4)
+    dropout = trial.suggest_float("dropout", 0.0, 0.9)
+    return (
+        math.log2(batch / 100) ** 2
+        + math.log2(width / 300) ** 2
+        + (layers - 2) ** 2
+        + 10 * (dropout - 0.3) ** 2
+    )
+
+
+def test_the_gp_finds_the_best_integers_and_every_point_lies_on_the_grid() -> None:
+    """After its start-up trials every param is the GP's, rounded onto the grid: a point off
+    the grid would make Optuna draw that param with the independent sampler instead."""
+    sampler = GPSampler(seed=0, n_startup_trials=5)
+    drawn_independently: list[int] = []
+    independent = sampler.sample_independent
+
+    def counted(study: optuna.Study, trial: FrozenTrial, name: str, dist: BaseDistribution):
+        drawn_independently.append(trial.number)
+        return independent(study, trial, name, dist)
+
+    sampler.sample_independent = counted  # type: ignore[method-assign]
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(_wide_integers, n_trials=40)
+
+    assert sorted(set(drawn_independently)) == [0, 1, 2, 3, 4]
+    assert study.best_value < 0.25  # random search's best of 40: 0.46 to 1.25 on seeds 0-4
+    best = study.best_params
+    assert isinstance(best["batch"], int) and isinstance(best["width"], int)
+    assert best["width"] % 8 == 0
+    assert 70 <= best["batch"] <= 140, best
+    assert 216 <= best["width"] <= 416, best
+    assert best["layers"] == 2, best

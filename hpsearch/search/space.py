@@ -100,9 +100,9 @@ def _sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
 
         return BayesSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     if cfg.name == "gp":
-        from hpsearch.search.gp import PrunedAwareGPSampler
+        from hpsearch.search.gp import GPSampler
 
-        return PrunedAwareGPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
+        return GPSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     if cfg.name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=cfg.n_startup_trials)
     if cfg.name == "grid":
