@@ -37,7 +37,7 @@ SEEDS = tuple(range(20))  # 5 left bayes and random within noise of each other o
 LONG_SEEDS = tuple(range(5))  # the 200-trial searches cost far more
 N_TRIALS = 30
 CHECKPOINTS = (10, 20, 30)
-ASK_SIZES = (30, 200)  # finished trials in the study when the asks are timed
+ASK_SIZES = (30, 200, 1000)  # finished trials in the study when the asks are timed
 N_TIMED_ASKS = 5
 # Long bayes searches, past the 100 finished trials from which its GP sees only a subset.
 LONG_TRIALS = 200

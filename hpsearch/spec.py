@@ -421,7 +421,7 @@ STARTUP_TRIALS = {"bayes": 5, "gp": 5, "tpe": 5}
 
 class SamplerSpec(_Strict):
     """The search's sampler. gp by default: on bench/lcbench.py's development tasks (20 seeds)
-    its mean regret at 30 trials was 0.15x random search's, against bayes' 0.30x and tpe's
+    its mean regret at 30 trials was 0.14x random search's, against bayes' 0.30x and tpe's
     0.50x, and the lowest after 10 and 100 trials too (BENCHMARKS.md)."""
 
     name: Literal["tpe", "bayes", "gp", "random", "cmaes", "grid"] = "gp"
