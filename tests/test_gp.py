@@ -8,7 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna.distributions import (
     BaseDistribution,
@@ -95,7 +95,7 @@ def test_the_gp_reads_pruned_trials_as_complete_at_their_last_step() -> None:
         (IntDistribution(16, 512, log=True), FloatDistribution(16, 512, log=True)),
         (IntDistribution(0, 200, step=4), FloatDistribution(0, 200)),
         (FloatDistribution(0.0, 1.0, step=0.01), FloatDistribution(0.0, 1.0)),
-        (IntDistribution(1, 5), IntDistribution(1, 5)),
+        (IntDistribution(1, 5), None),
         (IntDistribution(1, 1 + EXHAUSTIVE_CHOICES - 1), None),
         (IntDistribution(0, 100, step=10), None),
         (FloatDistribution(1e-5, 1e-1, log=True), None),
@@ -108,6 +108,7 @@ def test_only_wide_discrete_ranges_are_relaxed(
     assert relax(distribution) == (relaxed or distribution)
 
 
+@settings(deadline=None)  # a loaded machine can stall any example past the default 200 ms
 @given(
     low=st.integers(-1000, 1000),
     step=st.integers(1, 50),
@@ -126,6 +127,7 @@ def test_a_relaxed_integer_comes_back_as_the_nearest_value_of_its_grid(
     assert abs(chosen - nearest_inside) <= step / 2
 
 
+@settings(deadline=None)
 @given(value=st.floats(0.0, 1.0))
 def test_a_relaxed_stepped_float_comes_back_on_its_grid(value: float) -> None:
     distribution = FloatDistribution(0.0, 1.0, step=0.01)

@@ -62,29 +62,40 @@ class GPSampler(optuna.samplers.GPSampler):
 
 
 def relax(distribution: BaseDistribution) -> BaseDistribution:
-    """A continuous distribution over the same range for a discrete numeric one with more
-    than `EXHAUSTIVE_CHOICES` values; any other distribution as it is."""
-    if not isinstance(distribution, (IntDistribution, FloatDistribution)):
+    """A continuous distribution over the same range for a wide discrete one; any other
+    distribution as it is."""
+    if not _is_wide(distribution):
         return distribution
-    if distribution.step is None:
-        return distribution
-    choices = round((distribution.high - distribution.low) / distribution.step) + 1
-    if choices <= EXHAUSTIVE_CHOICES:
-        return distribution
+    assert isinstance(distribution, (IntDistribution, FloatDistribution))
     return FloatDistribution(distribution.low, distribution.high, log=distribution.log)
 
 
 def on_grid(distribution: BaseDistribution, value: Any) -> Any:
     """`value`, drawn from `relax(distribution)`, moved to the nearest value of
     `distribution` (an int for an integer distribution)."""
-    if relax(distribution) is distribution:
+    if not _is_wide(distribution):
         return value
     assert isinstance(distribution, (IntDistribution, FloatDistribution))
     assert distribution.step is not None
     steps = round((value - distribution.low) / distribution.step)
-    last = round((distribution.high - distribution.low) / distribution.step)
-    nearest = distribution.low + min(max(steps, 0), last) * distribution.step
+    nearest = distribution.low + min(max(steps, 0), _last_step(distribution)) * distribution.step
     return int(nearest) if isinstance(distribution, IntDistribution) else nearest
+
+
+def _is_wide(distribution: BaseDistribution) -> bool:
+    """Whether a distribution is numeric, discrete, and has more than `EXHAUSTIVE_CHOICES`
+    values: the ones this sampler searches as continuous."""
+    return (
+        isinstance(distribution, (IntDistribution, FloatDistribution))
+        and distribution.step is not None
+        and _last_step(distribution) + 1 > EXHAUSTIVE_CHOICES
+    )
+
+
+def _last_step(distribution: IntDistribution | FloatDistribution) -> int:
+    """How many steps lie between a discrete distribution's low and high."""
+    assert distribution.step is not None
+    return round((distribution.high - distribution.low) / distribution.step)
 
 
 class _PrunedAsComplete:
